@@ -1,0 +1,122 @@
+//! The error type of relume-ckpt.
+
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+use crate::stateful::Mismatch;
+
+/// Every failure relume-ckpt can report. Each variant names the file, key or tensor
+/// involved and, in its message, what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tensor's byte length disagrees with dtype × shape.
+    #[error("tensor {tensor:?}: {got} bytes but dtype {dtype} and shape {shape:?} need {expected}; the tensor data is corrupt or was built wrong")]
+    TensorByteLength {
+        /// Tensor key (empty when the tensor was not yet named).
+        tensor: String,
+        /// Declared dtype.
+        dtype: DType,
+        /// Declared shape.
+        shape: Vec<usize>,
+        /// Bytes implied by dtype × shape (`usize::MAX` on overflow).
+        expected: usize,
+        /// Bytes present.
+        got: usize,
+    },
+    /// A tensor's byte range lies outside its file.
+    #[error("tensor {tensor:?}: bytes {start}..{start}+{len} lie outside the {file_len}-byte file; the file is truncated or corrupt")]
+    TensorOutOfBounds {
+        /// Tensor key.
+        tensor: String,
+        /// Start offset.
+        start: usize,
+        /// Length.
+        len: usize,
+        /// Length of the file or map.
+        file_len: usize,
+    },
+    /// A tensor leaf has another dtype than the reader needs.
+    #[error("key {key:?}: expected dtype {expected}, found {got}")]
+    DTypeMismatch {
+        /// Leaf key (may be empty when not known).
+        key: String,
+        /// The dtype needed.
+        expected: DType,
+        /// The dtype found.
+        got: DType,
+    },
+    /// A required key is absent from a state dict.
+    #[error("key {key:?} is missing from the state; the checkpoint was written by a different component or version")]
+    MissingKey {
+        /// The missing key.
+        key: String,
+    },
+    /// A key holds a tensor where JSON was expected, or the reverse.
+    #[error("key {key:?} should hold a {expected} leaf but holds the other kind")]
+    LeafKind {
+        /// Leaf key.
+        key: String,
+        /// `"tensor"` or `"json"`.
+        expected: &'static str,
+    },
+    /// A JSON leaf does not have the structure the component expects.
+    #[error("key {key:?}: JSON value has the wrong structure: {reason}")]
+    JsonValue {
+        /// Leaf key.
+        key: String,
+        /// What serde reported.
+        reason: String,
+    },
+    /// Strict restore found keys that are missing, unexpected or mismatched.
+    #[error("strict restore failed: missing {missing:?}, unexpected {unexpected:?}, mismatched {mismatched:?}; fix the model/config or allow-list these keys explicitly")]
+    StrictRestore {
+        /// Keys the live state needs but the checkpoint lacks.
+        missing: Vec<String>,
+        /// Keys in the checkpoint the live state does not know.
+        unexpected: Vec<String>,
+        /// Keys whose shape or dtype disagree.
+        mismatched: Vec<Mismatch>,
+    },
+    /// An I/O operation failed on a path.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done (`"write"`, `"fsync"`, `"rename"`, ...).
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Fills in the tensor or key name of errors raised before the name was known.
+    pub fn with_key(self, name: &str) -> Self {
+        match self {
+            Error::TensorByteLength {
+                dtype,
+                shape,
+                expected,
+                got,
+                ..
+            } => Error::TensorByteLength {
+                tensor: name.to_string(),
+                dtype,
+                shape,
+                expected,
+                got,
+            },
+            Error::DTypeMismatch { expected, got, .. } => Error::DTypeMismatch {
+                key: name.to_string(),
+                expected,
+                got,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

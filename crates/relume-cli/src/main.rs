@@ -1,0 +1,4 @@
+//! The `relume` command-line tool.
+fn main() {
+    println!("relume {}", env!("CARGO_PKG_VERSION"));
+}

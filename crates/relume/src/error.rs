@@ -1,0 +1,80 @@
+//! The error type of the relume crate.
+
+/// Every failure the trainer and its components report. Each variant names the
+/// component, key, parameter or setting involved and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tensor operation in candle failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The checkpoint engine reported an error.
+    #[error(transparent)]
+    Ckpt(#[from] relume_ckpt::Error),
+    /// A learning rate (or another hyper-parameter) is NaN, infinite or out of range.
+    #[error("{what} = {value} is invalid for {component}: it must be finite and {rule}")]
+    InvalidHyperParameter {
+        /// Component (`"AdamW param group 0"`, `"CosineAnnealingLR"`, ...).
+        component: String,
+        /// Setting name (`"lr"`, `"betas.0"`, ...).
+        what: String,
+        /// The offending value.
+        value: f64,
+        /// The rule it breaks (`">= 0"`).
+        rule: String,
+    },
+    /// A saved component state belongs to another kind of component.
+    #[error("state for {key:?} was saved by a {saved} but the live component is a {live}; the run's configuration changed")]
+    StateKind {
+        /// State key of the component.
+        key: String,
+        /// Kind recorded in the checkpoint.
+        saved: String,
+        /// Kind of the live component.
+        live: String,
+    },
+    /// Saved state does not fit the live component (names, shapes, sizes).
+    #[error("state for {component:?} does not fit the live component: {problems:?}")]
+    StateMismatch {
+        /// Component key.
+        component: String,
+        /// Every problem found, one line each, naming the parameter or field.
+        problems: Vec<String>,
+    },
+    /// A parameter name is unknown to the parameter store.
+    #[error("parameter {name:?} is not in the parameter store")]
+    UnknownParameter {
+        /// Parameter name.
+        name: String,
+    },
+    /// A gradient is missing for a parameter the optimizer updates.
+    #[error("no gradient for parameter {name:?}")]
+    MissingGradient {
+        /// Parameter name.
+        name: String,
+    },
+    /// Reading a dataset failed.
+    #[error("dataset {path}: line {line}: {reason}")]
+    Dataset {
+        /// File the dataset was read from.
+        path: std::path::PathBuf,
+        /// 1-based line number (0 when not line-specific).
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An I/O operation failed on a path.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

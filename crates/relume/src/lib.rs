@@ -1,0 +1,17 @@
+//! # relume
+//!
+//! A training framework on candle, in the PyTorch Lightning tradition, whose
+//! checkpoints resume bit-for-bit or fail with an error naming what is wrong.
+#![deny(missing_docs)]
+
+pub mod convert;
+pub mod data;
+pub mod error;
+pub mod loggers;
+pub mod nn;
+pub mod optim;
+pub mod params;
+pub mod rng;
+pub mod sched;
+
+pub use error::{Error, Result};

@@ -1,0 +1,168 @@
+//! Optimizers with named, exportable state: SGD, Adam, AdamW.
+//!
+//! State is keyed by parameter **name**, with a per-parameter step counter, and
+//! updates reproduce PyTorch's rules exactly (checked against torch's own values).
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use relume_ckpt::Stateful;
+
+use crate::error::{Error, Result};
+use crate::params::ParamStore;
+
+/// Gradients keyed by parameter name, in name order.
+///
+/// Built from candle's `GradStore` after `backward()`; accumulation over several
+/// micro-batches adds them by name.
+#[derive(Clone, Debug, Default)]
+pub struct Grads {
+    grads: BTreeMap<String, Tensor>,
+}
+
+impl Grads {
+    /// No gradients.
+    pub fn new() -> Self {
+        Grads::default()
+    }
+
+    /// Takes the gradient of every parameter in `params` out of `store`. Parameters
+    /// without a gradient (unused in the forward pass) are skipped.
+    pub fn from_backward(store: &GradStore, params: &ParamStore) -> Self {
+        let mut grads = BTreeMap::new();
+        for (name, var) in params.named_vars() {
+            if let Some(g) = store.get(var.as_tensor()) {
+                grads.insert(name, g.clone());
+            }
+        }
+        Grads { grads }
+    }
+
+    /// Adds `other` into `self`, by name (gradient accumulation).
+    ///
+    /// # Errors
+    /// candle errors (shape mismatch).
+    pub fn accumulate(&mut self, other: Grads) -> Result<()> {
+        for (name, g) in other.grads {
+            match self.grads.get_mut(&name) {
+                Some(acc) => *acc = (&*acc + &g)?,
+                None => {
+                    self.grads.insert(name, g);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.grads.get(name)
+    }
+
+    /// Replaces the gradient of `name`.
+    pub fn insert(&mut self, name: impl Into<String>, grad: Tensor) {
+        self.grads.insert(name.into(), grad);
+    }
+
+    /// `(name, grad)` in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.grads.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Mutable access in name order (for clipping).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
+        self.grads.iter_mut().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Number of gradients.
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// Multiplies every gradient by `factor` (e.g. 1/accumulate_grad_batches).
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.grads.values_mut() {
+            *g = g.affine(factor, 0.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// A group of parameters sharing hyper-parameters.
+#[derive(Clone, Debug)]
+pub struct ParamGroup {
+    /// `(name, variable)` in name order.
+    pub params: Vec<(String, Var)>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Weight decay (L2 for SGD/Adam, decoupled for AdamW).
+    pub weight_decay: f64,
+}
+
+/// The interface every optimizer implements. `Stateful` exports moments and step
+/// counters keyed by parameter name.
+pub trait Optimizer: Stateful<Error = Error> + Send {
+    /// Kind name, e.g. `"AdamW"`; saved with the state and checked on restore.
+    fn kind(&self) -> &'static str;
+
+    /// Applies one update using `grads`. A parameter without a gradient is skipped,
+    /// as in PyTorch (its step counter does not advance).
+    ///
+    /// # Errors
+    /// candle errors.
+    fn step(&mut self, grads: &Grads) -> Result<()>;
+
+    /// Number of parameter groups.
+    fn num_groups(&self) -> usize;
+
+    /// Current learning rate of `group`.
+    fn lr(&self, group: usize) -> f64;
+
+    /// Sets the learning rate of `group` (used by schedulers).
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperParameter`] for a NaN, infinite or negative rate, or an
+    /// out-of-range group.
+    fn set_lr(&mut self, group: usize, lr: f64) -> Result<()>;
+
+    /// All learning rates, one per group.
+    fn lrs(&self) -> Vec<f64> {
+        (0..self.num_groups()).map(|g| self.lr(g)).collect()
+    }
+
+    /// `(name, variable)` of every parameter, in group then name order.
+    fn params(&self) -> Vec<(String, Var)>;
+
+    /// Clears all state (moments, buffers, step counters).
+    fn reset_state(&mut self);
+
+    /// The hyper-parameters that change results (kind, betas, eps, momentum, initial
+    /// lrs, weight decay...), stored in the checkpoint config and diffed on resume.
+    fn config(&self) -> serde_json::Value;
+}
+
+/// Checks that a learning rate is finite and non-negative.
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] naming `component`.
+pub fn check_lr(component: &str, lr: f64) -> Result<()> {
+    if lr.is_finite() && lr >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperParameter {
+            component: component.to_string(),
+            what: "lr".into(),
+            value: lr,
+            rule: ">= 0".into(),
+        })
+    }
+}
