@@ -80,7 +80,12 @@ impl Deref for TensorBytes {
 
 impl std::fmt::Debug for TensorBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TensorBytes({} bytes{})", self.len(), if self.is_mapped() { ", mapped" } else { "" })
+        write!(
+            f,
+            "TensorBytes({} bytes{})",
+            self.len(),
+            if self.is_mapped() { ", mapped" } else { "" }
+        )
     }
 }
 
@@ -463,7 +468,14 @@ mod tests {
     #[test]
     fn byte_length_is_checked() {
         let err = TensorData::new(DType::F32, vec![2, 3], TensorBytes::owned(vec![0; 23]));
-        assert!(matches!(err, Err(Error::TensorByteLength { expected: 24, got: 23, .. })));
+        assert!(matches!(
+            err,
+            Err(Error::TensorByteLength {
+                expected: 24,
+                got: 23,
+                ..
+            })
+        ));
         let overflow = TensorData::new(DType::F32, vec![usize::MAX, 2], TensorBytes::owned(vec![]));
         assert!(matches!(overflow, Err(Error::TensorByteLength { .. })));
     }
@@ -485,7 +497,10 @@ mod tests {
     fn typed_access_errors_name_the_key() {
         let mut sd = StateDict::new();
         sd.insert_json("j", serde_json::json!({"x": 1}));
-        assert!(matches!(sd.require_tensor("j"), Err(Error::LeafKind { .. })));
+        assert!(matches!(
+            sd.require_tensor("j"),
+            Err(Error::LeafKind { .. })
+        ));
         assert!(matches!(sd.require_json("nope"), Err(Error::MissingKey { key }) if key == "nope"));
         let v: std::collections::BTreeMap<String, i32> = sd.require_value("j").unwrap();
         assert_eq!(v["x"], 1);

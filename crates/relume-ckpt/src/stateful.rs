@@ -101,7 +101,11 @@ impl RestoreReport {
     /// Compares the key sets: every `expected` key absent from `state` is missing,
     /// every key of `state` not in `expected` is unexpected. Restored keys are not
     /// recorded; the caller records them as it applies them.
-    pub fn diff_keys<'a>(&mut self, expected: impl IntoIterator<Item = &'a str>, state: &StateDict) {
+    pub fn diff_keys<'a>(
+        &mut self,
+        expected: impl IntoIterator<Item = &'a str>,
+        state: &StateDict,
+    ) {
         let expected: BTreeSet<&str> = expected.into_iter().collect();
         for k in &expected {
             if !state.contains_key(k) {
@@ -123,10 +127,11 @@ impl RestoreReport {
             .extend(other.missing.into_iter().map(|k| join_key(prefix, &k)));
         self.unexpected
             .extend(other.unexpected.into_iter().map(|k| join_key(prefix, &k)));
-        self.mismatched.extend(other.mismatched.into_iter().map(|m| Mismatch {
-            key: join_key(prefix, &m.key),
-            ..m
-        }));
+        self.mismatched
+            .extend(other.mismatched.into_iter().map(|m| Mismatch {
+                key: join_key(prefix, &m.key),
+                ..m
+            }));
     }
 
     /// True when nothing is missing, unexpected or mismatched.

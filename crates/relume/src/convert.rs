@@ -42,7 +42,10 @@ pub fn tensor_to_data(t: &Tensor, name: &str) -> Result<TensorData> {
     };
     let dtype = ckpt_dtype(t.dtype()).ok_or_else(|| Error::StateMismatch {
         component: name.to_string(),
-        problems: vec![format!("dtype {:?} cannot be stored in a checkpoint", t.dtype())],
+        problems: vec![format!(
+            "dtype {:?} cannot be stored in a checkpoint",
+            t.dtype()
+        )],
     })?;
     Ok(TensorData::new(dtype, shape, TensorBytes::owned(bytes)).map_err(|e| e.with_key(name))?)
 }
@@ -101,7 +104,10 @@ mod tests {
 
     #[test]
     fn round_trip_f32_and_transposed() {
-        let t = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let tt = t.t().unwrap();
         let d = tensor_to_data(&tt, "x").unwrap();
         assert_eq!(d.shape(), &[3, 2]);

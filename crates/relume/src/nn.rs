@@ -18,7 +18,13 @@ impl Linear {
     ///
     /// # Errors
     /// candle errors; a shape clash with an existing parameter.
-    pub fn new(store: &ParamStore, prefix: &str, inp: usize, out: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        store: &ParamStore,
+        prefix: &str,
+        inp: usize,
+        out: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         let w = store.get_or_init(
             &format!("{prefix}.weight"),
             (out, inp),
@@ -29,7 +35,10 @@ impl Linear {
         let b = store.get_or_init(
             &format!("{prefix}.bias"),
             out,
-            Init::Uniform { lo: -bound, hi: bound },
+            Init::Uniform {
+                lo: -bound,
+                hi: bound,
+            },
             rng,
         )?;
         Ok(Linear {

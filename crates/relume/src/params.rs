@@ -175,7 +175,10 @@ impl ParamStore {
 
     /// All `(name, variable)` pairs in name order.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The variables whose names start with `prefix`, in name order.
@@ -229,7 +232,9 @@ impl Stateful for ParamStore {
         report.diff_keys(vars.iter().map(|(n, _)| n.as_str()), state);
         let mut apply = Vec::new();
         for (name, var) in &vars {
-            let Some(saved) = state.get(name) else { continue };
+            let Some(saved) = state.get(name) else {
+                continue;
+            };
             let relume_ckpt::Leaf::Tensor(saved) = saved else {
                 report.mismatched(name.clone(), "tensor", "json");
                 continue;
@@ -267,8 +272,13 @@ mod tests {
         let make = || {
             let s = ParamStore::new(Device::Cpu);
             let mut rng = Rng::new(11, "init");
-            s.get_or_init("l1.weight", (8, 4), Init::KaimingUniform { a: 5f32.sqrt() }, &mut rng)
-                .unwrap();
+            s.get_or_init(
+                "l1.weight",
+                (8, 4),
+                Init::KaimingUniform { a: 5f32.sqrt() },
+                &mut rng,
+            )
+            .unwrap();
             s.get_or_init("l1.bias", 8, Init::Uniform { lo: -0.5, hi: 0.5 }, &mut rng)
                 .unwrap();
             s
@@ -278,9 +288,13 @@ mod tests {
         assert_eq!(a.state_dict().unwrap(), b.state_dict().unwrap());
         let mut c = ParamStore::new(Device::Cpu);
         let mut rng = Rng::new(99, "init");
-        c.get_or_init("l1.weight", (8, 4), Init::Zeros, &mut rng).unwrap();
+        c.get_or_init("l1.weight", (8, 4), Init::Zeros, &mut rng)
+            .unwrap();
         c.get_or_init("l1.bias", 8, Init::Zeros, &mut rng).unwrap();
-        assert!(c.load_state_dict(&a.state_dict().unwrap()).unwrap().is_clean());
+        assert!(c
+            .load_state_dict(&a.state_dict().unwrap())
+            .unwrap()
+            .is_clean());
         assert_eq!(a.state_dict().unwrap(), c.state_dict().unwrap());
     }
 

@@ -167,7 +167,9 @@ impl Rng {
 
     /// `n` uniform f32 values in `[lo, hi)`.
     pub fn uniform_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * self.uniform_f32()).collect()
+        (0..n)
+            .map(|_| lo + (hi - lo) * self.uniform_f32())
+            .collect()
     }
 
     /// `n` normal f32 values with the given mean and standard deviation.
@@ -214,7 +216,12 @@ impl Rng {
     ///
     /// # Errors
     /// [`Error::InvalidHyperParameter`] unless `0 <= p < 1`; candle errors.
-    pub fn dropout_mask(&mut self, shape: impl Into<Shape>, p: f32, device: &Device) -> Result<Tensor> {
+    pub fn dropout_mask(
+        &mut self,
+        shape: impl Into<Shape>,
+        p: f32,
+        device: &Device,
+    ) -> Result<Tensor> {
         if !(0.0..1.0).contains(&p) {
             return Err(Error::InvalidHyperParameter {
                 component: "dropout".into(),
@@ -247,7 +254,10 @@ impl Rng {
     pub fn import(state: &RngState) -> Result<Self> {
         let pos: u128 = state.word_pos.parse().map_err(|_| Error::StateMismatch {
             component: format!("rng/{}", state.stream),
-            problems: vec![format!("word_pos {:?} is not a decimal integer", state.word_pos)],
+            problems: vec![format!(
+                "word_pos {:?} is not a decimal integer",
+                state.word_pos
+            )],
         })?;
         let mut r = Rng::new(state.seed, &state.stream);
         r.inner.set_word_pos(pos);
@@ -343,12 +353,11 @@ impl Stateful for RngStreams {
         let mut sd = StateDict::new();
         sd.insert_json("seed", serde_json::json!(self.seed));
         for (name, rng) in &self.streams {
-            let v = serde_json::to_value(rng.export()).map_err(|e| {
-                relume_ckpt::Error::JsonValue {
+            let v =
+                serde_json::to_value(rng.export()).map_err(|e| relume_ckpt::Error::JsonValue {
                     key: format!("streams/{name}"),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             sd.insert_json(format!("streams/{name}"), v);
         }
         Ok(sd)
@@ -382,7 +391,11 @@ impl Stateful for RngStreams {
             };
             let s: RngState = state.require_value(key)?;
             if s.stream != name || s.seed != seed {
-                report.mismatched(key, format!("stream {name:?} seed {seed}"), format!("stream {:?} seed {}", s.stream, s.seed));
+                report.mismatched(
+                    key,
+                    format!("stream {name:?} seed {seed}"),
+                    format!("stream {:?} seed {}", s.stream, s.seed),
+                );
                 continue;
             }
             streams.insert(name.to_string(), Rng::import(&s)?);
@@ -427,9 +440,15 @@ mod tests {
         let sd = s.state_dict().unwrap();
         let mut t = RngStreams::new(9);
         assert!(t.load_state_dict(&sd).unwrap().is_clean());
-        assert_eq!(s.stream("dropout").next_u64(), t.stream("dropout").next_u64());
+        assert_eq!(
+            s.stream("dropout").next_u64(),
+            t.stream("dropout").next_u64()
+        );
         assert_eq!(s.stream("init").next_u64(), t.stream("init").next_u64());
-        assert_ne!(Rng::new(9, "init").next_u64(), Rng::new(9, "data").next_u64());
+        assert_ne!(
+            Rng::new(9, "init").next_u64(),
+            Rng::new(9, "data").next_u64()
+        );
     }
 
     #[test]
@@ -471,7 +490,11 @@ mod tests {
     fn dropout_rejects_bad_p() {
         let mut r = Rng::new(0, "d");
         assert!(r.dropout_mask(4, 1.0, &Device::Cpu).is_err());
-        let m = r.dropout_mask(1000, 0.5, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let m = r
+            .dropout_mask(1000, 0.5, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(m.iter().all(|&x| x == 0.0 || x == 2.0));
     }
 }
