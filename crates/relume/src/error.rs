@@ -74,6 +74,100 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// `ResumePolicy::Required` found nothing to resume from.
+    #[error("no checkpoint to resume from in {dir} ({source_desc}); train without `Required`, or point it at an existing checkpoint")]
+    NoCheckpoint {
+        /// The directory searched.
+        dir: std::path::PathBuf,
+        /// What was looked for (`"latest"`, `"best"`, a path).
+        source_desc: String,
+    },
+    /// The live state after restore does not hash to the manifest's fingerprint.
+    #[error("checkpoint {checkpoint}: state restored into the live objects has fingerprint {live} but the manifest records {saved}; the checkpoint or a component's restore is broken, do not train from it")]
+    FingerprintMismatch {
+        /// Checkpoint directory.
+        checkpoint: std::path::PathBuf,
+        /// Fingerprint in the manifest.
+        saved: String,
+        /// Fingerprint recomputed from the live objects.
+        live: String,
+    },
+    /// A result-changing setting differs from the checkpoint's config.
+    #[error("checkpoint {checkpoint}: setting {key} was {saved} and is now {live}; resuming would change the run's results (restore the setting, or allow it with `override_config({key:?})`)")]
+    ConfigChanged {
+        /// Checkpoint directory.
+        checkpoint: std::path::PathBuf,
+        /// Dotted config key.
+        key: String,
+        /// Value in the checkpoint (JSON).
+        saved: String,
+        /// Live value (JSON).
+        live: String,
+    },
+    /// The number of optimizers or schedulers differs from the checkpoint's.
+    #[error("checkpoint {checkpoint} holds {saved} {what} but the module configures {live}; `configure_optimizers` changed")]
+    ComponentCount {
+        /// Checkpoint directory.
+        checkpoint: std::path::PathBuf,
+        /// `"optimizers"` or `"schedulers"`.
+        what: &'static str,
+        /// Count in the checkpoint.
+        saved: usize,
+        /// Live count.
+        live: usize,
+    },
+    /// Strict restore accounting found keys missing, unexpected or mismatched.
+    #[error("checkpoint {checkpoint}: restore incomplete: missing {missing:?}, unexpected {unexpected:?}, mismatched {mismatched:?}; fix the model/callbacks, or allow-list these keys explicitly")]
+    RestoreIncomplete {
+        /// Checkpoint directory.
+        checkpoint: std::path::PathBuf,
+        /// `component/key` the live run needs but the checkpoint lacks.
+        missing: Vec<String>,
+        /// `component/key` in the checkpoint that nothing live accepts.
+        unexpected: Vec<String>,
+        /// `component/key: expected X, got Y`.
+        mismatched: Vec<String>,
+    },
+    /// `Source::Best` was asked for but no callback tracks a best checkpoint.
+    #[error("no best checkpoint known in {dir}: no callback (e.g. ModelCheckpoint with a monitor) recorded one")]
+    NoBestCheckpoint {
+        /// The run directory.
+        dir: std::path::PathBuf,
+    },
+    /// A hook that was called is not implemented by the module.
+    #[error("{hook} is not implemented; implement it to use this loop")]
+    NotImplemented {
+        /// The hook.
+        hook: &'static str,
+    },
+    /// A trainer setting is out of range.
+    #[error("trainer setting {setting} = {value} is invalid: it {rule}")]
+    InvalidSetting {
+        /// Setting name.
+        setting: String,
+        /// Value given.
+        value: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// Two optimizers own the same parameter.
+    #[error("parameter {param:?} is owned by optimizer {first} and optimizer {second}; give each parameter to one optimizer")]
+    ParamOwnedTwice {
+        /// Parameter name.
+        param: String,
+        /// Index of the first optimizer.
+        first: usize,
+        /// Index of the second optimizer.
+        second: usize,
+    },
+    /// A monitored metric was not logged when it was needed.
+    #[error("metric {metric:?} needed by {needed_by} has not been logged; log it (e.g. in validation_step) or change the monitor")]
+    MissingMetric {
+        /// Metric name.
+        metric: String,
+        /// Who needed it (`"scheduler 0"`).
+        needed_by: String,
+    },
 }
 
 /// Shorthand for results of this crate.

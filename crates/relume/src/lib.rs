@@ -15,3 +15,11 @@ pub mod rng;
 pub mod sched;
 
 pub use error::{Error, Result};
+pub mod callbacks;
+pub mod trainer;
+
+pub use callbacks::{Callback, HookCtx, Request, SavedCheckpoint};
+pub use trainer::{
+    FitOutcome, LogOpts, OptimizerConfig, ResumePolicy, SchedulerConfig, Source, StepCtx,
+    TrainModule, Trainer,
+};

@@ -1,0 +1,618 @@
+//! The checkpoint connector: what a checkpoint holds, how it is saved, and the
+//! strict, verified restore.
+//!
+//! ## Components
+//! | component      | holds                                                         |
+//! |----------------|---------------------------------------------------------------|
+//! | `model`        | every parameter of the module, keyed by name                  |
+//! | `optimizer.<i>`| optimizer `i`'s state (moments, per-parameter steps, groups)  |
+//! | `scheduler.<i>`| the scheduler attached to optimizer `i`, if any               |
+//! | `rng`          | the trainer's RNG streams, as words                           |
+//! | `train_loader` | the data cursor (epoch, next batch, shuffle seed)             |
+//! | `loop`         | counters, logger step, metric aggregation, finished flag      |
+//! | `callbacks`    | `<state_key>/<key>` for every stateful callback               |
+//! | `loggers`      | `<name>/<key>` for every stateful logger                      |
+//! | `user`         | [`TrainModule::on_save_checkpoint`](super::TrainModule) state  |
+//!
+//! Empty components are not written; the `loop` component lists every callback
+//! and logger that took part, so a stateless one is still accounted for.
+//!
+//! ## Restore, in this order
+//! 1. [`relume_ckpt::load`] reads the checkpoint and verifies every checksum
+//!    before any live object is touched.
+//! 2. The optimizer and scheduler counts must match ([`Error::ComponentCount`]).
+//! 3. The config diff ([`diff_config`]): a changed result-affecting setting is
+//!    [`Error::ConfigChanged`] unless overridden; raising `max_epochs`/`max_steps`
+//!    is allowed. (It runs before any state is applied, so a refused resume leaves
+//!    the live objects untouched.)
+//! 4. Strict accounting: every component is applied and every key accounted for;
+//!    anything missing, unexpected or mismatched and not allow-listed is
+//!    [`Error::RestoreIncomplete`].
+//! 5. Post-restore verification: the fingerprint recomputed from the live objects
+//!    must equal the manifest's ([`Error::FingerprintMismatch`]).
+//!
+//! ## Saving
+//! Every save goes through [`Connector::save`], the single point where a future
+//! async writer snapshots the components and commits them in the background.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use relume_ckpt::{AllowList, Checkpoint, CheckpointDir, RestoreReport, StateDict, Stateful};
+use serde_json::Value;
+
+use crate::callbacks::Callback;
+use crate::error::{Error, Result};
+use crate::loggers::Logger;
+use crate::optim::Optimizer;
+use crate::params::ParamStore;
+use crate::rng::RngStreams;
+use crate::trainer::loop_state::LoopState;
+use crate::trainer::module::SchedulerConfig;
+use crate::trainer::resume::{ResumePolicy, Source};
+
+/// The live objects a checkpoint is taken from and restored into.
+pub(crate) struct Live<'a> {
+    pub params: &'a mut ParamStore,
+    pub optimizers: &'a mut [Box<dyn Optimizer>],
+    pub schedulers: &'a mut [Option<SchedulerConfig>],
+    pub rng: &'a mut RngStreams,
+    pub loader: &'a mut dyn Stateful<Error = Error>,
+    pub state: &'a mut LoopState,
+    pub callbacks: &'a mut [Box<dyn Callback>],
+    pub loggers: &'a mut [Box<dyn Logger>],
+}
+
+/// Component name of optimizer `i`.
+pub fn optimizer_component(i: usize) -> String {
+    format!("optimizer.{i}")
+}
+
+/// Component name of the scheduler of optimizer `i`.
+pub fn scheduler_component(i: usize) -> String {
+    format!("scheduler.{i}")
+}
+
+/// Read-only access to the live objects, for taking a snapshot.
+pub(crate) struct View<'a> {
+    pub params: &'a ParamStore,
+    pub optimizers: &'a [Box<dyn Optimizer>],
+    pub schedulers: &'a [Option<SchedulerConfig>],
+    pub rng: &'a RngStreams,
+    pub loader: &'a dyn Stateful<Error = Error>,
+    pub state: &'a LoopState,
+    pub callbacks: &'a [Box<dyn Callback>],
+    pub loggers: &'a [Box<dyn Logger>],
+}
+
+impl Live<'_> {
+    pub(crate) fn view(&self) -> View<'_> {
+        View {
+            params: self.params,
+            optimizers: self.optimizers,
+            schedulers: self.schedulers,
+            rng: self.rng,
+            loader: &*self.loader,
+            state: self.state,
+            callbacks: self.callbacks,
+            loggers: self.loggers,
+        }
+    }
+}
+
+impl View<'_> {
+    /// Every component's state, as it would be saved. `user` is the module's hook state.
+    pub(crate) fn components(&self, user: StateDict) -> Result<BTreeMap<String, StateDict>> {
+        let mut c = BTreeMap::new();
+        c.insert("model".to_string(), self.params.state_dict()?);
+        for (i, o) in self.optimizers.iter().enumerate() {
+            c.insert(optimizer_component(i), o.state_dict()?);
+        }
+        for (i, s) in self.schedulers.iter().enumerate() {
+            if let Some(s) = s {
+                c.insert(scheduler_component(i), s.scheduler.state_dict()?);
+            }
+        }
+        c.insert("rng".to_string(), self.rng.state_dict()?);
+        c.insert("train_loader".to_string(), self.loader.state_dict()?);
+        c.insert("loop".to_string(), self.state.state_dict()?);
+        let mut cbs = StateDict::new();
+        for cb in self.callbacks.iter() {
+            cbs.insert_prefixed(&cb.state_key(), cb.state_dict()?);
+        }
+        let mut lgs = StateDict::new();
+        for lg in self.loggers.iter() {
+            lgs.insert_prefixed(lg.name(), lg.state_dict()?);
+        }
+        for (name, sd) in [("callbacks", cbs), ("loggers", lgs), ("user", user)] {
+            if !sd.is_empty() {
+                c.insert(name.to_string(), sd);
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// A finished restore.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    /// The checkpoint restored from.
+    pub path: PathBuf,
+    /// Its manifest's progress block.
+    pub progress: Value,
+    /// Keys restored, per component.
+    pub restored_components: Vec<String>,
+    /// Keys excused by the allow-list (not restored).
+    pub allowed: Vec<String>,
+}
+
+/// Owns the run directory's checkpoint handle.
+pub(crate) struct Connector {
+    run_dir: PathBuf,
+    dir: Option<CheckpointDir>,
+}
+
+impl Connector {
+    pub(crate) fn new(run_dir: &Path) -> Self {
+        Connector {
+            run_dir: run_dir.to_path_buf(),
+            dir: None,
+        }
+    }
+
+    /// The checkpoint directory, opened (and locked) on first use.
+    pub(crate) fn dir(&mut self) -> Result<&CheckpointDir> {
+        if self.dir.is_none() {
+            self.dir = Some(CheckpointDir::open(&self.run_dir)?);
+        }
+        match &self.dir {
+            Some(d) => Ok(d),
+            None => unreachable!("opened above"),
+        }
+    }
+
+    /// The single save path: commits `components` as checkpoint `name` and points
+    /// `latest` at it. (Async saving hooks in here: snapshot, then commit on a
+    /// writer thread; errors surface at the next call.)
+    ///
+    /// # Errors
+    /// relume-ckpt errors (I/O, an existing name).
+    pub(crate) fn save(
+        &mut self,
+        name: &str,
+        components: BTreeMap<String, StateDict>,
+        progress: Value,
+        config: Value,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<PathBuf> {
+        let ckpt = Checkpoint {
+            components,
+            progress,
+            config,
+            metrics,
+        };
+        Ok(self.dir()?.save(name, &ckpt)?)
+    }
+
+    /// Deletes checkpoint `name` (retention), refusing `keep` (the resume source).
+    ///
+    /// # Errors
+    /// relume-ckpt errors (unknown name, `latest`, in use).
+    pub(crate) fn delete(&mut self, name: &str, keep: Option<&Path>) -> Result<bool> {
+        let dir = self.dir()?;
+        if keep.is_some_and(|k| k == dir.path().join(name)) {
+            tracing::info!("retention: keeping {name}, the checkpoint this run resumed from");
+            return Ok(false);
+        }
+        dir.delete(name)?;
+        Ok(true)
+    }
+
+    /// Resolves the resume policy to a checkpoint path, or `None` to start fresh.
+    ///
+    /// # Errors
+    /// [`Error::NoCheckpoint`] for `Required` with nothing found,
+    /// [`Error::NoBestCheckpoint`], relume-ckpt errors.
+    pub(crate) fn resolve(
+        &mut self,
+        policy: &ResumePolicy,
+        callbacks: &[Box<dyn Callback>],
+    ) -> Result<Option<PathBuf>> {
+        let Some(source) = policy.source() else {
+            return Ok(None);
+        };
+        let ckdir = self.dir()?.path().to_path_buf();
+        let found = match source {
+            Source::Path(p) => p.join("manifest.json").is_file().then(|| p.clone()),
+            Source::Last => self.dir()?.latest()?,
+            Source::Best => match self.dir()?.latest()? {
+                None => None,
+                Some(latest) => {
+                    let loaded = relume_ckpt::load(&latest)?;
+                    let saved = loaded
+                        .components
+                        .get("callbacks")
+                        .cloned()
+                        .unwrap_or_default();
+                    let best = callbacks
+                        .iter()
+                        .find_map(|cb| cb.best_checkpoint(&saved.sub(&cb.state_key())));
+                    match best {
+                        Some(b) => Some(b),
+                        None => {
+                            return Err(Error::NoBestCheckpoint {
+                                dir: self.run_dir.clone(),
+                            })
+                        }
+                    }
+                }
+            },
+        };
+        match (found, policy.is_required()) {
+            (Some(p), _) => Ok(Some(p)),
+            (None, true) => Err(Error::NoCheckpoint {
+                dir: match source {
+                    Source::Path(p) => p.clone(),
+                    _ => ckdir,
+                },
+                source_desc: describe(source),
+            }),
+            (None, false) => {
+                let dir = match source {
+                    Source::Path(p) => p.clone(),
+                    _ => ckdir,
+                };
+                tracing::info!("no checkpoint in {}, starting fresh", dir.display());
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn describe(s: &Source) -> String {
+    match s {
+        Source::Path(p) => format!("path {}", p.display()),
+        Source::Last => "latest".into(),
+        Source::Best => "best".into(),
+    }
+}
+
+/// Restores `path` into `live` (steps 1–5 of the module docs).
+///
+/// `live_config` is the live run's config block; `user_state` the module's live
+/// hook state and `load_user` its restore hook.
+///
+/// # Errors
+/// relume-ckpt load/verify errors, [`Error::ComponentCount`],
+/// [`Error::ConfigChanged`], [`Error::RestoreIncomplete`],
+/// [`Error::FingerprintMismatch`].
+pub(crate) fn restore(
+    path: &Path,
+    live: &mut Live<'_>,
+    live_config: &Value,
+    overrides: &[String],
+    allow: &AllowList,
+    live_user: StateDict,
+    load_user: &mut dyn FnMut(&StateDict) -> Result<RestoreReport>,
+    user_after: &dyn Fn() -> Result<StateDict>,
+) -> Result<Restored> {
+    let loaded = relume_ckpt::load(path)?;
+    let saved = &loaded.components;
+    // 2. counts
+    let count = |prefix: &str| saved.keys().filter(|k| k.starts_with(prefix)).count();
+    let live_scheds = live.schedulers.iter().filter(|s| s.is_some()).count();
+    for (what, prefix, live_n) in [
+        ("optimizers", "optimizer.", live.optimizers.len()),
+        ("schedulers", "scheduler.", live_scheds),
+    ] {
+        let saved_n = count(prefix);
+        if saved_n != live_n && !allow.allows(prefix.trim_end_matches('.')) {
+            return Err(Error::ComponentCount {
+                checkpoint: path.to_path_buf(),
+                what,
+                saved: saved_n,
+                live: live_n,
+            });
+        }
+    }
+    // 3. config
+    if let Some((key, s, l)) = diff_config(&loaded.manifest.config, live_config, overrides)
+        .into_iter()
+        .next()
+    {
+        return Err(Error::ConfigChanged {
+            checkpoint: path.to_path_buf(),
+            key,
+            saved: s,
+            live: l,
+        });
+    }
+    // 4. accounting
+    let mut report = RestoreReport::new();
+    let empty = StateDict::new();
+    let apply = |name: &str,
+                 target: &mut dyn FnMut(&StateDict) -> Result<RestoreReport>,
+                 report: &mut RestoreReport,
+                 used: &mut Vec<String>|
+     -> Result<()> {
+        match saved.get(name) {
+            Some(sd) => {
+                used.push(name.to_string());
+                let r = target(sd)?;
+                report.merge_prefixed(name, r);
+            }
+            None => report.missing(name),
+        }
+        Ok(())
+    };
+    let mut used_names: Vec<String> = Vec::new();
+    apply(
+        "loop",
+        &mut |sd| live.state.load_state_dict(sd),
+        &mut report,
+        &mut used_names,
+    )?;
+    apply(
+        "model",
+        &mut |sd| live.params.load_state_dict(sd),
+        &mut report,
+        &mut used_names,
+    )?;
+    for (i, o) in live.optimizers.iter_mut().enumerate() {
+        apply(
+            &optimizer_component(i),
+            &mut |sd| o.load_state_dict(sd),
+            &mut report,
+            &mut used_names,
+        )?;
+    }
+    for (i, s) in live.schedulers.iter_mut().enumerate() {
+        if let Some(s) = s {
+            apply(
+                &scheduler_component(i),
+                &mut |sd| s.scheduler.load_state_dict(sd),
+                &mut report,
+                &mut used_names,
+            )?;
+        }
+    }
+    apply(
+        "rng",
+        &mut |sd| live.rng.load_state_dict(sd),
+        &mut report,
+        &mut used_names,
+    )?;
+    apply(
+        "train_loader",
+        &mut |sd| live.loader.load_state_dict(sd),
+        &mut report,
+        &mut used_names,
+    )?;
+    // callbacks and loggers: the loop component lists who took part.
+    let saved_cbs = live.state.callbacks.clone();
+    let cb_state = saved.get("callbacks").unwrap_or(&empty);
+    if saved.contains_key("callbacks") {
+        used_names.push("callbacks".into());
+    }
+    let mut seen = Vec::new();
+    for cb in live.callbacks.iter_mut() {
+        let key = cb.state_key();
+        if saved_cbs.contains(&key) {
+            let r = cb.load_state_dict(&cb_state.sub(&key))?;
+            report.merge_prefixed(&format!("callbacks/{key}"), r);
+        } else {
+            report.missing(format!("callbacks/{key}"));
+        }
+        seen.push(key);
+    }
+    for k in saved_cbs.iter().filter(|k| !seen.contains(k)) {
+        report.unexpected(format!("callbacks/{k}"));
+    }
+    let saved_lgs = live.state.loggers.clone();
+    let lg_state = saved.get("loggers").unwrap_or(&empty);
+    if saved.contains_key("loggers") {
+        used_names.push("loggers".into());
+    }
+    let mut seen = Vec::new();
+    for lg in live.loggers.iter_mut() {
+        let key = lg.name().to_string();
+        if saved_lgs.contains(&key) {
+            let r = lg.load_state_dict(&lg_state.sub(&key))?;
+            report.merge_prefixed(&format!("loggers/{key}"), r);
+        } else {
+            report.missing(format!("loggers/{key}"));
+        }
+        seen.push(key);
+    }
+    for k in saved_lgs.iter().filter(|k| !seen.contains(k)) {
+        report.unexpected(format!("loggers/{k}"));
+    }
+    match saved.get("user") {
+        Some(sd) => {
+            used_names.push("user".into());
+            report.merge_prefixed("user", load_user(sd)?);
+        }
+        None if !live_user.is_empty() => report.missing("user"),
+        None => {}
+    }
+    for name in saved.keys() {
+        if !used_names.iter().any(|u| u == name) {
+            report.unexpected(name.clone());
+        }
+    }
+    let strict = |keys: &[String]| {
+        keys.iter()
+            .filter(|k| !allow.allows(k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let missing = strict(&report.missing);
+    let unexpected = strict(&report.unexpected);
+    let mismatched: Vec<String> = report
+        .mismatched
+        .iter()
+        .filter(|m| !allow.allows(&m.key))
+        .map(|m| format!("{}: expected {}, got {}", m.key, m.expected, m.got))
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        return Err(Error::RestoreIncomplete {
+            checkpoint: path.to_path_buf(),
+            missing,
+            unexpected,
+            mismatched,
+        });
+    }
+    let allowed: Vec<String> = report
+        .missing
+        .iter()
+        .chain(&report.unexpected)
+        .cloned()
+        .chain(report.mismatched.iter().map(|m| m.key.clone()))
+        .collect();
+    // 5. verification
+    let now = live.view().components(user_after()?)?;
+    if allowed.is_empty() {
+        let live_fp = relume_ckpt::fingerprint(&now);
+        if live_fp != loaded.manifest.fingerprint {
+            return Err(Error::FingerprintMismatch {
+                checkpoint: path.to_path_buf(),
+                saved: loaded.manifest.fingerprint.clone(),
+                live: live_fp,
+            });
+        }
+    } else {
+        // A partial (allow-listed) restore cannot match the whole-state fingerprint;
+        // verify each component that was restored in full against the loaded data.
+        for (name, sd) in &now {
+            let Some(s) = saved.get(name) else { continue };
+            if allowed
+                .iter()
+                .any(|a| a == name || a.starts_with(&format!("{name}/")))
+            {
+                continue;
+            }
+            let (a, b) = (
+                relume_ckpt::fingerprint_state_dict(sd),
+                relume_ckpt::fingerprint_state_dict(s),
+            );
+            if a != b {
+                return Err(Error::FingerprintMismatch {
+                    checkpoint: path.join(name),
+                    saved: b,
+                    live: a,
+                });
+            }
+        }
+    }
+    Ok(Restored {
+        path: loaded.path.clone(),
+        progress: loaded.manifest.progress.clone(),
+        restored_components: now.keys().cloned().collect(),
+        allowed,
+    })
+}
+
+/// Flattens a JSON value into `dotted.key -> value` (arrays index as `key.0`).
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, x, out);
+            }
+        }
+        Value::Array(a) => {
+            out.insert(format!("{prefix}.len"), Value::from(a.len()));
+            for (i, x) in a.iter().enumerate() {
+                flatten(&format!("{prefix}.{i}"), x, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string(), v.clone());
+        }
+    }
+}
+
+/// Config keys whose growth is allowed on resume (continuing a run).
+pub const GROWABLE_KEYS: [&str; 2] = ["max_epochs", "max_steps"];
+
+/// Differences between the saved and live config blocks that are not allowed:
+/// `(key, saved, live)` as compact JSON, in key order. A key under an entry of
+/// `overrides` (exact or as a dotted prefix) may change; `max_epochs` and
+/// `max_steps` may grow (`null` = unbounded).
+pub fn diff_config(
+    saved: &Value,
+    live: &Value,
+    overrides: &[String],
+) -> Vec<(String, String, String)> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", saved, &mut a);
+    flatten("", live, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut out = Vec::new();
+    for k in keys {
+        let (s, l) = (
+            a.get(k).unwrap_or(&Value::Null),
+            b.get(k).unwrap_or(&Value::Null),
+        );
+        if s == l {
+            continue;
+        }
+        if overrides
+            .iter()
+            .any(|o| k == o || k.starts_with(&format!("{o}.")))
+        {
+            tracing::info!("config {k} changed from {s} to {l} (overridden)");
+            continue;
+        }
+        if GROWABLE_KEYS.contains(&k.as_str()) {
+            let grows = match (s.as_u64(), l.as_u64()) {
+                (Some(x), Some(y)) => y >= x,
+                (_, None) => l.is_null(),
+                (None, Some(_)) => false,
+            };
+            if grows {
+                tracing::info!("config {k} raised from {s} to {l}; continuing the run");
+                continue;
+            }
+        }
+        out.push((k.clone(), s.to_string(), l.to_string()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_diff_names_key_and_allows_growth() {
+        let saved = json!({"max_epochs": 3, "max_steps": null, "seed": 1,
+            "train_loader": {"batch_size": 8}, "optimizers": [{"lr": 0.1}]});
+        let mut live = saved.clone();
+        live["max_epochs"] = json!(5);
+        assert!(diff_config(&saved, &live, &[]).is_empty());
+        live["max_epochs"] = json!(2);
+        assert_eq!(diff_config(&saved, &live, &[])[0].0, "max_epochs");
+        live["max_epochs"] = json!(3);
+        live["train_loader"]["batch_size"] = json!(16);
+        let d = diff_config(&saved, &live, &[]);
+        assert_eq!(
+            d,
+            vec![(
+                "train_loader.batch_size".to_string(),
+                "8".to_string(),
+                "16".to_string()
+            )]
+        );
+        assert!(diff_config(&saved, &live, &["train_loader".to_string()]).is_empty());
+        live["train_loader"]["batch_size"] = json!(8);
+        live["optimizers"] = json!([{"lr": 0.1}, {"lr": 0.2}]);
+        assert_eq!(diff_config(&saved, &live, &[])[0].0, "optimizers.1.lr");
+    }
+}

@@ -1,0 +1,812 @@
+//! `Trainer::fit`: the training loop, its step boundaries and checkpoints.
+//!
+//! ## One optimizer step
+//! Each training batch: `training_step` → loss ÷ `accumulate_grad_batches` →
+//! `backward` → gradients added by parameter name. After `accumulate_grad_batches`
+//! batches (or the last batch of the epoch): clip, step **every** optimizer on the
+//! gradients of the parameters it owns, `global_step += 1`, step the per-step
+//! schedulers. That moment is a *step boundary*.
+//!
+//! ## What happens at a step boundary, in order
+//! 1. validation, when due (mid-epoch `val_check_interval`, or the epoch's end);
+//! 2. at an epoch's end: epoch metrics, per-epoch schedulers, `on_train_epoch_end`;
+//! 3. the preemption flag and the callbacks' requests are read;
+//! 4. checkpoints are committed (built-in policy, requested names, or a forced save
+//!    for a stop, an interrupt or the end of training), loggers flushed first;
+//! 5. `on_save_checkpoint` for each commit, then requested deletions (retention
+//!    strictly after the commit);
+//! 6. stop / interrupt / finish.
+//!
+//! Nothing is saved anywhere else, so a checkpoint always holds accumulation
+//! position 0 (see [`super::loop_state`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::callbacks::{HookCtx, Request, SavedCheckpoint};
+use crate::data::{Cursor, DataLoader};
+use crate::error::{Error, Result};
+use crate::optim::{Grads, Optimizer};
+use crate::rng::RngStreams;
+use crate::trainer::builder::{ClipAlgorithm, Trainer, TrainerConfig, ValCheck};
+use crate::trainer::connector::{restore, Connector, Live, View};
+use crate::trainer::context::{Stage, StepCtx};
+use crate::trainer::loop_state::LoopState;
+use crate::trainer::metrics::Metrics;
+use crate::trainer::module::{Interval, SchedulerConfig, TrainModule};
+
+/// How `fit` ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FitOutcome {
+    /// `max_epochs` or `max_steps` was reached.
+    Completed(FitSummary),
+    /// A callback requested a stop; a checkpoint was saved at that step.
+    Stopped {
+        /// Where the run stands.
+        summary: FitSummary,
+        /// The reason the callback gave.
+        reason: String,
+    },
+    /// The interrupt flag was set (SIGINT/SIGTERM); a checkpoint was saved at the
+    /// next step boundary. Run again with `ResumePolicy` to continue.
+    Interrupted(FitSummary),
+    /// The checkpoint resumed from had already reached `max_epochs`/`max_steps`;
+    /// nothing was trained. Raise them to continue.
+    AlreadyFinished(FitSummary),
+}
+
+impl FitOutcome {
+    /// The summary, whatever the outcome.
+    pub fn summary(&self) -> &FitSummary {
+        match self {
+            FitOutcome::Completed(s)
+            | FitOutcome::Interrupted(s)
+            | FitOutcome::AlreadyFinished(s)
+            | FitOutcome::Stopped { summary: s, .. } => s,
+        }
+    }
+}
+
+/// Where a `fit` call left the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitSummary {
+    /// Optimizer steps taken in total (including before a resume).
+    pub global_step: u64,
+    /// Epoch the loop stands at.
+    pub epoch: u64,
+    /// The last checkpoint committed by this call.
+    pub last_checkpoint: Option<PathBuf>,
+    /// The checkpoint this call resumed from.
+    pub resumed_from: Option<PathBuf>,
+    /// The latest value of every metric.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl Trainer {
+    /// Trains `module` on `train`, validating on `val`.
+    ///
+    /// Resumes according to the [`ResumePolicy`](super::ResumePolicy) (restore,
+    /// verification and config diff as described in [`super::connector`]).
+    ///
+    /// # Errors
+    /// Any error of a step, hook, optimizer, loader or save; the restore errors
+    /// ([`Error::NoCheckpoint`], [`Error::ComponentCount`], [`Error::ConfigChanged`],
+    /// [`Error::RestoreIncomplete`], [`Error::FingerprintMismatch`]). Callbacks'
+    /// `on_exception` runs before the error is returned.
+    pub fn fit<M>(
+        &mut self,
+        module: &mut M,
+        train: &mut DataLoader<M::Batch>,
+        val: Option<&DataLoader<M::Batch>>,
+    ) -> Result<FitOutcome>
+    where
+        M: TrainModule,
+        M::Batch: Send + 'static,
+    {
+        let res = self.fit_inner(module, train, val);
+        if let Err(e) = &res {
+            for cb in self.callbacks.iter_mut() {
+                cb.on_exception(e);
+            }
+        }
+        res
+    }
+
+    fn fit_inner<M>(
+        &mut self,
+        module: &mut M,
+        train: &mut DataLoader<M::Batch>,
+        val: Option<&DataLoader<M::Batch>>,
+    ) -> Result<FitOutcome>
+    where
+        M: TrainModule,
+        M::Batch: Send + 'static,
+    {
+        let mut optimizers = Vec::new();
+        let mut schedulers = Vec::new();
+        for oc in module.configure_optimizers()? {
+            optimizers.push(oc.optimizer);
+            schedulers.push(oc.scheduler);
+        }
+        check_ownership(&optimizers)?;
+        for s in schedulers.iter().flatten() {
+            if s.frequency == 0 {
+                return Err(Error::InvalidSetting {
+                    setting: format!("scheduler {} frequency", s.scheduler.kind()),
+                    value: "0".into(),
+                    rule: "must be at least 1".into(),
+                });
+            }
+        }
+        let mut keys: Vec<String> = Vec::new();
+        for cb in self.callbacks.iter() {
+            let k = cb.state_key();
+            if k.is_empty() || k.contains('/') || keys.contains(&k) {
+                return Err(Error::InvalidSetting {
+                    setting: "callback state_key".into(),
+                    value: k,
+                    rule: "must be non-empty, without '/', and unique among the run's callbacks"
+                        .into(),
+                });
+            }
+            keys.push(k);
+        }
+        let config = config_json(&self.cfg, train, val, &optimizers, &schedulers);
+        let mut run = FitRun {
+            cfg: &self.cfg,
+            callbacks: &mut self.callbacks,
+            loggers: &mut self.loggers,
+            interrupt: self.interrupt.clone(),
+            module,
+            val,
+            optimizers,
+            schedulers,
+            rng: RngStreams::new(self.cfg.seed),
+            state: LoopState {
+                callbacks: keys,
+                ..LoopState::default()
+            },
+            connector: Connector::new(&self.cfg.default_root_dir),
+            requests: Vec::new(),
+            resumed_from: None,
+            last_checkpoint: None,
+            config,
+        };
+        run.state.loggers = run.loggers.iter().map(|l| l.name().to_string()).collect();
+        run.run(train)
+    }
+}
+
+/// Errors when a parameter is owned by two optimizers.
+fn check_ownership(optimizers: &[Box<dyn Optimizer>]) -> Result<()> {
+    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, o) in optimizers.iter().enumerate() {
+        for (name, _) in o.params() {
+            if let Some(first) = owner.insert(name.clone(), i) {
+                return Err(Error::ParamOwnedTwice {
+                    param: name,
+                    first,
+                    second: i,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint's `config` block: every setting that changes the result.
+fn config_json<B: Send + 'static>(
+    cfg: &TrainerConfig,
+    train: &DataLoader<B>,
+    val: Option<&DataLoader<B>>,
+    optimizers: &[Box<dyn Optimizer>],
+    schedulers: &[Option<SchedulerConfig>],
+) -> Value {
+    let loader = |l: &DataLoader<B>| {
+        let c = l.config();
+        json!({
+            "batch_size": c.batch_size,
+            "shuffle": c.shuffle,
+            "drop_last": c.drop_last,
+            "seed": c.seed,
+            "dataset_len": l.dataset_len(),
+        })
+    };
+    json!({
+        "world_size": 1,
+        "seed": cfg.seed,
+        "max_epochs": cfg.max_epochs,
+        "max_steps": cfg.max_steps,
+        "accumulate_grad_batches": cfg.accumulate_grad_batches,
+        "gradient_clip": cfg.gradient_clip.map(|(v, a)| json!({"value": v, "algorithm": a})),
+        "val_check_interval": cfg.val_check_interval,
+        "check_val_every_n_epoch": cfg.check_val_every_n_epoch,
+        "limit_train_batches": cfg.limit_train_batches,
+        "limit_val_batches": cfg.limit_val_batches,
+        "train_loader": loader(train),
+        "val_loader": val.map(loader),
+        "optimizers": optimizers.iter().map(|o| o.config()).collect::<Vec<_>>(),
+        "schedulers": schedulers
+            .iter()
+            .map(|s| s.as_ref().map_or(Value::Null, SchedulerConfig::config))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// Clips `grads` in place (PyTorch's `clip_grad_norm_` / `clip_grad_value_`).
+fn clip(grads: &mut Grads, value: f64, alg: ClipAlgorithm) -> Result<()> {
+    match alg {
+        ClipAlgorithm::Value => {
+            for (_, g) in grads.iter_mut() {
+                *g = g.clamp(-value, value)?;
+            }
+        }
+        ClipAlgorithm::Norm => {
+            let mut sq = 0f64;
+            for (_, g) in grads.iter() {
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+            let norm = sq.sqrt();
+            let coef = value / (norm + 1e-6);
+            if coef < 1.0 {
+                grads.scale(coef)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `fit` call's state.
+struct FitRun<'t, M: TrainModule> {
+    cfg: &'t TrainerConfig,
+    callbacks: &'t mut Vec<Box<dyn crate::callbacks::Callback>>,
+    loggers: &'t mut Vec<Box<dyn crate::loggers::Logger>>,
+    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    module: &'t mut M,
+    val: Option<&'t DataLoader<M::Batch>>,
+    optimizers: Vec<Box<dyn Optimizer>>,
+    schedulers: Vec<Option<SchedulerConfig>>,
+    rng: RngStreams,
+    state: LoopState,
+    connector: Connector,
+    requests: Vec<Request>,
+    resumed_from: Option<PathBuf>,
+    last_checkpoint: Option<PathBuf>,
+    config: Value,
+}
+
+/// Calls `hook` on every callback with a fresh [`HookCtx`].
+macro_rules! hook {
+    ($run:expr, |$cb:ident, $ctx:ident| $body:expr) => {{
+        let progress = $run.state.progress();
+        let metrics = $run.state.metrics.latest().clone();
+        let run_dir = $run.cfg.default_root_dir.clone();
+        let resumed = $run.resumed_from.clone();
+        for $cb in $run.callbacks.iter_mut() {
+            let mut $ctx = HookCtx::new(
+                progress,
+                &metrics,
+                &run_dir,
+                resumed.as_deref(),
+                &mut $run.requests,
+            );
+            $body?;
+        }
+    }};
+}
+
+impl<M> FitRun<'_, M>
+where
+    M: TrainModule,
+    M::Batch: Send + 'static,
+{
+    fn summary(&self) -> FitSummary {
+        FitSummary {
+            global_step: self.state.global_step,
+            epoch: self.state.epoch,
+            last_checkpoint: self.last_checkpoint.clone(),
+            resumed_from: self.resumed_from.clone(),
+            metrics: self.state.metrics.latest().clone(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.state.epoch >= self.cfg.max_epochs
+            || self
+                .cfg
+                .max_steps
+                .is_some_and(|m| self.state.global_step >= m)
+    }
+
+    /// Borrows the live objects for the connector. The callback/logger lists in
+    /// the loop state are the live ones.
+    fn with_live<T>(
+        &mut self,
+        train: &mut DataLoader<M::Batch>,
+        f: impl FnOnce(&mut Live<'_>, &mut M) -> Result<T>,
+    ) -> Result<T> {
+        let mut params = self.module.params().clone();
+        let mut live = Live {
+            params: &mut params,
+            optimizers: &mut self.optimizers,
+            schedulers: &mut self.schedulers,
+            rng: &mut self.rng,
+            loader: train,
+            state: &mut self.state,
+            callbacks: self.callbacks,
+            loggers: self.loggers,
+        };
+        f(&mut live, self.module)
+    }
+
+    fn resume(&mut self, train: &mut DataLoader<M::Batch>) -> Result<bool> {
+        if !self.cfg.enable_checkpointing && self.cfg.resume.source().is_none() {
+            return Ok(false);
+        }
+        let Some(path) = self.connector.resolve(&self.cfg.resume, self.callbacks)? else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let config = self.config.clone();
+        let cfg = self.cfg;
+        let restored = self.with_live(train, |live, module| {
+            let live_user = module.on_save_checkpoint()?;
+            let module_cell = std::cell::RefCell::new(module);
+            restore(
+                &path,
+                live,
+                &config,
+                &cfg.config_overrides,
+                &cfg.allow,
+                live_user,
+                &mut |sd| module_cell.borrow_mut().on_load_checkpoint(sd),
+                &|| module_cell.borrow().on_save_checkpoint(),
+            )
+        })?;
+        self.resumed_from = Some(restored.path.clone());
+        tracing::info!(
+            "resumed from {} at step {} (epoch {}, batch {}) in {:.1} ms: restored {}; fingerprint verified",
+            restored.path.display(),
+            self.state.global_step,
+            self.state.epoch,
+            self.state.batch_in_epoch,
+            started.elapsed().as_secs_f64() * 1e3,
+            restored.restored_components.join(", "),
+        );
+        if !restored.allowed.is_empty() {
+            tracing::warn!(
+                "allow-listed and NOT restored: {}",
+                restored.allowed.join(", ")
+            );
+        }
+        // Live lists win from here on (they equal the saved ones unless allow-listed).
+        self.state.callbacks = self.callbacks.iter().map(|c| c.state_key()).collect();
+        self.state.loggers = self.loggers.iter().map(|l| l.name().to_string()).collect();
+        let path = restored.path;
+        hook!(self, |cb, ctx| cb.on_load_checkpoint(&mut ctx, &path));
+        Ok(true)
+    }
+
+    fn run(&mut self, train: &mut DataLoader<M::Batch>) -> Result<FitOutcome> {
+        let resumed = self.resume(train)?;
+        let train: &DataLoader<M::Batch> = train;
+        if resumed && self.done() {
+            let msg = format!(
+                "run in {} is already finished (step {}, epoch {} of max_epochs {}, max_steps {:?}); nothing to do: raise max_epochs or max_steps to continue",
+                self.cfg.default_root_dir.display(),
+                self.state.global_step,
+                self.state.epoch,
+                self.cfg.max_epochs,
+                self.cfg.max_steps,
+            );
+            tracing::info!("{msg}");
+            if self.cfg.enable_progress_bar {
+                println!("{msg}");
+            }
+            return Ok(FitOutcome::AlreadyFinished(self.summary()));
+        }
+        if !resumed {
+            for (i, s) in self.schedulers.iter().enumerate() {
+                if let Some(s) = s {
+                    for (g, lr) in s.scheduler.lrs().into_iter().enumerate() {
+                        self.optimizers[i].set_lr(g, lr)?;
+                    }
+                }
+            }
+            for l in self.loggers.iter_mut() {
+                l.log_hyperparams(&self.config)?;
+            }
+        }
+        hook!(self, |cb, ctx| cb.on_fit_start(&mut ctx));
+        let nb_total = train.batches_per_epoch() as u64;
+        let nb = self
+            .cfg
+            .limit_train_batches
+            .map_or(nb_total, |l| l.min(nb_total));
+        if nb == 0 {
+            return Err(Error::InvalidSetting {
+                setting: "train loader".into(),
+                value: "0 batches per epoch".into(),
+                rule: "must yield at least one batch (check the dataset, batch_size, drop_last, limit_train_batches)".into(),
+            });
+        }
+        let accum = self.cfg.accumulate_grad_batches;
+        let steps_per_epoch = nb.div_ceil(accum);
+        let val_every = match self.cfg.val_check_interval {
+            ValCheck::Steps(n) => n,
+            ValCheck::Fraction(f) => ((f * steps_per_epoch as f64).round() as u64).max(1),
+        };
+        while !self.done() {
+            let epoch_started = Instant::now();
+            if self.state.batch_in_epoch == 0 {
+                hook!(self, |cb, ctx| cb.on_train_epoch_start(&mut ctx));
+            }
+            train.set_cursor(Cursor {
+                epoch: self.state.epoch,
+                next_batch: self.state.batch_in_epoch as usize,
+            });
+            let mut grads: Option<Grads> = None;
+            let mut iter = train.epoch_iter()?;
+            while self.state.batch_in_epoch < nb {
+                let Some(batch) = iter.next() else { break };
+                let batch = batch?;
+                hook!(self, |cb, ctx| cb.on_train_batch_start(&mut ctx));
+                let loss = {
+                    let mut ctx = StepCtx::new(
+                        Stage::Train,
+                        &mut self.rng,
+                        &mut self.state.metrics,
+                        self.state.global_step,
+                        self.state.epoch,
+                        self.state.batch_in_epoch,
+                    );
+                    self.module.training_step(batch, &mut ctx)?
+                };
+                let loss = if accum > 1 {
+                    (loss / accum as f64)?
+                } else {
+                    loss
+                };
+                let g = Grads::from_backward(&loss.backward()?, self.module.params());
+                match &mut grads {
+                    Some(acc) => acc.accumulate(g)?,
+                    None => grads = Some(g),
+                }
+                self.state.batch_in_epoch += 1;
+                self.state.accumulation_position += 1;
+                let last = self.state.batch_in_epoch >= nb;
+                let boundary = self.state.accumulation_position >= accum || last;
+                if boundary {
+                    self.optimizer_step(grads.take().unwrap_or_default())?;
+                }
+                hook!(self, |cb, ctx| cb.on_train_batch_end(&mut ctx, boundary));
+                if boundary && !last {
+                    let steps_in_epoch = self.state.batch_in_epoch / accum;
+                    if steps_in_epoch % val_every == 0 && self.val_this_epoch() {
+                        self.validate_now()?;
+                    }
+                    if let Some(out) = self.boundary(train, false)? {
+                        return Ok(out);
+                    }
+                }
+                if last {
+                    break;
+                }
+            }
+            drop(iter);
+            if self.state.batch_in_epoch < nb {
+                return Err(Error::InvalidSetting {
+                    setting: "train loader".into(),
+                    value: format!("ended after {} of {nb} batches", self.state.batch_in_epoch),
+                    rule: "must yield batches_per_epoch() batches every epoch".into(),
+                });
+            }
+            // End of the epoch (always a step boundary: the last batch steps).
+            train.set_cursor(Cursor {
+                epoch: self.state.epoch + 1,
+                next_batch: 0,
+            });
+            let epoch_metrics = self.state.metrics.take_epoch();
+            if self.val_this_epoch() {
+                self.validate_now()?;
+            }
+            self.step_epoch_schedulers()?;
+            hook!(self, |cb, ctx| cb.on_train_epoch_end(&mut ctx));
+            self.state.epoch += 1;
+            self.state.batch_in_epoch = 0;
+            let step = self.state.global_step;
+            for l in self.loggers.iter_mut() {
+                l.log_metrics(step, &epoch_metrics)?;
+            }
+            self.state.logger_step = step;
+            if self.cfg.enable_progress_bar {
+                let shown: Vec<String> = self
+                    .state
+                    .metrics
+                    .prog_bar()
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:.4}"))
+                    .collect();
+                println!(
+                    "epoch {}/{} step {} {} ({:.0} ms)",
+                    self.state.epoch,
+                    self.cfg.max_epochs,
+                    step,
+                    shown.join(" "),
+                    epoch_started.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            if let Some(out) = self.boundary(train, true)? {
+                return Ok(out);
+            }
+        }
+        hook!(self, |cb, ctx| cb.on_fit_end(&mut ctx));
+        for l in self.loggers.iter_mut() {
+            l.flush()?;
+        }
+        Ok(FitOutcome::Completed(self.summary()))
+    }
+
+    fn val_this_epoch(&self) -> bool {
+        self.val.is_some() && (self.state.epoch + 1) % self.cfg.check_val_every_n_epoch == 0
+    }
+
+    /// Clip, step every optimizer, advance the counter and per-step schedulers,
+    /// report step metrics.
+    fn optimizer_step(&mut self, mut grads: Grads) -> Result<()> {
+        if let Some((v, alg)) = self.cfg.gradient_clip {
+            clip(&mut grads, v, alg)?;
+        }
+        for o in self.optimizers.iter_mut() {
+            o.step(&grads)?;
+        }
+        self.state.global_step += 1;
+        self.state.accumulation_position = 0;
+        let step = self.state.global_step;
+        self.step_schedulers(Interval::Step, step)?;
+        let step_metrics = self.state.metrics.take_step();
+        if step % self.cfg.log_every_n_steps == 0 && !step_metrics.is_empty() {
+            for l in self.loggers.iter_mut() {
+                l.log_metrics(step, &step_metrics)?;
+            }
+            self.state.logger_step = step;
+        }
+        Ok(())
+    }
+
+    fn step_epoch_schedulers(&mut self) -> Result<()> {
+        let n = self.state.epoch + 1;
+        self.step_schedulers(Interval::Epoch, n)
+    }
+
+    fn step_schedulers(&mut self, interval: Interval, count: u64) -> Result<()> {
+        for (i, s) in self.schedulers.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
+            if s.interval != interval || count % s.frequency != 0 {
+                continue;
+            }
+            let metric = match &s.monitor {
+                None => None,
+                Some(m) => match self.state.metrics.latest().get(m) {
+                    Some(v) => Some(*v),
+                    None => {
+                        return Err(Error::MissingMetric {
+                            metric: m.clone(),
+                            needed_by: format!("scheduler {i} ({})", s.scheduler.kind()),
+                        })
+                    }
+                },
+            };
+            let lrs = s.scheduler.step(metric)?;
+            for (g, lr) in lrs.into_iter().enumerate() {
+                self.optimizers[i].set_lr(g, lr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs validation now and records its metrics.
+    fn validate_now(&mut self) -> Result<()> {
+        let Some(val) = self.val else { return Ok(()) };
+        let m = run_eval(
+            self.module,
+            val,
+            Stage::Validate,
+            self.cfg.limit_val_batches,
+            &mut self.rng,
+            self.state.global_step,
+            self.state.epoch,
+        )?;
+        self.state.metrics.set_latest(&m);
+        let step = self.state.global_step;
+        for l in self.loggers.iter_mut() {
+            l.log_metrics(step, &m)?;
+        }
+        self.state.logger_step = step;
+        hook!(self, |cb, ctx| cb.on_validation_end(&mut ctx));
+        Ok(())
+    }
+
+    /// Steps 3–6 of the module docs. `Some(outcome)` ends `fit`.
+    fn boundary(
+        &mut self,
+        train: &DataLoader<M::Batch>,
+        epoch_end: bool,
+    ) -> Result<Option<FitOutcome>> {
+        // Preemption hook point: a flag set by a signal handler is read here only.
+        let interrupted = self
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        let requests = std::mem::take(&mut self.requests);
+        let stop = requests.iter().find_map(|r| match r {
+            Request::Stop { reason } => Some(reason.clone()),
+            _ => None,
+        });
+        let finished = self.done();
+        self.state.finished = finished;
+        let cfg = self.cfg;
+        let builtin = cfg.enable_checkpointing
+            && (cfg
+                .checkpoint_every_n_steps
+                .is_some_and(|n| self.state.global_step % n == 0)
+                || (epoch_end
+                    && cfg.checkpoint_every_n_epochs > 0
+                    && self.state.epoch % cfg.checkpoint_every_n_epochs == 0)
+                || finished
+                || interrupted
+                || stop.is_some());
+        let mut saves: Vec<(String, BTreeMap<String, f64>)> = Vec::new();
+        if builtin {
+            saves.push((
+                format!(
+                    "step={:06}-epoch={}",
+                    self.state.global_step, self.state.epoch
+                ),
+                BTreeMap::new(),
+            ));
+        }
+        let mut deletes = Vec::new();
+        for r in requests {
+            match r {
+                Request::Save { name, metrics } => {
+                    if !cfg.enable_checkpointing {
+                        return Err(Error::InvalidSetting {
+                            setting: "enable_checkpointing".into(),
+                            value: "false".into(),
+                            rule: format!("must be true for a callback to save checkpoint {name}"),
+                        });
+                    }
+                    if !saves.iter().any(|(n, _)| *n == name) {
+                        saves.push((name, metrics));
+                    }
+                }
+                Request::Delete { name } => deletes.push(name),
+                Request::Stop { .. } => {}
+            }
+        }
+        if !saves.is_empty() {
+            self.save_all(train, saves, &mut deletes)?;
+        }
+        for name in deletes {
+            let keep = self.resumed_from.clone();
+            self.connector.delete(&name, keep.as_deref())?;
+        }
+        if let Some(reason) = stop {
+            tracing::info!("stopping at step {}: {reason}", self.state.global_step);
+            return Ok(Some(FitOutcome::Stopped {
+                summary: self.summary(),
+                reason,
+            }));
+        }
+        if interrupted {
+            tracing::info!(
+                "interrupted: saved at step {} to {}",
+                self.state.global_step,
+                self.last_checkpoint
+                    .as_ref()
+                    .map_or("<nothing>".into(), |p| p.display().to_string())
+            );
+            for l in self.loggers.iter_mut() {
+                l.flush()?;
+            }
+            return Ok(Some(FitOutcome::Interrupted(self.summary())));
+        }
+        Ok(None)
+    }
+
+    /// Commits every save of this boundary (one snapshot of the state), then runs
+    /// `on_save_checkpoint`, collecting further deletions.
+    fn save_all(
+        &mut self,
+        train: &DataLoader<M::Batch>,
+        saves: Vec<(String, BTreeMap<String, f64>)>,
+        deletes: &mut Vec<String>,
+    ) -> Result<()> {
+        for l in self.loggers.iter_mut() {
+            l.flush()?;
+        }
+        let view = View {
+            params: self.module.params(),
+            optimizers: &self.optimizers,
+            schedulers: &self.schedulers,
+            rng: &self.rng,
+            loader: train,
+            state: &self.state,
+            callbacks: self.callbacks,
+            loggers: self.loggers,
+        };
+        let components = view.components(self.module.on_save_checkpoint()?)?;
+        let progress = self.state.progress_json();
+        for (name, extra) in saves {
+            let mut metrics = self.state.metrics.latest().clone();
+            metrics.extend(extra);
+            metrics.retain(|_, v| v.is_finite());
+            let path = self.connector.save(
+                &name,
+                components.clone(),
+                progress.clone(),
+                self.config.clone(),
+                metrics.clone(),
+            )?;
+            tracing::info!(
+                "saved checkpoint {} at step {}",
+                path.display(),
+                self.state.global_step
+            );
+            self.last_checkpoint = Some(path.clone());
+            let saved = SavedCheckpoint {
+                name,
+                path,
+                progress: self.state.progress(),
+                metrics,
+            };
+            hook!(self, |cb, ctx| cb.on_save_checkpoint(&mut ctx, &saved));
+        }
+        for r in std::mem::take(&mut self.requests) {
+            match r {
+                Request::Delete { name } => deletes.push(name),
+                other => self.requests.push(other),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs an evaluation loop (no backward, `training() == false`) and returns the
+/// reduced metrics.
+pub(crate) fn run_eval<M: TrainModule>(
+    module: &mut M,
+    loader: &DataLoader<M::Batch>,
+    stage: Stage,
+    limit: Option<u64>,
+    rng: &mut RngStreams,
+    global_step: u64,
+    epoch: u64,
+) -> Result<BTreeMap<String, f64>>
+where
+    M::Batch: Send + 'static,
+{
+    let mut metrics = Metrics::default();
+    loader.set_cursor(Cursor::default());
+    let limit = limit.unwrap_or(u64::MAX);
+    for (i, batch) in loader.epoch_iter()?.enumerate() {
+        if i as u64 >= limit {
+            break;
+        }
+        let mut ctx = StepCtx::new(stage, rng, &mut metrics, global_step, epoch, i as u64);
+        match stage {
+            Stage::Test => module.test_step(batch?, &mut ctx)?,
+            _ => module.validation_step(batch?, &mut ctx)?,
+        }
+    }
+    Ok(metrics.take_epoch())
+}
