@@ -1,1 +1,270 @@
-fn main() {}
+//! # digits: the main job
+//!
+//! An MLP (64-256-128-10, ReLU, dropout 0.1) on the UCI optical digits (8×8
+//! images, 1797 examples, shipped in `examples/data/digits.csv`), with a fixed-seed
+//! 80/20 train/validation split, AdamW (lr 3e-3) with one epoch of linear warmup
+//! then cosine annealing, batch 32, 30 epochs. It reaches ≥ 97% validation
+//! accuracy in seconds on a laptop CPU.
+//!
+//! ```text
+//! cargo run --release --example digits                 # train (resumes if a checkpoint exists)
+//! cargo run --release --example digits -- --fresh      # delete the run's checkpoints, start over
+//! cargo run --release --example digits -- --max-epochs 40 --seed 1 --run-dir runs/d2 --data FILE
+//! ```
+//!
+//! Ctrl-C (SIGINT) or SIGTERM only sets a flag; the trainer sees it at the next
+//! optimizer step, saves a checkpoint there and the program exits with code
+//! **75** (`EX_TEMPFAIL`: "interrupted, checkpoint saved, run again to resume").
+//! A second Ctrl-C exits at once (code 1); the checkpoint commit is atomic, so the
+//! previous checkpoint stays valid. Exit 0: finished; exit 1: an error.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use relume::data::{CsvDataset, DataLoader, LoaderConfig, TensorCollate};
+use relume::nn::{dropout, Linear};
+use relume::optim::{AdamConfig, AdamW};
+use relume::params::ParamStore;
+use relume::rng::Rng;
+use relume::sched::{CosineAnnealingLR, LinearLR, SequentialLR};
+use relume::trainer::{
+    FitOutcome, LogOpts, OptimizerConfig, ResumePolicy, SchedulerConfig, Source, StepCtx,
+    TrainModule, Trainer,
+};
+
+/// Exit code after an interrupt that saved a checkpoint (requeue and rerun).
+const EXIT_INTERRUPTED: i32 = 75;
+
+struct Args {
+    data: PathBuf,
+    run_dir: PathBuf,
+    fresh: bool,
+    max_epochs: u64,
+    seed: u64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        data: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/data/digits.csv"
+        )),
+        run_dir: PathBuf::from("runs/digits"),
+        fresh: false,
+        max_epochs: 30,
+        seed: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--data" => a.data = value()?.into(),
+            "--run-dir" => a.run_dir = value()?.into(),
+            "--fresh" => a.fresh = true,
+            "--max-epochs" => a.max_epochs = value()?.parse().context("--max-epochs")?,
+            "--seed" => a.seed = value()?.parse().context("--seed")?,
+            "-h" | "--help" => {
+                println!("usage: digits [--data FILE] [--run-dir DIR] [--fresh] [--max-epochs N] [--seed N]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(a)
+}
+
+/// The MLP.
+struct Mlp {
+    params: ParamStore,
+    l1: Linear,
+    l2: Linear,
+    l3: Linear,
+    steps_per_epoch: u64,
+    max_epochs: u64,
+}
+
+impl Mlp {
+    fn new(seed: u64, steps_per_epoch: u64, max_epochs: u64) -> relume::Result<Self> {
+        let params = ParamStore::new(Device::Cpu);
+        let mut rng = Rng::new(seed, "init");
+        Ok(Mlp {
+            l1: Linear::new(&params, "l1", 64, 256, &mut rng)?,
+            l2: Linear::new(&params, "l2", 256, 128, &mut rng)?,
+            l3: Linear::new(&params, "l3", 128, 10, &mut rng)?,
+            params,
+            steps_per_epoch,
+            max_epochs,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut StepCtx<'_>) -> relume::Result<Tensor> {
+        let train = ctx.training();
+        let h = self.l1.forward(x)?.relu()?;
+        let h = dropout(&h, 0.1, ctx.rng("dropout"), train)?;
+        let h = self.l2.forward(&h)?.relu()?;
+        let h = dropout(&h, 0.1, ctx.rng("dropout"), train)?;
+        self.l3.forward(&h)
+    }
+}
+
+impl TrainModule for Mlp {
+    type Batch = (Tensor, Tensor);
+
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn training_step(
+        &mut self,
+        (x, y): Self::Batch,
+        ctx: &mut StepCtx<'_>,
+    ) -> relume::Result<Tensor> {
+        let logits = self.forward(&x, ctx)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        ctx.log_tensor(
+            "train_loss",
+            &loss,
+            LogOpts::new()
+                .on_step(false)
+                .on_epoch(true)
+                .batch_size(x.dim(0)?)
+                .prog_bar(),
+        )?;
+        Ok(loss)
+    }
+
+    fn validation_step(
+        &mut self,
+        (x, y): Self::Batch,
+        ctx: &mut StepCtx<'_>,
+    ) -> relume::Result<()> {
+        let logits = self.forward(&x, ctx)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let acc = logits
+            .argmax(D::Minus1)?
+            .eq(&y)?
+            .to_dtype(DType::F64)?
+            .mean_all()?
+            .to_scalar::<f64>()?;
+        let b = x.dim(0)?;
+        ctx.log_tensor("val_loss", &loss, LogOpts::new().batch_size(b).prog_bar())?;
+        ctx.log_with("val_acc", acc, LogOpts::new().batch_size(b).prog_bar());
+        Ok(())
+    }
+
+    fn configure_optimizers(&self) -> relume::Result<Vec<OptimizerConfig>> {
+        let lr = 3e-3;
+        let opt = AdamW::from_store(&self.params, AdamConfig::adamw().with_lr(lr))?;
+        let warmup = self.steps_per_epoch;
+        let total = self.steps_per_epoch * self.max_epochs;
+        let sched = SequentialLR::new(
+            vec![
+                Box::new(LinearLR::new(vec![lr], 0.1, 1.0, warmup)?),
+                Box::new(CosineAnnealingLR::new(
+                    vec![lr],
+                    total.saturating_sub(warmup).max(1),
+                    0.0,
+                )?),
+            ],
+            vec![warmup],
+        )?;
+        Ok(vec![
+            OptimizerConfig::new(opt).with_scheduler(SchedulerConfig::per_step(sched))
+        ])
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    match run() {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run() -> Result<i32> {
+    let args = parse_args()?;
+    let started = std::time::Instant::now();
+    let ckpt_dir = args.run_dir.join("checkpoints");
+    if args.fresh && ckpt_dir.exists() {
+        println!("--fresh: removing {}", ckpt_dir.display());
+        std::fs::remove_dir_all(&ckpt_dir)
+            .with_context(|| format!("removing {}", ckpt_dir.display()))?;
+    }
+
+    // Signals only set a flag; the trainer checks it at step boundaries. A second
+    // signal exits immediately (the checkpoint commit is atomic).
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, interrupt.clone())
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(sig, interrupt.clone())
+            .context("installing the signal handler")?;
+    }
+
+    let data = CsvDataset::from_path(&args.data, 0)
+        .with_context(|| format!("loading {}", args.data.display()))?
+        .into_tensor_dataset()
+        .scaled(1.0 / 16.0);
+    let (train_set, val_set) = data.split(0.8, 42)?;
+    let (n_train, n_val) = (train_set.len(), val_set.len());
+    let mut train = DataLoader::new(
+        train_set,
+        TensorCollate::default(),
+        LoaderConfig::new(32).shuffle(true).seed(args.seed),
+    )?;
+    let val = DataLoader::new(val_set, TensorCollate::default(), LoaderConfig::new(256))?;
+    let steps_per_epoch = train.batches_per_epoch() as u64;
+    println!(
+        "digits: {n_train} train / {n_val} val examples, {steps_per_epoch} steps per epoch, {} epochs; checkpoints in {}",
+        args.max_epochs,
+        ckpt_dir.display()
+    );
+
+    let mut module = Mlp::new(args.seed, steps_per_epoch, args.max_epochs)?;
+    let mut trainer = Trainer::builder()
+        .max_epochs(args.max_epochs)
+        .seed(args.seed)
+        .default_root_dir(&args.run_dir)
+        .checkpoint_every_n_epochs(1)
+        .resume(ResumePolicy::IfExists(Source::Last))
+        .interrupt_flag(interrupt)
+        .build()?;
+    let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;
+    let s = outcome.summary();
+    let acc = s.metrics.get("val_acc").copied().unwrap_or(f64::NAN);
+    let last = s.last_checkpoint.as_ref().map_or_else(
+        || "(none written by this run)".to_string(),
+        |p| p.display().to_string(),
+    );
+    match &outcome {
+        FitOutcome::Interrupted(_) => {
+            println!(
+                "interrupted at step {}; checkpoint saved: {last}\nrun the same command to resume (exit code {EXIT_INTERRUPTED})",
+                s.global_step
+            );
+            return Ok(EXIT_INTERRUPTED);
+        }
+        FitOutcome::AlreadyFinished(_) => {
+            println!("already finished: val_acc={acc:.4}; use --fresh to start over or --max-epochs to train longer");
+        }
+        _ => println!(
+            "done: step {} val_acc={acc:.4} in {:.1} s; last checkpoint: {last}",
+            s.global_step,
+            started.elapsed().as_secs_f64()
+        ),
+    }
+    Ok(0)
+}

@@ -83,10 +83,13 @@ pub enum Error {
         source_desc: String,
     },
     /// The live state after restore does not hash to the manifest's fingerprint.
-    #[error("checkpoint {checkpoint}: state restored into the live objects has fingerprint {live} but the manifest records {saved}; the checkpoint or a component's restore is broken, do not train from it")]
+    #[error("checkpoint {checkpoint}: state restored into the live objects has fingerprint {live} but the manifest records {saved} (components differing from the loaded data: {differing:?}); the checkpoint or a component's restore is broken, do not train from it")]
     FingerprintMismatch {
         /// Checkpoint directory.
         checkpoint: std::path::PathBuf,
+        /// Components whose live state differs from the loaded data (empty when
+        /// only the manifest's fingerprint disagrees).
+        differing: Vec<String>,
         /// Fingerprint in the manifest.
         saved: String,
         /// Fingerprint recomputed from the live objects.
@@ -162,7 +165,7 @@ pub enum Error {
     },
     /// A monitored metric was not logged when it was needed.
     #[error("metric {metric:?} needed by {needed_by} has not been logged; log it (e.g. in validation_step) or change the monitor")]
-    MissingMetric {
+    MetricNotLogged {
         /// Metric name.
         metric: String,
         /// Who needed it (`"scheduler 0"`).

@@ -338,8 +338,9 @@ pub(crate) fn restore(
         match saved.get(name) {
             Some(sd) => {
                 used.push(name.to_string());
-                let r = target(sd)?;
-                report.merge_prefixed(name, r);
+                // A component that refuses the state outright (wrong kind, shapes)
+                // is reported with the others, so the error lists every problem.
+                absorb(report, name, target(sd));
             }
             None => report.missing(name),
         }
@@ -398,8 +399,8 @@ pub(crate) fn restore(
     for cb in live.callbacks.iter_mut() {
         let key = cb.state_key();
         if saved_cbs.contains(&key) {
-            let r = cb.load_state_dict(&cb_state.sub(&key))?;
-            report.merge_prefixed(&format!("callbacks/{key}"), r);
+            let r = cb.load_state_dict(&cb_state.sub(&key));
+            absorb(&mut report, &format!("callbacks/{key}"), r);
         } else {
             report.missing(format!("callbacks/{key}"));
         }
@@ -417,8 +418,8 @@ pub(crate) fn restore(
     for lg in live.loggers.iter_mut() {
         let key = lg.name().to_string();
         if saved_lgs.contains(&key) {
-            let r = lg.load_state_dict(&lg_state.sub(&key))?;
-            report.merge_prefixed(&format!("loggers/{key}"), r);
+            let r = lg.load_state_dict(&lg_state.sub(&key));
+            absorb(&mut report, &format!("loggers/{key}"), r);
         } else {
             report.missing(format!("loggers/{key}"));
         }
@@ -430,7 +431,7 @@ pub(crate) fn restore(
     match saved.get("user") {
         Some(sd) => {
             used_names.push("user".into());
-            report.merge_prefixed("user", load_user(sd)?);
+            absorb(&mut report, "user", load_user(sd));
         }
         None if !live_user.is_empty() => report.missing("user"),
         None => {}
@@ -471,38 +472,29 @@ pub(crate) fn restore(
         .collect();
     // 5. verification
     let now = live.view().components(user_after()?)?;
-    if allowed.is_empty() {
-        let live_fp = relume_ckpt::fingerprint(&now);
-        if live_fp != loaded.manifest.fingerprint {
-            return Err(Error::FingerprintMismatch {
-                checkpoint: path.to_path_buf(),
-                saved: loaded.manifest.fingerprint.clone(),
-                live: live_fp,
-            });
-        }
-    } else {
-        // A partial (allow-listed) restore cannot match the whole-state fingerprint;
-        // verify each component that was restored in full against the loaded data.
-        for (name, sd) in &now {
-            let Some(s) = saved.get(name) else { continue };
-            if allowed
+    let differing: Vec<String> = now
+        .iter()
+        .filter(|(name, sd)| {
+            !allowed
                 .iter()
-                .any(|a| a == name || a.starts_with(&format!("{name}/")))
-            {
-                continue;
-            }
-            let (a, b) = (
-                relume_ckpt::fingerprint_state_dict(sd),
-                relume_ckpt::fingerprint_state_dict(s),
-            );
-            if a != b {
-                return Err(Error::FingerprintMismatch {
-                    checkpoint: path.join(name),
-                    saved: b,
-                    live: a,
-                });
-            }
-        }
+                .any(|a| a == *name || a.starts_with(&format!("{name}/")))
+                && saved.get(*name).is_some_and(|s| {
+                    relume_ckpt::fingerprint_state_dict(s)
+                        != relume_ckpt::fingerprint_state_dict(sd)
+                })
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    // A partial (allow-listed) restore cannot match the whole-state fingerprint;
+    // then each component restored in full is checked against the loaded data.
+    let live_fp = relume_ckpt::fingerprint(&now);
+    if !differing.is_empty() || (allowed.is_empty() && live_fp != loaded.manifest.fingerprint) {
+        return Err(Error::FingerprintMismatch {
+            checkpoint: path.to_path_buf(),
+            differing,
+            saved: loaded.manifest.fingerprint.clone(),
+            live: live_fp,
+        });
     }
     Ok(Restored {
         path: loaded.path.clone(),
@@ -510,6 +502,16 @@ pub(crate) fn restore(
         restored_components: now.keys().cloned().collect(),
         allowed,
     })
+}
+
+/// Merges a component's restore result into `report`; a component that refused
+/// the state outright (wrong kind, shapes) is recorded as mismatched, so the final
+/// error lists every problem at once.
+fn absorb(report: &mut RestoreReport, name: &str, r: Result<RestoreReport>) {
+    match r {
+        Ok(r) => report.merge_prefixed(name, r),
+        Err(e) => report.mismatched(name, "state the live component accepts", e.to_string()),
+    }
 }
 
 /// Flattens a JSON value into `dotted.key -> value` (arrays index as `key.0`).

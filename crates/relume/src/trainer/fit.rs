@@ -598,7 +598,7 @@ where
                 Some(m) => match self.state.metrics.latest().get(m) {
                     Some(v) => Some(*v),
                     None => {
-                        return Err(Error::MissingMetric {
+                        return Err(Error::MetricNotLogged {
                             metric: m.clone(),
                             needed_by: format!("scheduler {i} ({})", s.scheduler.kind()),
                         })
