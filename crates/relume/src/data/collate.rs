@@ -118,7 +118,10 @@ mod tests {
             .collate(vec![(vec![1.0, 2.0], 3), (vec![4.0, 5.0], 6)])
             .unwrap();
         assert_eq!(x.dims(), &[2, 2]);
-        assert_eq!(x.to_vec2::<f32>().unwrap(), vec![vec![1.0, 2.0], vec![4.0, 5.0]]);
+        assert_eq!(
+            x.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 2.0], vec![4.0, 5.0]]
+        );
         assert_eq!(y.to_vec1::<u32>().unwrap(), vec![3, 6]);
     }
 

@@ -147,9 +147,7 @@ impl CsvDataset {
                     labels.push(parse_label(field).ok_or_else(|| {
                         err(
                             lineno,
-                            format!(
-                                "column {col}: label {field:?} is not a non-negative integer"
-                            ),
+                            format!("column {col}: label {field:?} is not a non-negative integer"),
                         )
                     })?);
                 } else {
@@ -246,9 +244,13 @@ mod tests {
     #[test]
     fn bad_label_and_non_finite_values_are_errors() {
         let err = parse("1,2\n-1,2\n", 0, &CsvOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::Dataset { line: 2, ref reason, .. } if reason.contains("label")));
+        assert!(
+            matches!(err, Error::Dataset { line: 2, ref reason, .. } if reason.contains("label"))
+        );
         let err = parse("1,2\n1,inf\n", 0, &CsvOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::Dataset { line: 2, ref reason, .. } if reason.contains("finite")));
+        assert!(
+            matches!(err, Error::Dataset { line: 2, ref reason, .. } if reason.contains("finite"))
+        );
     }
 
     #[test]

@@ -114,11 +114,7 @@ impl TensorDataset {
             .to_vec1::<f32>()?;
         let labs: Vec<u32> = match labels.dtype() {
             DType::U32 => labels.to_vec1::<u32>()?,
-            DType::U8 => labels
-                .to_vec1::<u8>()?
-                .into_iter()
-                .map(u32::from)
-                .collect(),
+            DType::U8 => labels.to_vec1::<u8>()?.into_iter().map(u32::from).collect(),
             DType::I64 => labels
                 .to_vec1::<i64>()?
                 .into_iter()
@@ -296,7 +292,10 @@ mod tests {
     #[test]
     fn from_tensors_converts_i64_labels_and_rejects_negatives() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 6.0, &dev).unwrap().reshape((3, 2)).unwrap();
+        let x = Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((3, 2))
+            .unwrap();
         let y = Tensor::new(&[2i64, 0, 1], &dev).unwrap();
         let d = TensorDataset::from_tensors(&x, &y).unwrap();
         assert_eq!(d.get(2).unwrap(), (vec![4.0, 5.0], 1));

@@ -440,7 +440,6 @@ impl<'a, B: Send + 'static> PrefetchIter<'a, B> {
             }
         }
     }
-
 }
 
 fn worker_loop<B>(
@@ -452,15 +451,15 @@ fn worker_loop<B>(
 ) {
     while let Ok(batch) = tasks.recv() {
         let result = match order.batch(batch) {
-            Some(indices) => catch_unwind(AssertUnwindSafe(|| load(indices))).unwrap_or_else(
-                |payload| {
+            Some(indices) => {
+                catch_unwind(AssertUnwindSafe(|| load(indices))).unwrap_or_else(|payload| {
                     Err(Error::WorkerPanicked {
                         worker,
                         batch,
                         message: panic_message(payload.as_ref()),
                     })
-                },
-            ),
+                })
+            }
             None => Err(Error::CursorOutOfRange {
                 epoch: order.epoch(),
                 next_batch: batch,

@@ -208,6 +208,8 @@ mod tests {
     #[test]
     fn zero_batch_size_is_an_error() {
         let err = Sampler::new(10, 0, false, false, 0).unwrap_err();
-        assert!(matches!(err, Error::InvalidHyperParameter { ref what, .. } if what == "batch_size"));
+        assert!(
+            matches!(err, Error::InvalidHyperParameter { ref what, .. } if what == "batch_size")
+        );
     }
 }
