@@ -21,6 +21,8 @@ struct Probe {
     gets: Arc<AtomicUsize>,
     fail_at: Option<usize>,
     panic_at: Option<usize>,
+    /// Sleep a little on some indices so workers finish out of order.
+    jitter: bool,
 }
 
 impl Probe {
@@ -31,6 +33,7 @@ impl Probe {
             gets: Arc::clone(&gets),
             fail_at: None,
             panic_at: None,
+            jitter: false,
         };
         (p, gets)
     }
@@ -48,6 +51,9 @@ impl Dataset for Probe {
         }
         if self.panic_at == Some(i) {
             panic!("probe panics at {i}");
+        }
+        if self.jitter && i % 3 == 0 {
+            std::thread::sleep(std::time::Duration::from_micros(300 * (i % 7) as u64));
         }
         let x = i as f32;
         Ok((vec![x, x / 2.0, -x], (i % 10) as u32))
@@ -153,6 +159,20 @@ fn one_and_four_workers_give_identical_batches() {
     assert_eq!(runs[0].len(), 2 * 17);
     assert_eq!(runs[1], runs[0]);
     assert_eq!(runs[2], runs[0]);
+}
+
+#[test]
+fn out_of_order_workers_still_yield_in_batch_order() {
+    let expected = {
+        let (l, _) = loader(60, cfg(0).batch_size(2));
+        collect(&l)
+    };
+    for workers in [2, 4] {
+        let (mut p, _) = Probe::new(60);
+        p.jitter = true;
+        let l = DataLoader::new(p, TensorCollate::default(), cfg(workers).batch_size(2)).unwrap();
+        assert_eq!(collect(&l), expected, "{workers} workers");
+    }
 }
 
 #[test]

@@ -17,7 +17,8 @@
 //! - **Errors.** A failed `Dataset::get` or collate is yielded as an `Err` in its
 //!   batch position; the iterator then ends and the cursor stays on the failed
 //!   batch (it was not consumed), so a resume retries it. A panicking worker is
-//!   reported the same way ([`Error::WorkerPanicked`]).
+//!   reported the same way ([`Error::WorkerPanicked`]); with 0 workers a panic
+//!   simply unwinds through the caller.
 //! - **Shutdown.** Dropping the iterator closes the task queue and the result
 //!   queue and joins every worker; a worker in the middle of a batch finishes
 //!   it, fails to send it, and exits. No thread outlives the iterator.
