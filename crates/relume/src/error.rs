@@ -74,6 +74,52 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A dataset index is past the end of the dataset.
+    #[error("index {index} is out of range for a dataset of {len} examples")]
+    IndexOutOfRange {
+        /// The requested index.
+        index: usize,
+        /// Number of examples.
+        len: usize,
+    },
+    /// In-memory data does not have the shape or type a dataset or batch needs.
+    #[error("dataset {what}: expected {expected}, got {got}")]
+    DatasetShape {
+        /// What was checked (`"features rank"`, `"label at index 3"`, ...).
+        what: String,
+        /// What was required.
+        expected: String,
+        /// What was found.
+        got: String,
+    },
+    /// A data loader cursor points past the end of its epoch.
+    #[error("data loader cursor (epoch {epoch}, next batch {next_batch}) is past the end of the epoch ({batches_per_epoch} batches); restore a state saved by a loader with the same dataset and batch size")]
+    CursorOutOfRange {
+        /// Epoch of the cursor.
+        epoch: u64,
+        /// Index of the next batch.
+        next_batch: usize,
+        /// Batches in one epoch.
+        batches_per_epoch: usize,
+    },
+    /// A data loader worker thread panicked (or exited) while loading a batch.
+    #[error("data loader worker {worker} failed while loading batch {batch}: {message}")]
+    WorkerPanicked {
+        /// Worker number (`usize::MAX` when no worker is left to name).
+        worker: usize,
+        /// Batch index within the epoch.
+        batch: usize,
+        /// The panic message.
+        message: String,
+    },
+    /// A data loader worker thread could not be started.
+    #[error("cannot start data loader worker {worker}; lower num_workers")]
+    WorkerSpawn {
+        /// Worker number.
+        worker: usize,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
     /// `ResumePolicy::Required` found nothing to resume from.
     #[error("no checkpoint to resume from in {dir} ({source_desc}); train without `Required`, or point it at an existing checkpoint")]
     NoCheckpoint {
