@@ -120,6 +120,7 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
     /// `ResumePolicy::Required` found nothing to resume from.
     #[error("no checkpoint to resume from in {dir} ({source_desc}); train without `Required`, or point it at an existing checkpoint")]
     NoCheckpoint {
