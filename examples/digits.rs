@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use relume::data::{CsvDataset, DataLoader, LoaderConfig, TensorCollate};
+use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
 use relume::nn::{dropout, Linear};
 use relume::optim::{AdamConfig, AdamW};
 use relume::params::ParamStore;

@@ -401,13 +401,18 @@ pub(crate) fn restore(
         if saved_cbs.contains(&key) {
             let r = cb.load_state_dict(&cb_state.sub(&key));
             absorb(&mut report, &format!("callbacks/{key}"), r);
-        } else {
+        } else if cb.state_dict().map_or(true, |sd| !sd.is_empty()) {
+            // A stateful callback the checkpoint knows nothing about; a stateless
+            // one has nothing to restore and may be added freely.
             report.missing(format!("callbacks/{key}"));
         }
         seen.push(key);
     }
     for k in saved_cbs.iter().filter(|k| !seen.contains(k)) {
-        report.unexpected(format!("callbacks/{k}"));
+        // Saved state without a live owner; a stateless one left nothing behind.
+        if !cb_state.sub(k).is_empty() {
+            report.unexpected(format!("callbacks/{k}"));
+        }
     }
     let saved_lgs = live.state.loggers.clone();
     let lg_state = saved.get("loggers").unwrap_or(&empty);
@@ -420,13 +425,18 @@ pub(crate) fn restore(
         if saved_lgs.contains(&key) {
             let r = lg.load_state_dict(&lg_state.sub(&key));
             absorb(&mut report, &format!("loggers/{key}"), r);
-        } else {
+        } else if lg.state_dict().map_or(true, |sd| !sd.is_empty()) {
+            // A stateful logger the checkpoint knows nothing about; a stateless
+            // one has nothing to restore and may be added freely.
             report.missing(format!("loggers/{key}"));
         }
         seen.push(key);
     }
     for k in saved_lgs.iter().filter(|k| !seen.contains(k)) {
-        report.unexpected(format!("loggers/{k}"));
+        // Saved state without a live owner; a stateless one left nothing behind.
+        if !lg_state.sub(k).is_empty() {
+            report.unexpected(format!("loggers/{k}"));
+        }
     }
     match saved.get("user") {
         Some(sd) => {

@@ -527,6 +527,8 @@ where
                 l.log_metrics(step, &epoch_metrics)?;
             }
             self.state.logger_step = step;
+            let saved_before = self.last_checkpoint.clone();
+            let out = self.boundary(train, true)?;
             if self.cfg.enable_progress_bar {
                 let shown: Vec<String> = self
                     .state
@@ -535,8 +537,14 @@ where
                     .iter()
                     .map(|(k, v)| format!("{k}={v:.4}"))
                     .collect();
+                let saved = match &self.last_checkpoint {
+                    Some(p) if self.last_checkpoint != saved_before => {
+                        format!(" -> {}", p.file_name().map_or(p.as_os_str(), |n| n).to_string_lossy())
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "epoch {}/{} step {} {} ({:.0} ms)",
+                    "epoch {}/{} step {} {} ({:.0} ms){saved}",
                     self.state.epoch,
                     self.cfg.max_epochs,
                     step,
@@ -544,7 +552,7 @@ where
                     epoch_started.elapsed().as_secs_f64() * 1e3
                 );
             }
-            if let Some(out) = self.boundary(train, true)? {
+            if let Some(out) = out {
                 return Ok(out);
             }
         }
@@ -625,7 +633,7 @@ where
             self.state.global_step,
             self.state.epoch,
         )?;
-        self.state.metrics.set_latest(&m);
+        let m = self.state.metrics.absorb_eval(m);
         let step = self.state.global_step;
         for l in self.loggers.iter_mut() {
             l.log_metrics(step, &m)?;
@@ -757,7 +765,7 @@ where
                 self.config.clone(),
                 metrics.clone(),
             )?;
-            tracing::info!(
+            tracing::debug!(
                 "saved checkpoint {} at step {}",
                 path.display(),
                 self.state.global_step
@@ -781,8 +789,8 @@ where
     }
 }
 
-/// Runs an evaluation loop (no backward, `training() == false`) and returns the
-/// reduced metrics.
+/// Runs an evaluation loop (no backward, `training() == false`) and returns its
+/// metrics (not yet reduced).
 pub(crate) fn run_eval<M: TrainModule>(
     module: &mut M,
     loader: &DataLoader<M::Batch>,
@@ -791,7 +799,7 @@ pub(crate) fn run_eval<M: TrainModule>(
     rng: &mut RngStreams,
     global_step: u64,
     epoch: u64,
-) -> Result<BTreeMap<String, f64>>
+) -> Result<Metrics>
 where
     M::Batch: Send + 'static,
 {
@@ -808,5 +816,5 @@ where
             _ => module.validation_step(batch?, &mut ctx)?,
         }
     }
-    Ok(metrics.take_epoch())
+    Ok(metrics)
 }

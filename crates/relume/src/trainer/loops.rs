@@ -33,15 +33,8 @@ impl Trainer {
         M::Batch: Send + 'static,
     {
         let mut rng = RngStreams::new(self.cfg.seed);
-        run_eval(
-            module,
-            loader,
-            Stage::Validate,
-            self.cfg.limit_val_batches,
-            &mut rng,
-            0,
-            0,
-        )
+        let mut m = run_eval(module, loader, Stage::Validate, self.cfg.limit_val_batches, &mut rng, 0, 0)?;
+        Ok(m.take_epoch())
     }
 
     /// Runs `test_step` over `loader` (at most `limit_test_batches`) and returns the
@@ -59,15 +52,8 @@ impl Trainer {
         M::Batch: Send + 'static,
     {
         let mut rng = RngStreams::new(self.cfg.seed);
-        run_eval(
-            module,
-            loader,
-            Stage::Test,
-            self.cfg.limit_test_batches,
-            &mut rng,
-            0,
-            0,
-        )
+        let mut m = run_eval(module, loader, Stage::Test, self.cfg.limit_test_batches, &mut rng, 0, 0)?;
+        Ok(m.take_epoch())
     }
 
     /// Runs `predict_step` over every batch of `loader` and returns the outputs in

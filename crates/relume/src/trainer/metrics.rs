@@ -122,7 +122,7 @@ impl Metrics {
     }
 
     /// Reduces and clears the epoch aggregates, storing the means as latest values.
-    pub(crate) fn take_epoch(&mut self) -> BTreeMap<String, f64> {
+    pub fn take_epoch(&mut self) -> BTreeMap<String, f64> {
         let out: BTreeMap<String, f64> = std::mem::take(&mut self.epoch)
             .into_iter()
             .map(|(k, a)| {
@@ -140,11 +140,19 @@ impl Metrics {
         out
     }
 
-    /// Merges `values` into the latest values (e.g. validation results).
-    pub(crate) fn set_latest(&mut self, values: &BTreeMap<String, f64>) {
-        for (k, v) in values {
+    /// Reduces an evaluation run's metrics into the latest values, keeping its
+    /// progress-bar marks; returns the reduced values.
+    pub(crate) fn absorb_eval(&mut self, mut eval: Metrics) -> BTreeMap<String, f64> {
+        let values = eval.take_epoch();
+        for (k, v) in &values {
             self.latest.insert(k.clone(), *v);
         }
+        for k in eval.prog_bar {
+            if !self.prog_bar.contains(&k) {
+                self.prog_bar.push(k);
+            }
+        }
+        values
     }
 
     /// The latest value of every metric.
