@@ -48,8 +48,8 @@ impl StepLR {
     /// Decays `base_lrs` (one per param group) by `gamma` every `step_size` steps.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] for `step_size == 0`, a non-finite or
-    /// negative `gamma` or rate; [`Error::InvalidSchedule`] for empty `base_lrs`.
+    /// [`crate::Error::InvalidHyperParameter`] for `step_size == 0`, a non-finite or
+    /// negative `gamma` or rate; [`crate::Error::InvalidSchedule`] for empty `base_lrs`.
     pub fn new(base_lrs: Vec<f64>, step_size: u64, gamma: f64) -> Result<Self> {
         const KIND: &str = "StepLR";
         check_setting(KIND, "step_size", step_size as f64, step_size >= 1, ">= 1")?;
@@ -118,8 +118,8 @@ impl MultiStepLR {
     /// Decays `base_lrs` by `gamma` when the step count reaches each milestone.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] for a non-finite or negative `gamma` or
-    /// rate; [`Error::InvalidSchedule`] for empty `base_lrs`.
+    /// [`crate::Error::InvalidHyperParameter`] for a non-finite or negative `gamma` or
+    /// rate; [`crate::Error::InvalidSchedule`] for empty `base_lrs`.
     pub fn new(base_lrs: Vec<f64>, milestones: Vec<u64>, gamma: f64) -> Result<Self> {
         const KIND: &str = "MultiStepLR";
         check_setting(KIND, "gamma", gamma, gamma >= 0.0, ">= 0")?;
@@ -189,8 +189,8 @@ impl ExponentialLR {
     /// Decays `base_lrs` by `gamma` per step.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] for a non-finite or negative `gamma` or
-    /// rate; [`Error::InvalidSchedule`] for empty `base_lrs`.
+    /// [`crate::Error::InvalidHyperParameter`] for a non-finite or negative `gamma` or
+    /// rate; [`crate::Error::InvalidSchedule`] for empty `base_lrs`.
     pub fn new(base_lrs: Vec<f64>, gamma: f64) -> Result<Self> {
         const KIND: &str = "ExponentialLR";
         check_setting(KIND, "gamma", gamma, gamma >= 0.0, ">= 0")?;
