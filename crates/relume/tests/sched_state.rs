@@ -11,6 +11,8 @@ use relume_ckpt::{Leaf, StateDict, Stateful};
 use serde_json::{json, Value};
 
 type Factory = fn() -> Box<dyn LrScheduler>;
+type Built = Result<Box<dyn LrScheduler>, Error>;
+type Chain = (Vec<Box<dyn LrScheduler>>, Vec<u64>, &'static str);
 
 fn base() -> Vec<f64> {
     vec![0.1, 0.02]
@@ -228,7 +230,7 @@ fn float_leaf_written_as_number_is_a_json_error() {
 #[test]
 fn non_finite_base_rate_is_rejected_by_every_constructor() {
     let bad = vec![f64::NAN];
-    let results: Vec<(&str, Result<Box<dyn LrScheduler>, Error>)> = vec![
+    let results: Vec<(&str, Built)> = vec![
         (
             "StepLR",
             StepLR::new(bad.clone(), 1, 0.5).map(|s| Box::new(s) as _),
@@ -418,7 +420,7 @@ fn sequential_rejects_bad_chains() {
         Box::new(SequentialLR::new(vec![lin(), cos()], vec![3]).unwrap());
     let two_groups: Box<dyn LrScheduler> =
         Box::new(ExponentialLR::new(vec![0.1, 0.2], 0.9).unwrap());
-    let cases: Vec<(Vec<Box<dyn LrScheduler>>, Vec<u64>, &str)> = vec![
+    let cases: Vec<Chain> = vec![
         (vec![], vec![], "at least one"),
         (vec![lin(), cos()], vec![], "need 1 milestones"),
         (vec![lin(), cos(), cos()], vec![5, 5], "strictly increasing"),

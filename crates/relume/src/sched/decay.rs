@@ -91,8 +91,9 @@ impl LrScheduler for StepLR {
     }
 
     fn restart(&mut self) -> Result<Vec<f64>> {
-        // torch closed form: base_lr * gamma ** (last_epoch // step_size), at 0.
-        let n = (0 / self.step_size) as f64;
+        // torch closed form: base_lr * gamma ** (last_epoch // step_size); at
+        // last_epoch 0 the exponent is 0.
+        let n = 0.0;
         let lrs = self
             .core
             .base_lrs

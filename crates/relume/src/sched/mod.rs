@@ -24,9 +24,9 @@
 //! as decimal strings in Rust's shortest round-trip form (`"0.1"`, `"4e-7"`,
 //! `"inf"`), because serde_json's default number parser is not exact for every
 //! 17-digit value; a string parses back to the very same bits. Restoring a state of
-//! another kind is [`Error::StateKind`](crate::Error::StateKind), a different number
-//! of param groups is [`Error::StateMismatch`](crate::Error::StateMismatch), a
-//! non-finite rate is [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter).
+//! another kind is [`Error::StateKind`], a different number
+//! of param groups is [`Error::StateMismatch`], a
+//! non-finite rate is [`Error::InvalidHyperParameter`].
 //! A restore is all or nothing: on any error the live scheduler is unchanged.
 //!
 //! # Example
