@@ -55,6 +55,7 @@ mod linear;
 mod one_cycle;
 mod plateau;
 mod sequential;
+mod spec;
 mod state;
 
 pub use cosine::{CosineAnnealingLR, CosineAnnealingWarmRestarts};
@@ -63,6 +64,7 @@ pub use linear::{LinearLR, PolynomialLR};
 pub use one_cycle::{AnnealStrategy, OneCycleLR, OneCycleOptions};
 pub use plateau::{PlateauMode, PlateauOptions, ReduceLROnPlateau, ThresholdMode};
 pub use sequential::SequentialLR;
+pub use spec::SchedulerSpec;
 
 /// How often the trainer steps a scheduler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

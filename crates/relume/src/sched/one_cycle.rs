@@ -20,8 +20,10 @@ pub enum AnnealStrategy {
     Linear,
 }
 
-/// Settings of [`OneCycleLR`]; `Default` gives torch's defaults.
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of [`OneCycleLR`]; `Default` gives torch's defaults (also for fields
+/// left out when deserialized).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OneCycleOptions {
     /// Fraction of the steps spent increasing the rate. Default `0.3`.
     pub pct_start: f64,

@@ -28,8 +28,10 @@ pub enum ThresholdMode {
     Abs,
 }
 
-/// Settings of [`ReduceLROnPlateau`]; `Default` gives torch's defaults.
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of [`ReduceLROnPlateau`]; `Default` gives torch's defaults (also for
+/// fields left out when deserialized).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PlateauOptions {
     /// Default [`PlateauMode::Min`].
     pub mode: PlateauMode,
