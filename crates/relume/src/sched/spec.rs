@@ -224,6 +224,18 @@ mod tests {
     }
 
     #[test]
+    fn interval_serialises_lowercase() {
+        use crate::sched::Interval;
+        assert_eq!(
+            serde_json::to_string(&Interval::Epoch).unwrap(),
+            "\"epoch\""
+        );
+        let i: Interval = serde_json::from_str("\"step\"").unwrap();
+        assert_eq!(i, Interval::Step);
+        assert_eq!(Interval::Step.to_string(), "step");
+    }
+
+    #[test]
     fn bad_spec_settings_surface_constructor_errors() {
         let spec = SchedulerSpec::CosineAnnealingLR {
             t_max: 0,
