@@ -121,6 +121,32 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// `ReduceLROnPlateau` (or another metric-driven scheduler) was stepped without
+    /// the metric it monitors.
+    #[error("{scheduler} needs the monitored metric at every step but step() got none; pass the value it monitors (e.g. the validation loss)")]
+    MissingMetric {
+        /// Scheduler kind.
+        scheduler: String,
+    },
+    /// A scheduler was stepped past the end of its schedule (`OneCycleLR`).
+    #[error("{scheduler} was stepped to step {step} but its schedule has only {total_steps} steps; raise total_steps or stop stepping it")]
+    ScheduleExhausted {
+        /// Scheduler kind.
+        scheduler: String,
+        /// The step that was requested.
+        step: u64,
+        /// The length of the schedule.
+        total_steps: u64,
+    },
+    /// A scheduler was built from parts that do not fit together (milestones out of
+    /// order, an unsupported child of `SequentialLR`, ...).
+    #[error("{scheduler}: {reason}")]
+    InvalidSchedule {
+        /// Scheduler kind.
+        scheduler: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
 }
 
 /// Shorthand for results of this crate.
