@@ -134,7 +134,24 @@ impl Manifest {
     /// [`Error::UnsupportedFormatVersion`], [`Error::OldFormatVersion`],
     /// [`Error::IncompleteManifest`], [`Error::UnsafePath`].
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Manifest> {
-        let value = parse_sealed(path, bytes)?;
+        let value = match parse_sealed(path, bytes) {
+            Ok(v) => v,
+            // An older or newer format may not carry a self-checksum: report its
+            // version rather than a damaged manifest.
+            Err(e @ Error::ManifestInvalid { .. }) => {
+                match serde_json::from_slice::<Value>(bytes) {
+                    Ok(v)
+                        if v.get("version").is_some()
+                            || v.get("format_version")
+                                .is_some_and(|f| f.as_u64() != Some(FORMAT_VERSION)) =>
+                    {
+                        v
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         Manifest::from_value(path, value)
     }
 

@@ -38,7 +38,9 @@ fn every_single_bit_flip_is_detected_and_located() {
     assert_eq!(files.len(), 4, "{files:?}");
     let mut state = 0x00C0_FFEEu64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         state >> 33
     };
     let mut located = 0;
@@ -56,7 +58,10 @@ fn every_single_bit_flip_is_detected_and_located() {
             b[bit / 8] ^= 1 << (bit % 8);
             std::fs::write(&path, &b).unwrap();
             let report = verify(&ckpt);
-            assert!(!report.is_ok(), "{name}: flip of bit {bit} not detected by verify");
+            assert!(
+                !report.is_ok(),
+                "{name}: flip of bit {bit} not detected by verify"
+            );
             let err = load(&ckpt).expect_err("load must fail");
             for e in report.problems.iter().chain(std::iter::once(&err)) {
                 assert_eq!(error_path(e), Some(path.as_path()), "{name} bit {bit}: {e}");
@@ -65,7 +70,9 @@ fn every_single_bit_flip_is_detected_and_located() {
             let byte = (bit / 8) as u64;
             if let Some(t) = tensors.iter().find(|t| t.start <= byte && byte < t.end) {
                 match &err {
-                    Error::ChecksumMismatch { tensor: Some(got), .. } => assert_eq!(got, &t.key),
+                    Error::ChecksumMismatch {
+                        tensor: Some(got), ..
+                    } => assert_eq!(got, &t.key),
                     other => panic!("{name} bit {bit} in tensor {}: {other}", t.key),
                 }
                 assert!(err.to_string().contains(&t.key));
@@ -75,5 +82,8 @@ fn every_single_bit_flip_is_detected_and_located() {
         std::fs::write(&path, &original).unwrap();
         assert!(verify(&ckpt).is_ok());
     }
-    assert!(located > 0, "no flip landed in tensor bytes; the test would prove nothing");
+    assert!(
+        located > 0,
+        "no flip landed in tensor bytes; the test would prove nothing"
+    );
 }

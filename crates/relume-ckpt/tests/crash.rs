@@ -31,16 +31,27 @@ impl SplitMix {
 
 fn child_loop(run: &Path) -> ! {
     let dir = CheckpointDir::open(run).expect("child: open");
-    let mut step = dir.list().expect("child: list").last().and_then(|i| i.step).unwrap_or(0);
+    let mut step = dir
+        .list()
+        .expect("child: list")
+        .last()
+        .and_then(|i| i.step)
+        .unwrap_or(0);
     loop {
         step += 1;
         let mut ckpt = common::sample(step);
         // A larger tensor so saves take long enough to be interrupted mid-write.
-        let big: Vec<f32> = (0..(256 * 1024)).map(|i| (i as u64 ^ step) as f32).collect();
+        let big: Vec<f32> = (0..(256 * 1024))
+            .map(|i| (i as u64 ^ step) as f32)
+            .collect();
         let mut extra = StateDict::new();
-        extra.insert_tensor("big", TensorData::from_f32(vec![256, 1024], &big).expect("tensor"));
+        extra.insert_tensor(
+            "big",
+            TensorData::from_f32(vec![256, 1024], &big).expect("tensor"),
+        );
         ckpt.components.insert("extra".into(), extra);
-        dir.save(&format!("step={step:06}"), &ckpt).expect("child: save");
+        dir.save(&format!("step={step:06}"), &ckpt)
+            .expect("child: save");
         // Retention: keep the two newest.
         let list = dir.list().expect("child: list");
         for old in list.iter().take(list.len().saturating_sub(2)) {
@@ -53,21 +64,40 @@ fn check_run_dir(run: &Path, trial: usize) {
     let ro = CheckpointDir::open_read_only(run).unwrap();
     let listed = ro.list().unwrap();
     for info in &listed {
-        assert!(!info.name.starts_with('.'), "trial {trial}: temporary listed: {}", info.name);
+        assert!(
+            !info.name.starts_with('.'),
+            "trial {trial}: temporary listed: {}",
+            info.name
+        );
         let r = verify(&info.path);
-        assert!(r.is_ok(), "trial {trial}: {} does not verify: {:?}", info.name, r.problems);
+        assert!(
+            r.is_ok(),
+            "trial {trial}: {} does not verify: {:?}",
+            info.name,
+            r.problems
+        );
     }
     if let Some(latest) = ro.latest().unwrap() {
-        let l = load(&latest).unwrap_or_else(|e| panic!("trial {trial}: latest does not load: {e}"));
+        let l =
+            load(&latest).unwrap_or_else(|e| panic!("trial {trial}: latest does not load: {e}"));
         let step = l.manifest.step().unwrap();
-        assert_eq!(l.components["loop"].require_json("step").unwrap(), &serde_json::json!(step));
+        assert_eq!(
+            l.components["loop"].require_json("step").unwrap(),
+            &serde_json::json!(step)
+        );
         // A kill between the directory rename and the pointer update leaves one
         // committed checkpoint newer than `latest`; `latest` itself is always listed.
-        assert!(listed.iter().any(|i| i.path == latest), "trial {trial}: latest is not listed");
+        assert!(
+            listed.iter().any(|i| i.path == latest),
+            "trial {trial}: latest is not listed"
+        );
     }
     drop(ro);
     let rw = CheckpointDir::open(run).unwrap();
-    assert!(rw.temporaries().unwrap().is_empty(), "trial {trial}: reopen left temporaries");
+    assert!(
+        rw.temporaries().unwrap().is_empty(),
+        "trial {trial}: reopen left temporaries"
+    );
 }
 
 #[test]
@@ -75,7 +105,10 @@ fn sigkill_at_random_moments_never_loses_the_latest_checkpoint() {
     if let Some(run) = std::env::var_os(CHILD_ENV) {
         child_loop(Path::new(&run));
     }
-    let trials: usize = std::env::var("RELUME_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let trials: usize = std::env::var("RELUME_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
     let run = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut rng = SplitMix(0x5EED_2026);
@@ -83,7 +116,11 @@ fn sigkill_at_random_moments_never_loses_the_latest_checkpoint() {
     let started = Instant::now();
     for trial in 0..trials {
         let mut child = Command::new(&exe)
-            .args(["--exact", "sigkill_at_random_moments_never_loses_the_latest_checkpoint", "--test-threads=1"])
+            .args([
+                "--exact",
+                "sigkill_at_random_moments_never_loses_the_latest_checkpoint",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, run.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -94,7 +131,10 @@ fn sigkill_at_random_moments_never_loses_the_latest_checkpoint() {
             let latest = run.path().join("checkpoints/latest");
             let deadline = Instant::now() + Duration::from_secs(60);
             while !latest.exists() {
-                assert!(Instant::now() < deadline, "child never committed a checkpoint");
+                assert!(
+                    Instant::now() < deadline,
+                    "child never committed a checkpoint"
+                );
                 if let Some(st) = child.try_wait().unwrap() {
                     panic!("child exited early: {st}");
                 }

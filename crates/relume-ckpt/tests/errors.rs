@@ -26,9 +26,16 @@ fn round_trip_is_exact_and_mapped() {
     let l = load(&p).unwrap();
     let want = sample(1);
     assert_eq!(l.components, want.components);
-    assert_eq!(l.manifest.fingerprint, relume_ckpt::fingerprint(&want.components));
+    assert_eq!(
+        l.manifest.fingerprint,
+        relume_ckpt::fingerprint(&want.components)
+    );
     assert_eq!(l.manifest.metrics["loss"], 0.5);
-    assert!(l.components["model"].require_tensor("layer1.weight").unwrap().bytes().is_mapped());
+    assert!(l.components["model"]
+        .require_tensor("layer1.weight")
+        .unwrap()
+        .bytes()
+        .is_mapped());
     let r = verify(&p);
     assert!(r.is_ok(), "{:?}", r.problems);
     assert!(r.bytes_checked > 0);
@@ -64,7 +71,9 @@ fn checksum_mismatch_names_file_and_tensor() {
     std::fs::write(&f, &b).unwrap();
     let err = load(&p).unwrap_err();
     match &err {
-        Error::ChecksumMismatch { tensor: Some(t), .. } => assert_eq!(t, "layer1.weight"),
+        Error::ChecksumMismatch {
+            tensor: Some(t), ..
+        } => assert_eq!(t, "layer1.weight"),
         other => panic!("{other}"),
     }
     assert_names(&err, "model.safetensors");
@@ -79,7 +88,12 @@ fn truncated_file_names_tensor() {
     std::fs::write(&f, &b[..b.len() - 3]).unwrap();
     let err = load(&p).unwrap_err();
     match &err {
-        Error::FileSize { tensor: Some(t), got, expected, .. } => {
+        Error::FileSize {
+            tensor: Some(t),
+            got,
+            expected,
+            ..
+        } => {
             assert_eq!(*got + 3, *expected);
             assert_eq!(t, "0/layer1.weight/step");
         }
@@ -95,7 +109,17 @@ fn future_format_version() {
     v["format_version"] = json!(7);
     write_manifest(&p, &v);
     let err = load(&p).unwrap_err();
-    assert!(matches!(err, Error::UnsupportedFormatVersion { found: 7, supported: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedFormatVersion {
+                found: 7,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_names(&err, "manifest.json");
 }
 
@@ -119,7 +143,16 @@ fn safetensors_header_above_bound() {
     b[..8].copy_from_slice(&(MAX_HEADER_BYTES + 1).to_le_bytes());
     replace_file_consistently(&p, "model.safetensors", &b);
     let err = load(&p).unwrap_err();
-    assert!(matches!(err, Error::LimitExceeded { what: "safetensors header bytes", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                what: "safetensors header bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_names(&err, "model.safetensors");
 }
 
@@ -133,7 +166,12 @@ fn tensor_length_disagrees_with_shape() {
     replace_file_consistently(&p, "model.safetensors", &b);
     let err = load(&p).unwrap_err();
     match &err {
-        Error::TensorFileLength { tensor, expected: 72, got: 64, .. } => assert_eq!(tensor, "layer1.bias"),
+        Error::TensorFileLength {
+            tensor,
+            expected: 72,
+            got: 64,
+            ..
+        } => assert_eq!(tensor, "layer1.bias"),
         other => panic!("{other}"),
     }
     assert_names(&err, "model.safetensors");
@@ -186,7 +224,11 @@ fn verify_reports_every_problem() {
             _ => "other",
         })
         .collect();
-    assert!(kinds.contains(&"missing") && kinds.contains(&"checksum") && kinds.contains(&"size"), "{:?}", r.problems);
+    assert!(
+        kinds.contains(&"missing") && kinds.contains(&"checksum") && kinds.contains(&"size"),
+        "{:?}",
+        r.problems
+    );
 }
 
 #[test]
@@ -197,7 +239,10 @@ fn delete_is_safe() {
     let b = dir.save("b", &sample(2)).unwrap();
     assert!(matches!(dir.delete("b"), Err(Error::DeleteLatest { .. })));
     assert!(matches!(dir.delete("../b"), Err(Error::InvalidName { .. })));
-    assert!(matches!(dir.delete("nope"), Err(Error::NoSuchCheckpoint { .. })));
+    assert!(matches!(
+        dir.delete("nope"),
+        Err(Error::NoSuchCheckpoint { .. })
+    ));
     let reader = load(&a).unwrap();
     let err = dir.delete("a").unwrap_err();
     assert!(matches!(err, Error::InUse { .. }), "{err}");
@@ -226,10 +271,19 @@ fn list_latest_resolve() {
     assert_eq!(dir.resolve("last").unwrap(), p2);
     assert_eq!(dir.resolve("step=10").unwrap(), dir.path().join("step=10"));
     assert_eq!(dir.resolve(p2.to_str().unwrap()).unwrap(), p2);
-    assert!(matches!(dir.resolve("step=3"), Err(Error::NoSuchCheckpoint { .. })));
-    assert!(matches!(dir.save("step=2", &sample(2)), Err(Error::AlreadyExists { .. })));
+    assert!(matches!(
+        dir.resolve("step=3"),
+        Err(Error::NoSuchCheckpoint { .. })
+    ));
+    assert!(matches!(
+        dir.save("step=2", &sample(2)),
+        Err(Error::AlreadyExists { .. })
+    ));
     let ro = CheckpointDir::open_read_only(run.path()).unwrap();
-    assert_eq!(ro.temporaries().unwrap(), vec![dir.path().join(".tmp-crashed")]);
+    assert_eq!(
+        ro.temporaries().unwrap(),
+        vec![dir.path().join(".tmp-crashed")]
+    );
     drop(dir);
     let dir = CheckpointDir::open(run.path()).unwrap();
     assert!(dir.temporaries().unwrap().is_empty());
@@ -254,7 +308,10 @@ fn failed_write_keeps_previous_checkpoint() {
         let err = dir.save("step=2", &sample(2)).unwrap_err();
         assert!(matches!(err, Error::Io { .. }), "{err}");
         assert!(err.to_string().contains("injected write failure"), "{err}");
-        assert!(err.to_string().contains(".tmp-"), "error names the file: {err}");
+        assert!(
+            err.to_string().contains(".tmp-"),
+            "error names the file: {err}"
+        );
         assert_eq!(dir.latest().unwrap(), Some(first.clone()));
         assert!(verify(&first).is_ok());
         assert!(dir.temporaries().unwrap().is_empty());

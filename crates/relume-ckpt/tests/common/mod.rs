@@ -11,13 +11,28 @@ use serde_json::json;
 pub fn sample(step: u64) -> Checkpoint {
     let mut model = StateDict::new();
     let w: Vec<f32> = (0..64).map(|i| i as f32 * 0.25 + step as f32).collect();
-    model.insert_tensor("layer1.weight", TensorData::from_f32(vec![8, 8], &w).unwrap());
-    model.insert_tensor("layer1.bias", TensorData::from_f64(vec![8], &[step as f64; 8]).unwrap());
+    model.insert_tensor(
+        "layer1.weight",
+        TensorData::from_f32(vec![8, 8], &w).unwrap(),
+    );
+    model.insert_tensor(
+        "layer1.bias",
+        TensorData::from_f64(vec![8], &[step as f64; 8]).unwrap(),
+    );
     let half: Vec<u8> = (0..32u8).collect();
-    model.insert_tensor("emb.bf16", TensorData::new(DType::BF16, vec![4, 4], TensorBytes::owned(half)).unwrap());
+    model.insert_tensor(
+        "emb.bf16",
+        TensorData::new(DType::BF16, vec![4, 4], TensorBytes::owned(half)).unwrap(),
+    );
     let mut opt = StateDict::new();
-    opt.insert_tensor("0/layer1.weight/exp_avg", TensorData::from_f32(vec![8, 8], &w).unwrap());
-    opt.insert_tensor("0/layer1.weight/step", TensorData::from_i64(vec![], &[step as i64]).unwrap());
+    opt.insert_tensor(
+        "0/layer1.weight/exp_avg",
+        TensorData::from_f32(vec![8, 8], &w).unwrap(),
+    );
+    opt.insert_tensor(
+        "0/layer1.weight/step",
+        TensorData::from_i64(vec![], &[step as i64]).unwrap(),
+    );
     opt.insert_json("0/lr", json!(0.01));
     let mut lp = StateDict::new();
     lp.insert_json("step", json!(step));
