@@ -254,7 +254,6 @@ fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Resul
         metrics: ckpt.metrics.clone(),
         fingerprint: fingerprint(&ckpt.components),
         complete: true,
-        _sealed: (),
     };
     let bytes = manifest.to_bytes();
     let mpath = tmp.join(MANIFEST_FILE);

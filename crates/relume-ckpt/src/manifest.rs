@@ -60,6 +60,7 @@ pub struct ComponentEntry {
 /// The parsed, validated manifest of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Manifest {
     /// Integer format version ([`FORMAT_VERSION`]), independent of the crate version.
     pub format_version: u64,
@@ -82,8 +83,6 @@ pub struct Manifest {
     pub fingerprint: String,
     /// Always `true` in a committed checkpoint.
     pub complete: bool,
-    #[serde(skip)]
-    pub(crate) _sealed: (),
 }
 
 fn ser_metrics<S: Serializer>(

@@ -6,8 +6,10 @@ use std::path::Path;
 
 use super::{Storage, StorageFile};
 
-/// Buffer size for file writes; tensors larger than this are written straight through.
+/// Buffer size for coalescing small writes (headers, small tensors).
 const WRITE_BUFFER: usize = 8 << 20;
+/// Writes at least this large bypass the buffer.
+const DIRECT_WRITE: usize = 256 << 10;
 
 /// The local filesystem, with real `fsync`s.
 #[derive(Debug, Default, Clone, Copy)]
@@ -20,7 +22,13 @@ impl Write for LocalFile {
         self.0.write(buf)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.0.write_all(buf)
+        if buf.len() >= DIRECT_WRITE {
+            // Large tensors go straight to the file: no copy into the buffer.
+            self.0.flush()?;
+            self.0.get_mut().write_all(buf)
+        } else {
+            self.0.write_all(buf)
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()
