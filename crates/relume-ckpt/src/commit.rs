@@ -2,7 +2,7 @@
 //!
 //! [`write_checkpoint`] writes a [`Checkpoint`] as a directory:
 //!
-//! 1. create `.tmp-<uuid>/` **inside the destination directory** (same filesystem,
+//! 1. create `.tmp-<name>-<uuid>/` **inside the destination directory** (same filesystem,
 //!    so the final rename is atomic);
 //! 2. write each component's tensors to `<component>.safetensors` and the JSON leaves
 //!    to `state.json`, hashing the bytes (BLAKE3, on a second thread) while they are
@@ -162,7 +162,7 @@ pub fn write_checkpoint(
     if final_path.exists() {
         return Err(Error::AlreadyExists { path: final_path });
     }
-    let tmp = write_temporary(storage, parent, ckpt)?;
+    let tmp = write_temporary(storage, parent, name, ckpt)?;
     storage
         .rename(&tmp, &final_path)
         .map_err(io_err("rename", &final_path))?;
@@ -172,16 +172,22 @@ pub fn write_checkpoint(
     Ok(final_path)
 }
 
-/// Steps 1–3 of the protocol: a complete, fsynced checkpoint under `parent/.tmp-<uuid>`.
+/// Steps 1–3 of the protocol: a complete, fsynced checkpoint under `parent/.tmp-<label>-<uuid>`.
+/// The label (the checkpoint name) is in the temporary's name so that I/O errors, which name the
+/// file, also tell which checkpoint was being saved.
 pub(crate) fn write_temporary(
     storage: &dyn Storage,
     parent: &Path,
+    label: &str,
     ckpt: &Checkpoint,
 ) -> Result<PathBuf> {
     for c in ckpt.components.keys() {
         check_name(c)?;
     }
-    let tmp = parent.join(format!("{TMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+    let tmp = parent.join(format!(
+        "{TMP_PREFIX}{label}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     storage
         .create_dir_all(&tmp)
         .map_err(io_err("create directory", &tmp))?;

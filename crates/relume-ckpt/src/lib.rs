@@ -19,8 +19,8 @@
 //! run-dir/
 //!   checkpoints/
 //!     .lock                     writer lock
-//!     .tmp-<uuid>/              save in progress or crashed: never listed, cleaned on open
-//!     step=000120-epoch=2/      committed (renamed from .tmp-<uuid>)
+//!     .tmp-<name>-<uuid>/       save in progress or crashed: never listed, cleaned on open
+//!     step=000120-epoch=2/      committed (renamed from .tmp-<name>-<uuid>)
 //!       manifest.json           written last; versions, files[{path,bytes,blake3}],
 //!                               components, progress, config, metrics, fingerprint,
 //!                               complete: true, manifest_blake3

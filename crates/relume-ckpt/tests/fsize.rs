@@ -75,7 +75,9 @@ fn save_beyond_rlimit_fsize_fails_cleanly() {
         .find_map(|l| l.find("SAVE ERROR").map(|i| &l[i..]))
         .unwrap_or_else(|| panic!("no error line in: {text}"));
     assert!(
-        line.contains("write") && line.contains("extra.safetensors"),
+        line.contains("write")
+            && line.contains("step=000002")
+            && line.contains("extra.safetensors"),
         "{line}"
     );
     assert!(line.to_lowercase().contains("file too large"), "{line}");

@@ -253,7 +253,7 @@ pub fn migrate_in_place(path: &Path, to: u64) -> Result<()> {
     let (from, m) = read_any(path)?;
     let ckpt = to_checkpoint(upgrade(m, from, to)?)?;
     let storage = LocalStorage;
-    let tmp = write_temporary(&storage, parent, &ckpt)?;
+    let tmp = write_temporary(&storage, parent, "migrate", &ckpt)?;
     if let Err(source) = exchange(&tmp, path) {
         if let Err(rm) = storage.remove_dir_all(&tmp) {
             tracing::warn!("could not remove temporary {}: {rm}", tmp.display());
