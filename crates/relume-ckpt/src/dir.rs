@@ -3,7 +3,7 @@
 //! ```text
 //! run-dir/checkpoints/
 //!   .lock                      exclusive writer lock (fs4), held by CheckpointDir::open
-//!   .tmp-<uuid>/               a save in progress, or left by a crash: never listed
+//!   .tmp-<name>-<uuid>/        a save in progress, or left by a crash: never listed
 //!   step=000120-epoch=2/       committed checkpoints (manifest.json inside)
 //!   latest                     names the newest committed checkpoint
 //! ```
