@@ -320,3 +320,65 @@ fn failed_write_keeps_previous_checkpoint() {
     storage.fail_after_bytes(u64::MAX);
     dir.save("step=2", &sample(2)).unwrap();
 }
+
+#[test]
+fn malformed_safetensors_header() {
+    let (_run, p) = saved();
+    let body = b"{not json}";
+    let mut b = (body.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(body);
+    replace_file_consistently(&p, "model.safetensors", &b);
+    let err = load(&p).unwrap_err();
+    assert!(matches!(err, Error::SafetensorsHeader { .. }), "{err}");
+    assert_names(&err, "model.safetensors");
+}
+
+#[test]
+fn state_json_disagreeing_with_manifest() {
+    let (_run, p) = saved();
+    let state = br#"{"loop":{"step":1},"model":{},"optimizer":{"0/lr":0.01}}"#;
+    replace_file_consistently(&p, "state.json", state);
+    let err = load(&p).unwrap_err();
+    assert!(matches!(err, Error::Inconsistent { .. }), "{err}");
+    assert_names(&err, "state.json");
+    assert_names(&err, "loop");
+}
+
+#[test]
+fn oversized_manifest() {
+    let (_run, p) = saved();
+    let f = std::fs::File::options()
+        .append(true)
+        .open(p.join("manifest.json"))
+        .unwrap();
+    f.set_len(relume_ckpt::manifest::MAX_MANIFEST_BYTES + 1)
+        .unwrap();
+    let err = load(&p).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                what: "manifest bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_names(&err, "manifest.json");
+}
+
+#[test]
+fn invalid_names_are_rejected() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(run.path()).unwrap();
+    for bad in ["", ".hidden", "latest", "a/b", "../x", "sp ace"] {
+        let err = dir.save(bad, &sample(1)).unwrap_err();
+        assert!(matches!(err, Error::InvalidName { .. }), "{bad:?}: {err}");
+    }
+    let mut c = sample(1);
+    let m = c.components.remove("model").unwrap();
+    c.components.insert("../model".into(), m);
+    assert!(matches!(dir.save("ok", &c), Err(Error::InvalidName { .. })));
+    assert!(dir.list().unwrap().is_empty());
+    assert!(dir.temporaries().unwrap().is_empty());
+}
