@@ -90,6 +90,28 @@ impl TensorBoardLogger {
         }
     }
 
+    /// Pins the event file name instead of the default
+    /// `events.out.tfevents.<unix seconds>.<host>`, which differs between
+    /// processes (pin it when two runs' logger states must compare equal). A
+    /// restored state's name wins over it.
+    ///
+    /// # Errors
+    /// [`Error::LogFile`] when `name` does not start with [`EVENT_FILE_PREFIX`] or
+    /// contains a path separator.
+    pub fn with_file_name(mut self, name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        if !valid_file_name(&name) {
+            return Err(Error::LogFile {
+                path: self.dir.join(&name),
+                reason: format!(
+                    "is not a valid event file name: it must start with {EVENT_FILE_PREFIX:?} and name a file inside the log directory"
+                ),
+            });
+        }
+        self.file_name = Some(name);
+        Ok(self)
+    }
+
     /// Path of the live event file, once it exists.
     pub fn path(&self) -> Option<PathBuf> {
         self.file_name.as_ref().map(|n| self.dir.join(n))
@@ -289,9 +311,7 @@ impl Stateful for TensorBoardLogger {
                 live: KIND.into(),
             });
         }
-        let valid_name = s.file.as_deref().is_none_or(|n| {
-            n.starts_with(EVENT_FILE_PREFIX) && !n.contains(['/', '\\']) && n != ".."
-        });
+        let valid_name = s.file.as_deref().is_none_or(valid_file_name);
         if !valid_name || (s.file.is_none() && s.bytes != 0) {
             return Err(Error::StateMismatch {
                 component: format!("loggers/{KIND}"),
@@ -310,6 +330,11 @@ impl Stateful for TensorBoardLogger {
         report.restored(STATE_KEY);
         Ok(report)
     }
+}
+
+/// An event file name directly inside the log directory.
+fn valid_file_name(name: &str) -> bool {
+    name.starts_with(EVENT_FILE_PREFIX) && !name.contains(['/', '\\', '\0'])
 }
 
 /// `events.out.tfevents.<unix seconds>.<host>`.
@@ -437,6 +462,25 @@ mod tests {
             .load_state_dict(&sd)
             .unwrap_err();
         assert!(matches!(err, Error::StateMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn pinned_file_name_is_used_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = TensorBoardLogger::new(dir.path())
+            .with_file_name("events.out.tfevents.0.pinned")
+            .unwrap();
+        let metrics: BTreeMap<String, f64> = [("loss".to_string(), 1.0)].into();
+        log.log_metrics(1, &metrics).unwrap();
+        assert!(dir.path().join("events.out.tfevents.0.pinned").exists());
+        let err = TensorBoardLogger::new(dir.path())
+            .with_file_name("../events.out.tfevents.x")
+            .unwrap_err();
+        assert!(matches!(err, Error::LogFile { .. }), "{err}");
+        let err = TensorBoardLogger::new(dir.path())
+            .with_file_name("metrics.bin")
+            .unwrap_err();
+        assert!(matches!(err, Error::LogFile { .. }), "{err}");
     }
 
     #[test]
