@@ -147,6 +147,15 @@ pub enum Error {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// A log file does not match the logger state saved in the checkpoint (it was
+    /// truncated, replaced or corrupted after the save).
+    #[error("log file {path}: {reason}")]
+    LogFile {
+        /// The log file.
+        path: std::path::PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
 }
 
 /// Shorthand for results of this crate.

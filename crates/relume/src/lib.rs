@@ -11,7 +11,10 @@ pub mod loggers;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod progress;
 pub mod rng;
 pub mod sched;
 
 pub use error::{Error, Result};
+pub use loggers::{CsvLogger, Logger, TensorBoardLogger};
+pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
