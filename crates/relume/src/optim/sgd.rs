@@ -204,26 +204,43 @@ impl Sgd {
     }
 }
 
-/// One pass: weight decay, momentum buffer and the update.
-#[inline(never)]
+/// One pass: weight decay, momentum buffer and the update. Multiply-adds are
+/// fused where PyTorch's `add(alpha)` kernel fuses them.
 fn sgd_kernel(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports FMA (checked just above).
+        unsafe { sgd_kernel_fma(p, g, buf, first, c) };
+        return;
+    }
+    sgd_kernel_body(p, g, buf, first, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn sgd_kernel_fma(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
+    sgd_kernel_body(p, g, buf, first, c)
+}
+
+#[inline(always)]
+fn sgd_kernel_body(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
     let n = p.len();
     let g = &g[..n];
     for i in 0..n {
         let mut gi = if c.maximize { -g[i] } else { g[i] };
         if c.use_wd {
-            gi += c.wd * p[i];
+            gi = c.wd.mul_add(p[i], gi);
         }
         if c.use_momentum {
             let b = if first {
                 gi
             } else {
-                buf[i] * c.momentum + c.one_minus_dampening * gi
+                c.one_minus_dampening.mul_add(gi, buf[i] * c.momentum)
             };
             buf[i] = b;
-            gi = if c.nesterov { gi + c.momentum * b } else { b };
+            gi = if c.nesterov { c.momentum.mul_add(b, gi) } else { b };
         }
-        p[i] += c.neg_lr * gi;
+        p[i] = c.neg_lr.mul_add(gi, p[i]);
     }
 }
 
