@@ -13,5 +13,8 @@ pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod sched;
+pub mod threads;
 
 pub use error::{Error, Result};
+pub use optim::{Adam, AdamConfig, AdamW, Sgd, SgdConfig};
+pub use threads::set_cpu_threads;
