@@ -34,20 +34,33 @@ const BIG: Shapes = &[
     ("l3.bias", &[1536]),
 ];
 
-fn setup(shapes: Shapes) -> anyhow::Result<(ParamStore, Vec<Var>, candle_core::backprop::GradStore)> {
+fn setup(
+    shapes: Shapes,
+) -> anyhow::Result<(ParamStore, Vec<Var>, candle_core::backprop::GradStore)> {
     let store = ParamStore::new(Device::Cpu);
     let mut rng = Rng::new(0, "bench-init");
     let mut loss: Option<Tensor> = None;
     for (name, shape) in shapes {
-        let p = store.get_or_init(name, shape.to_vec(), Init::KaimingUniform { a: 5f32.sqrt() }, &mut rng)?;
-        let r = Init::Normal { mean: 0.0, std: 1.0 }.sample(&p.shape().clone(), &mut rng, &Device::Cpu)?;
+        let p = store.get_or_init(
+            name,
+            shape.to_vec(),
+            Init::KaimingUniform { a: 5f32.sqrt() },
+            &mut rng,
+        )?;
+        let r = Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        }
+        .sample(&p.shape().clone(), &mut rng, &Device::Cpu)?;
         let term = (p * r)?.sum_all()?;
         loss = Some(match loss {
             None => term,
             Some(l) => (l + term)?,
         });
     }
-    let grads = loss.ok_or_else(|| anyhow::anyhow!("no parameters"))?.backward()?;
+    let grads = loss
+        .ok_or_else(|| anyhow::anyhow!("no parameters"))?
+        .backward()?;
     let vars = store.named_vars().into_iter().map(|(_, v)| v).collect();
     Ok((store, vars, grads))
 }

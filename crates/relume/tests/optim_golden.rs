@@ -19,11 +19,19 @@ fn golden() -> Value {
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn dims(v: &Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 fn build(spec: &Value, params: Vec<(String, Var)>, fused: bool) -> Box<dyn Optimizer> {
@@ -45,7 +53,11 @@ fn build(spec: &Value, params: Vec<(String, Var)>, fused: bool) -> Box<dyn Optim
             .unwrap(),
         ),
         kind @ ("Adam" | "AdamW") => {
-            let base = if kind == "Adam" { AdamConfig::adam() } else { AdamConfig::adamw() };
+            let base = if kind == "Adam" {
+                AdamConfig::adam()
+            } else {
+                AdamConfig::adamw()
+            };
             let betas = kw.get("betas").map(f32s).unwrap_or_default();
             let mut cfg = base
                 .with_lr(f("lr", 1e-3))
@@ -111,7 +123,13 @@ fn run_all(fused: bool) {
             opt.step(&grads).unwrap();
             for (n, v) in &vars {
                 let got: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
-                close(&format!("{cname} step {} param {n}", s + 1), &got, &f32s(&steps[s][n]), &mut worst, tol);
+                close(
+                    &format!("{cname} step {} param {n}", s + 1),
+                    &got,
+                    &f32s(&steps[s][n]),
+                    &mut worst,
+                    tol,
+                );
             }
         }
         let sd = opt.state_dict().unwrap();
@@ -121,8 +139,16 @@ fn run_all(fused: bool) {
                     let got: u64 = sd.require_value(&format!("{n}/step")).unwrap();
                     assert_eq!(got as f64, want.as_f64().unwrap(), "{cname} {n}/step");
                 } else {
-                    let t = sd.get_tensor(&format!("{n}/{k}")).unwrap_or_else(|| panic!("{cname}: no {n}/{k}"));
-                    close(&format!("{cname} final {n}/{k}"), &t.to_f32_vec().unwrap(), &f32s(want), &mut worst, tol);
+                    let t = sd
+                        .get_tensor(&format!("{n}/{k}"))
+                        .unwrap_or_else(|| panic!("{cname}: no {n}/{k}"));
+                    close(
+                        &format!("{cname} final {n}/{k}"),
+                        &t.to_f32_vec().unwrap(),
+                        &f32s(want),
+                        &mut worst,
+                        tol,
+                    );
                 }
             }
         }

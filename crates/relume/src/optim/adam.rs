@@ -133,7 +133,13 @@ impl AdamConfig {
         check_range(kind, "betas.0", b1, (0.0..1.0).contains(&b1), "in [0, 1)")?;
         check_range(kind, "betas.1", b2, (0.0..1.0).contains(&b2), "in [0, 1)")?;
         check_range(kind, "eps", self.eps, self.eps >= 0.0, ">= 0")?;
-        check_range(kind, "weight_decay", self.weight_decay, self.weight_decay >= 0.0, ">= 0")
+        check_range(
+            kind,
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            ">= 0",
+        )
     }
 
     fn hyper(&self) -> serde_json::Value {
@@ -172,7 +178,12 @@ struct Coeffs {
 }
 
 impl AdamCore {
-    fn new(kind: &'static str, decoupled: bool, groups: Vec<ParamGroup>, cfg: AdamConfig) -> Result<Self> {
+    fn new(
+        kind: &'static str,
+        decoupled: bool,
+        groups: Vec<ParamGroup>,
+        cfg: AdamConfig,
+    ) -> Result<Self> {
         cfg.check(kind)?;
         check_groups(kind, &groups)?;
         Ok(AdamCore {
@@ -200,7 +211,11 @@ impl AdamCore {
         let w1 = (1.0 - b1) as f32;
         Coeffs {
             wd: if self.decoupled { 0.0 } else { wd as f32 },
-            decay: if self.decoupled { (1.0 - lr * wd) as f32 } else { 1.0 },
+            decay: if self.decoupled {
+                (1.0 - lr * wd) as f32
+            } else {
+                1.0
+            },
             w1,
             small: w1.abs() < 0.5,
             one_minus_w1: 1.0 - w1,
@@ -218,7 +233,9 @@ impl AdamCore {
             let (lr, wd) = (self.groups[gi].lr, self.groups[gi].weight_decay);
             for pi in 0..self.groups[gi].params.len() {
                 let (name, var) = &self.groups[gi].params[pi];
-                let Some(grad) = grads.get(name) else { continue };
+                let Some(grad) = grads.get(name) else {
+                    continue;
+                };
                 if grad.dims() != var.dims() {
                     return Err(Error::StateMismatch {
                         component: self.kind.to_string(),
@@ -256,10 +273,17 @@ impl AdamCore {
         let mut v = self.cfg.hyper();
         if let serde_json::Value::Object(o) = &mut v {
             o.insert("kind".into(), self.kind.into());
-            o.insert("lrs".into(), self.groups.iter().map(|g| g.lr).collect::<Vec<_>>().into());
+            o.insert(
+                "lrs".into(),
+                self.groups.iter().map(|g| g.lr).collect::<Vec<_>>().into(),
+            );
             o.insert(
                 "weight_decays".into(),
-                self.groups.iter().map(|g| g.weight_decay).collect::<Vec<_>>().into(),
+                self.groups
+                    .iter()
+                    .map(|g| g.weight_decay)
+                    .collect::<Vec<_>>()
+                    .into(),
             );
         }
         v
@@ -272,7 +296,11 @@ impl AdamCore {
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<RestoreReport> {
         let loaded = load_state(self.kind, &self.groups, &self.buffer_names(), sd)?;
         let mut cfg = self.cfg.clone();
-        if let Some(b) = loaded.hyper.get("betas").and_then(|b| serde_json::from_value::<(f64, f64)>(b.clone()).ok()) {
+        if let Some(b) = loaded
+            .hyper
+            .get("betas")
+            .and_then(|b| serde_json::from_value::<(f64, f64)>(b.clone()).ok())
+        {
             cfg.betas = b;
         }
         if let Some(e) = loaded.hyper.get("eps").and_then(|v| v.as_f64()) {
@@ -320,9 +348,15 @@ fn fused_step(
     let n = var.elem_count();
     let mut m = take_host(st, "exp_avg", n)?;
     let mut v = take_host(st, "exp_avg_sq", n)?;
-    let mut mx = if ams { take_host(st, "max_exp_avg_sq", n)? } else { Vec::new() };
+    let mut mx = if ams {
+        take_host(st, "max_exp_avg_sq", n)?
+    } else {
+        Vec::new()
+    };
     let res = fused_update(var.as_tensor(), grad, |p, g| {
-        adam_kernel(p, g, &mut m, &mut v, &mut mx, c, ams, maximize, l2, decoupled)
+        adam_kernel(
+            p, g, &mut m, &mut v, &mut mx, c, ams, maximize, l2, decoupled,
+        )
     });
     st.bufs.insert(names[0], Buf::Host(m));
     st.bufs.insert(names[1], Buf::Host(v));
@@ -429,7 +463,9 @@ fn dev_buf(st: &mut ParamState, name: &'static str, like: &Tensor) -> Result<Ten
     }
     match st.bufs.get_mut(name) {
         Some(b) => b.tensor(like),
-        None => Err(Error::UnknownParameter { name: name.to_string() }),
+        None => Err(Error::UnknownParameter {
+            name: name.to_string(),
+        }),
     }
 }
 
@@ -471,7 +507,8 @@ fn tensor_step(
         (&g - diff.broadcast_mul(&scalar_like(c.one_minus_w1, &p0)?)?)?
     };
     let v = (v.broadcast_mul(&scalar_like(c.b2, &p0)?)?
-        + g.broadcast_mul(&scalar_like(c.one_minus_b2, &p0)?)?.mul(&g)?)?;
+        + g.broadcast_mul(&scalar_like(c.one_minus_b2, &p0)?)?
+            .mul(&g)?)?;
     let s = if ams {
         let mx = dev_buf(st, "max_exp_avg_sq", &p0)?.maximum(&v)?;
         st.bufs.insert("max_exp_avg_sq", Buf::Dev(mx.clone()));
@@ -483,7 +520,9 @@ fn tensor_step(
         .sqrt()?
         .broadcast_div(&scalar_like(c.bc2_sqrt, &p0)?)?
         .broadcast_add(&scalar_like(c.eps, &p0)?)?;
-    let upd = m.broadcast_mul(&scalar_like(c.neg_step_size, &p0)?)?.div(&denom)?;
+    let upd = m
+        .broadcast_mul(&scalar_like(c.neg_step_size, &p0)?)?
+        .div(&denom)?;
     var.set(&(p + upd)?)?;
     st.bufs.insert("exp_avg", Buf::Dev(m));
     st.bufs.insert("exp_avg_sq", Buf::Dev(v));
@@ -587,7 +626,11 @@ macro_rules! adam_optimizer {
             }
 
             fn params(&self) -> Vec<(String, Var)> {
-                self.core.groups.iter().flat_map(|g| g.params.iter().cloned()).collect()
+                self.core
+                    .groups
+                    .iter()
+                    .flat_map(|g| g.params.iter().cloned())
+                    .collect()
             }
 
             fn reset_state(&mut self) {

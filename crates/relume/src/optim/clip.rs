@@ -20,10 +20,22 @@ use crate::error::Result;
 /// [`crate::Error::InvalidHyperParameter`] for a negative or non-finite `max_norm`,
 /// or a `norm_type` that is NaN or `<= 0`; candle errors.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64, norm_type: f64) -> Result<f64> {
-    check_range("clip_grad_norm", "max_norm", max_norm, max_norm >= 0.0, ">= 0")?;
+    check_range(
+        "clip_grad_norm",
+        "max_norm",
+        max_norm,
+        max_norm >= 0.0,
+        ">= 0",
+    )?;
     let ok = norm_type > 0.0;
     if norm_type != f64::INFINITY {
-        check_range("clip_grad_norm", "norm_type", norm_type, ok, "> 0 or infinity")?;
+        check_range(
+            "clip_grad_norm",
+            "norm_type",
+            norm_type,
+            ok,
+            "> 0 or infinity",
+        )?;
     }
     let total = total_norm(grads, norm_type)?;
     let coef = (max_norm / (total + 1e-6)).min(1.0);
@@ -42,7 +54,12 @@ pub fn total_norm(grads: &Grads, norm_type: f64) -> Result<f64> {
         let mut m = 0.0f64;
         for (_, g) in grads.iter() {
             if g.elem_count() > 0 {
-                let v = g.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+                let v = g
+                    .to_dtype(DType::F64)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f64>()?;
                 m = if v.is_nan() { v } else { m.max(v) };
             }
         }

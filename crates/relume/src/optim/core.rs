@@ -36,7 +36,9 @@ pub(crate) enum Buf {
 impl Buf {
     fn to_data(&self, shape: &[usize], key: &str) -> Result<TensorData> {
         match self {
-            Buf::Host(v) => Ok(TensorData::from_f32(shape.to_vec(), v).map_err(|e| e.with_key(key))?),
+            Buf::Host(v) => {
+                Ok(TensorData::from_f32(shape.to_vec(), v).map_err(|e| e.with_key(key))?)
+            }
             Buf::Dev(t) => tensor_to_data(t, key),
         }
     }
@@ -127,7 +129,11 @@ pub(crate) fn fused_update(
 }
 
 /// Builds groups from a parameter store: one group with `lr` and `weight_decay`.
-pub(crate) fn single_group(params: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Vec<ParamGroup> {
+pub(crate) fn single_group(
+    params: Vec<(String, Var)>,
+    lr: f64,
+    weight_decay: f64,
+) -> Vec<ParamGroup> {
     vec![ParamGroup {
         params,
         lr,
@@ -149,7 +155,11 @@ pub(crate) fn check_groups(kind: &str, groups: &[ParamGroup]) -> Result<()> {
     let mut dups = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         check_lr(&format!("{kind} param group {i}"), g.lr)?;
-        check_non_negative(&format!("{kind} param group {i}"), "weight_decay", g.weight_decay)?;
+        check_non_negative(
+            &format!("{kind} param group {i}"),
+            "weight_decay",
+            g.weight_decay,
+        )?;
         for (name, _) in &g.params {
             if !seen.insert(name.clone()) {
                 dups.push(format!("parameter {name:?} appears in more than one group"));
@@ -178,7 +188,13 @@ pub(crate) fn check_non_negative(component: &str, what: &str, value: f64) -> Res
 ///
 /// # Errors
 /// [`Error::InvalidHyperParameter`] with `rule`.
-pub(crate) fn check_range(component: &str, what: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
+pub(crate) fn check_range(
+    component: &str,
+    what: &str,
+    value: f64,
+    ok: bool,
+    rule: &str,
+) -> Result<()> {
     if value.is_finite() && ok {
         Ok(())
     } else {
@@ -205,7 +221,9 @@ pub fn report_to_error(component: &str, report: &RestoreReport) -> Result<()> {
         problems.push(format!("{k}: missing from the saved state"));
     }
     for k in &report.unexpected {
-        problems.push(format!("{k}: in the saved state but not in the live optimizer"));
+        problems.push(format!(
+            "{k}: in the saved state but not in the live optimizer"
+        ));
     }
     for m in &report.mismatched {
         problems.push(format!("{}: expected {}, got {}", m.key, m.expected, m.got));
@@ -231,7 +249,9 @@ pub(crate) fn save_state(
         .flat_map(|g| g.params.iter().map(|(n, v)| (n.as_str(), v)))
         .collect();
     for (name, st) in state {
-        let Some(var) = shapes.get(name.as_str()) else { continue };
+        let Some(var) = shapes.get(name.as_str()) else {
+            continue;
+        };
         sd.insert_json(format!("{name}/step"), serde_json::Value::from(st.step));
         for (bname, buf) in &st.bufs {
             let key = format!("{name}/{bname}");
@@ -252,7 +272,11 @@ pub(crate) fn groups_json(groups: &[ParamGroup], hyper: &serde_json::Value) -> s
             obj.insert("weight_decay".into(), g.weight_decay.into());
             obj.insert(
                 "params".into(),
-                g.params.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>().into(),
+                g.params
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect::<Vec<_>>()
+                    .into(),
             );
             if let serde_json::Value::Object(h) = hyper {
                 for (k, v) in h {
@@ -311,15 +335,22 @@ pub(crate) fn load_state(
     let mut group_hparams = Vec::new();
     for (i, (live, saved)) in groups.iter().zip(&saved_groups).enumerate() {
         let field = |f: &str| -> Result<f64> {
-            saved.get(f).and_then(|v| v.as_f64()).ok_or_else(|| Error::StateMismatch {
-                component: kind.to_string(),
-                problems: vec![format!("param_groups[{i}].{f}: missing or not a number")],
-            })
+            saved
+                .get(f)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| Error::StateMismatch {
+                    component: kind.to_string(),
+                    problems: vec![format!("param_groups[{i}].{f}: missing or not a number")],
+                })
         };
         let lr = field("lr")?;
         let wd = field("weight_decay")?;
         check_lr(&format!("{kind} param group {i} (saved)"), lr)?;
-        check_non_negative(&format!("{kind} param group {i} (saved)"), "weight_decay", wd)?;
+        check_non_negative(
+            &format!("{kind} param group {i} (saved)"),
+            "weight_decay",
+            wd,
+        )?;
         group_hparams.push((lr, wd));
         let saved_names: BTreeSet<String> = saved
             .get("params")
@@ -335,7 +366,10 @@ pub(crate) fn load_state(
             report.unexpected(format!("param_groups[{i}].params/{n}"));
         }
     }
-    let hyper = saved_groups.first().cloned().unwrap_or(serde_json::Value::Null);
+    let hyper = saved_groups
+        .first()
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
 
     let live: BTreeMap<&str, &Var> = groups
         .iter()

@@ -111,12 +111,30 @@ impl SgdConfig {
 
     fn check(&self) -> Result<()> {
         check_lr("SGD", self.lr)?;
-        check_range("SGD", "momentum", self.momentum, self.momentum >= 0.0, ">= 0")?;
+        check_range(
+            "SGD",
+            "momentum",
+            self.momentum,
+            self.momentum >= 0.0,
+            ">= 0",
+        )?;
         check_range("SGD", "dampening", self.dampening, true, "finite")?;
-        check_range("SGD", "weight_decay", self.weight_decay, self.weight_decay >= 0.0, ">= 0")?;
+        check_range(
+            "SGD",
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            ">= 0",
+        )?;
         if self.nesterov {
             let ok = self.momentum > 0.0 && self.dampening == 0.0;
-            check_range("SGD", "momentum (nesterov)", self.momentum, ok, "> 0 with dampening 0")?;
+            check_range(
+                "SGD",
+                "momentum (nesterov)",
+                self.momentum,
+                ok,
+                "> 0 with dampening 0",
+            )?;
         }
         Ok(())
     }
@@ -238,7 +256,11 @@ fn sgd_kernel_body(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Co
                 c.one_minus_dampening.mul_add(gi, buf[i] * c.momentum)
             };
             buf[i] = b;
-            gi = if c.nesterov { c.momentum.mul_add(b, gi) } else { b };
+            gi = if c.nesterov {
+                c.momentum.mul_add(b, gi)
+            } else {
+                b
+            };
         }
         p[i] = c.neg_lr.mul_add(gi, p[i]);
     }
@@ -260,8 +282,10 @@ fn tensor_step(var: &Var, grad: &Tensor, st: &mut ParamState, c: Coeffs) -> Resu
     if c.use_momentum {
         let b = match st.bufs.get_mut(MOMENTUM_BUFFER) {
             None => g.copy()?,
-            Some(b) => (b.tensor(&p)?.broadcast_mul(&scalar_like(c.momentum, &p)?)?
-                + g.broadcast_mul(&scalar_like(c.one_minus_dampening, &p)?)?)?,
+            Some(b) => {
+                (b.tensor(&p)?.broadcast_mul(&scalar_like(c.momentum, &p)?)?
+                    + g.broadcast_mul(&scalar_like(c.one_minus_dampening, &p)?)?)?
+            }
         };
         st.bufs.insert(MOMENTUM_BUFFER, Buf::Dev(b.clone()));
         g = if c.nesterov {
@@ -315,7 +339,9 @@ impl Optimizer for Sgd {
                 maximize: self.cfg.maximize,
             };
             for (name, var) in &group.params {
-                let Some(grad) = grads.get(name) else { continue };
+                let Some(grad) = grads.get(name) else {
+                    continue;
+                };
                 if grad.dims() != var.dims() {
                     return Err(Error::StateMismatch {
                         component: "SGD".into(),
@@ -342,7 +368,10 @@ impl Optimizer for Sgd {
                     if c0.use_momentum && buf.len() != n {
                         return Err(Error::StateMismatch {
                             component: "SGD".into(),
-                            problems: vec![format!("{name}/momentum_buffer has {} values, parameter has {n}", buf.len())],
+                            problems: vec![format!(
+                                "{name}/momentum_buffer has {} values, parameter has {n}",
+                                buf.len()
+                            )],
                         });
                     }
                     let res = fused_update(var.as_tensor(), grad, |p, g| {
@@ -376,7 +405,10 @@ impl Optimizer for Sgd {
     }
 
     fn params(&self) -> Vec<(String, Var)> {
-        self.groups.iter().flat_map(|g| g.params.iter().cloned()).collect()
+        self.groups
+            .iter()
+            .flat_map(|g| g.params.iter().cloned())
+            .collect()
     }
 
     fn reset_state(&mut self) {
@@ -387,10 +419,17 @@ impl Optimizer for Sgd {
         let mut v = self.cfg.hyper();
         if let serde_json::Value::Object(o) = &mut v {
             o.insert("kind".into(), "SGD".into());
-            o.insert("lrs".into(), self.groups.iter().map(|g| g.lr).collect::<Vec<_>>().into());
+            o.insert(
+                "lrs".into(),
+                self.groups.iter().map(|g| g.lr).collect::<Vec<_>>().into(),
+            );
             o.insert(
                 "weight_decays".into(),
-                self.groups.iter().map(|g| g.weight_decay).collect::<Vec<_>>().into(),
+                self.groups
+                    .iter()
+                    .map(|g| g.weight_decay)
+                    .collect::<Vec<_>>()
+                    .into(),
             );
         }
         v
