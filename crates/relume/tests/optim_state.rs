@@ -401,3 +401,34 @@ fn duplicate_parameter_across_groups_rejected() {
         Err(Error::StateMismatch { .. })
     ));
 }
+
+#[test]
+fn maximize_equals_minimizing_the_negated_gradient() {
+    fn neg(g: &Grads) -> Grads {
+        let mut out = Grads::new();
+        for (n, t) in g.iter() {
+            out.insert(n, t.neg().unwrap());
+        }
+        out
+    }
+    type Pair = fn(&ParamStore, bool) -> Box<dyn Optimizer>;
+    let pairs: [Pair; 2] = [
+        |s, m| {
+            let cfg = SgdConfig::default()
+                .with_lr(0.1)
+                .with_momentum(0.9)
+                .with_maximize(m);
+            Box::new(Sgd::from_store(s, cfg).unwrap())
+        },
+        |s, m| Box::new(AdamW::from_store(s, AdamConfig::adamw().with_maximize(m)).unwrap()),
+    ];
+    for make in pairs {
+        let (s1, s2) = (store(SHAPES), store(SHAPES));
+        let (mut max, mut min) = (make(&s1, true), make(&s2, false));
+        for k in 0..4 {
+            max.step(&grads_at(k)).unwrap();
+            min.step(&neg(&grads_at(k))).unwrap();
+        }
+        assert_eq!(param_bytes(&s1), param_bytes(&s2), "{}", max.kind());
+    }
+}
