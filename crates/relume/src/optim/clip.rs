@@ -5,7 +5,7 @@
 
 use candle_core::DType;
 
-use super::core::check_range;
+use super::state::check_range;
 use super::Grads;
 use crate::error::Result;
 

@@ -5,13 +5,13 @@
 
 mod adam;
 pub mod clip;
-mod core;
 mod sgd;
+mod state;
 
 pub use self::adam::{Adam, AdamConfig, AdamW};
 pub use self::clip::{clip_grad_norm, clip_grad_value, total_norm};
-pub use self::core::report_to_error;
 pub use self::sgd::{Sgd, SgdConfig};
+pub use self::state::report_to_error;
 
 use std::collections::BTreeMap;
 

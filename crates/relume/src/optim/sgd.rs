@@ -18,7 +18,7 @@ use candle_core::{Tensor, Var};
 use relume_ckpt::{RestoreReport, StateDict, Stateful};
 use serde::{Deserialize, Serialize};
 
-use super::core::{
+use super::state::{
     check_group, check_groups, check_range, fusable, fused_update, load_state, save_state,
     single_group, store_params, Buf, ParamState,
 };
