@@ -89,6 +89,204 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A checkpoint directory has no `manifest.json`: it was never committed.
+    #[error("{path}: no manifest.json; this is not a committed checkpoint (a temporary or a partial copy?)")]
+    MissingManifest {
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// The manifest does not say `complete: true`.
+    #[error("{path}: the manifest is not marked complete; the checkpoint was never committed, do not use it")]
+    IncompleteManifest {
+        /// The manifest file.
+        path: PathBuf,
+    },
+    /// The manifest is not valid JSON or lacks a required field.
+    #[error("{path}: invalid manifest: {reason}")]
+    ManifestInvalid {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The manifest's own checksum does not match its bytes.
+    #[error("{path}: manifest checksum mismatch (expected {expected}, got {got}); the manifest was modified or corrupted")]
+    ManifestChecksum {
+        /// The manifest file.
+        path: PathBuf,
+        /// The checksum recorded in the manifest.
+        expected: String,
+        /// The checksum of the bytes found.
+        got: String,
+    },
+    /// A bounded quantity (manifest size, header size, tensor count, path length) exceeds its limit.
+    #[error("{path}: {what} is {got}, above the limit of {limit}; the file is corrupt or hostile")]
+    LimitExceeded {
+        /// The file involved.
+        path: PathBuf,
+        /// What was measured (`"safetensors header bytes"`, ...).
+        what: &'static str,
+        /// The measured value.
+        got: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The checkpoint's format version is newer than this relume supports.
+    #[error("{path}: checkpoint format version {found} is newer than the supported version {supported}; upgrade relume to read it")]
+    UnsupportedFormatVersion {
+        /// The manifest file.
+        path: PathBuf,
+        /// Version found.
+        found: u64,
+        /// Highest version this build reads.
+        supported: u64,
+    },
+    /// The checkpoint's format version is older than the current one and must be migrated first.
+    #[error("{path}: checkpoint format version {found} is older than the current version {current}; run `relume migrate {path}` to upgrade it")]
+    OldFormatVersion {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// Version found.
+        found: u64,
+        /// Current version.
+        current: u64,
+    },
+    /// A path in the manifest is absolute, contains `..`, or is otherwise unsafe.
+    #[error("{path}: manifest entry {entry:?} is not a plain relative path inside the checkpoint ({reason}); refusing to read it")]
+    UnsafePath {
+        /// The manifest file.
+        path: PathBuf,
+        /// The offending entry.
+        entry: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// A file listed in the manifest does not exist.
+    #[error("{path}: file is listed in the manifest but missing; the checkpoint is incomplete")]
+    MissingFile {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// A file is shorter (or longer) than the manifest says.
+    #[error("{path}: {got} bytes but the manifest records {expected}{}; the file was truncated or altered", tensor.as_ref().map(|t| format!(" (tensor {t:?} is cut off)")).unwrap_or_default())]
+    FileSize {
+        /// The file.
+        path: PathBuf,
+        /// First tensor whose bytes are cut off, when known.
+        tensor: Option<String>,
+        /// Size recorded in the manifest.
+        expected: u64,
+        /// Size found.
+        got: u64,
+    },
+    /// A file's BLAKE3 checksum disagrees with the manifest.
+    #[error("{path}: checksum mismatch (expected blake3 {expected}, got {got}){}; the file is corrupt", tensor.as_ref().map(|t| format!(" in the bytes of tensor {t:?}")).unwrap_or_default())]
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The corrupted tensor, when the damage lies in a tensor's bytes.
+        tensor: Option<String>,
+        /// Checksum recorded in the manifest.
+        expected: String,
+        /// Checksum of the bytes found.
+        got: String,
+    },
+    /// A safetensors file's header is malformed.
+    #[error("{path}: invalid safetensors header: {reason}")]
+    SafetensorsHeader {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor in a file has a byte range that disagrees with its dtype × shape.
+    #[error("{path}: tensor {tensor:?} has {got} bytes but dtype {dtype} and shape {shape:?} need {expected}; the file is corrupt")]
+    TensorFileLength {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        tensor: String,
+        /// Declared dtype.
+        dtype: DType,
+        /// Declared shape.
+        shape: Vec<usize>,
+        /// Bytes implied by dtype × shape.
+        expected: u64,
+        /// Bytes in the file's offsets.
+        got: u64,
+    },
+    /// Another process holds the run directory's writer lock.
+    #[error("{path}: another process is writing checkpoints to this run directory (lock held); stop it or use another run directory")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// A checkpoint cannot be deleted because it is being read.
+    #[error("{path}: checkpoint is being read by another handle; retry after the reader is done")]
+    InUse {
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// Refused to delete the checkpoint `latest` points to.
+    #[error("{path}: refusing to delete the newest committed checkpoint (the one `latest` names)")]
+    DeleteLatest {
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// No committed checkpoint by that name or path.
+    #[error("{name:?}: no committed checkpoint of that name or path in {dir}")]
+    NoSuchCheckpoint {
+        /// The name or path asked for.
+        name: String,
+        /// The checkpoints directory searched.
+        dir: PathBuf,
+    },
+    /// A checkpoint or component name is not a safe single path segment.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// The `latest` pointer names a checkpoint that does not exist or is not committed.
+    #[error("{path}: `latest` names {name:?}, which is not a committed checkpoint; the run directory was modified by hand")]
+    LatestDangling {
+        /// The pointer file.
+        path: PathBuf,
+        /// The name it holds.
+        name: String,
+    },
+    /// The manifest and the data files disagree (tensor counts, keys, components).
+    #[error("{path}: {reason}")]
+    Inconsistent {
+        /// The file involved.
+        path: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A checkpoint of that name already exists.
+    #[error(
+        "{path}: a checkpoint of that name already exists; choose another name or delete it first"
+    )]
+    AlreadyExists {
+        /// The existing checkpoint directory.
+        path: PathBuf,
+    },
+    /// A write was attempted through a read-only [`crate::CheckpointDir`].
+    #[error("{path}: the run directory was opened read-only; open it with `CheckpointDir::open` to write")]
+    ReadOnly {
+        /// The checkpoints directory.
+        path: PathBuf,
+    },
+    /// A format migration failed.
+    #[error("migrating format v{from} to v{}: {reason}", from + 1)]
+    Migration {
+        /// The version migrated from.
+        from: u64,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -120,3 +318,15 @@ impl Error {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Wraps an I/O error with the operation and path, for `map_err`.
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -121,6 +121,41 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// `ReduceLROnPlateau` (or another metric-driven scheduler) was stepped without
+    /// the metric it monitors.
+    #[error("{scheduler} needs the monitored metric at every step but step() got none; pass the value it monitors (e.g. the validation loss)")]
+    MissingMetric {
+        /// Scheduler kind.
+        scheduler: String,
+    },
+    /// A scheduler was stepped past the end of its schedule (`OneCycleLR`).
+    #[error("{scheduler} was stepped to step {step} but its schedule has only {total_steps} steps; raise total_steps or stop stepping it")]
+    ScheduleExhausted {
+        /// Scheduler kind.
+        scheduler: String,
+        /// The step that was requested.
+        step: u64,
+        /// The length of the schedule.
+        total_steps: u64,
+    },
+    /// A scheduler was built from parts that do not fit together (milestones out of
+    /// order, an unsupported child of `SequentialLR`, ...).
+    #[error("{scheduler}: {reason}")]
+    InvalidSchedule {
+        /// Scheduler kind.
+        scheduler: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A log file does not match the logger state saved in the checkpoint (it was
+    /// truncated, replaced or corrupted after the save).
+    #[error("log file {path}: {reason}")]
+    LogFile {
+        /// The log file.
+        path: std::path::PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// `ResumePolicy::Required` found nothing to resume from.
     #[error("no checkpoint to resume from in {dir} ({source_desc}); train without `Required`, or point it at an existing checkpoint")]
     NoCheckpoint {

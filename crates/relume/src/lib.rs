@@ -11,10 +11,16 @@ pub mod loggers;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod progress;
 pub mod rng;
 pub mod sched;
+pub mod threads;
 
 pub use error::{Error, Result};
+pub use loggers::{CsvLogger, Logger, TensorBoardLogger};
+pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
+pub use optim::{Adam, AdamConfig, AdamW, Sgd, SgdConfig};
+pub use threads::set_cpu_threads;
 pub mod callbacks;
 pub mod trainer;
 

@@ -1,0 +1,313 @@
+//! The writer and its commit protocol (invariant 1).
+//!
+//! [`write_checkpoint`] writes a [`Checkpoint`] as a directory:
+//!
+//! 1. create `.tmp-<name>-<uuid>/` **inside the destination directory** (same filesystem,
+//!    so the final rename is atomic);
+//! 2. write each component's tensors to `<component>.safetensors` and the JSON leaves
+//!    to `state.json`, hashing the bytes (BLAKE3, on a second thread) while they are
+//!    written, and fsync every file;
+//! 3. write `manifest.json` last (with every file's size and checksum and
+//!    `complete: true`) and fsync it, then fsync the temporary directory;
+//! 4. rename the directory to its final name and fsync the parent directory.
+//!
+//! [`write_latest`] then replaces the `latest` pointer atomically (temporary file,
+//! fsync, rename, fsync directory). There is no copy fallback: if a rename fails the
+//! save fails.
+//!
+//! What survives what:
+//! - **an error** (full disk, I/O error): the temporary directory is removed on a
+//!   best-effort basis, the error is returned, earlier checkpoints and `latest` are
+//!   untouched;
+//! - **a panic, `kill -9`, or power loss** before step 4: only a `.tmp-*` directory
+//!   remains; it is never listed and is removed by the next [`crate::CheckpointDir::open`].
+//!   After step 4's fsync the checkpoint is durable; until [`write_latest`] completes
+//!   `latest` still names the previous one, which stays valid.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::error::{io_err, Error, Result};
+use crate::fingerprint::fingerprint;
+use crate::manifest::{
+    rfc3339, ComponentEntry, FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
+};
+use crate::state::StateDict;
+use crate::storage::Storage;
+use crate::tensor_file::encode_header;
+
+/// Prefix of temporary names inside a checkpoints directory.
+pub const TMP_PREFIX: &str = ".tmp-";
+/// Name of the pointer file naming the newest committed checkpoint.
+pub const LATEST_FILE: &str = "latest";
+
+/// Everything a checkpoint holds, as the writer takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    /// The components by stable name (`model`, `optimizer`, `loop`, ...).
+    pub components: BTreeMap<String, StateDict>,
+    /// Training progress (step, epoch, ...); `progress.step` orders listings.
+    pub progress: Value,
+    /// The training configuration, diffed on resume.
+    pub config: Value,
+    /// Scalar metrics at save time.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Checks that `name` is a safe single path segment: 1–200 bytes of
+/// `[A-Za-z0-9_.=+-]`, not starting with `.`, and not `latest`.
+///
+/// # Errors
+/// [`Error::InvalidName`] saying why.
+pub fn check_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() || name.len() > 200 {
+        Some("must be 1 to 200 bytes long")
+    } else if name.starts_with('.') {
+        Some("must not start with `.` (reserved for temporaries)")
+    } else if name == LATEST_FILE {
+        Some("`latest` is reserved for the pointer file")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.=+-".contains(&b))
+    {
+        Some("only ASCII letters, digits and `_.=+-` are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Writes `chunks` to a new file, hashing them on a second thread, and fsyncs it.
+/// Returns the file entry and the CRC32 of each chunk whose index is in `crc_of`.
+fn write_hashed(
+    storage: &dyn Storage,
+    dir: &Path,
+    rel: &str,
+    chunks: &[&[u8]],
+    crc_from: usize,
+) -> Result<(FileEntry, Vec<u32>)> {
+    let path = dir.join(rel);
+    let mut file = storage
+        .create_file(&path)
+        .map_err(io_err("create", &path))?;
+    let (hash, crcs, written) = std::thread::scope(|s| {
+        let hasher = s.spawn(|| {
+            let mut h = blake3::Hasher::new();
+            let mut crcs = Vec::with_capacity(chunks.len().saturating_sub(crc_from));
+            for (i, c) in chunks.iter().enumerate() {
+                h.update(c);
+                if i >= crc_from {
+                    crcs.push(crc32fast::hash(c));
+                }
+            }
+            (h.finalize(), crcs)
+        });
+        let mut written = Ok(0u64);
+        for c in chunks {
+            if let Err(e) = file.write_all(c) {
+                written = Err(e);
+                break;
+            }
+            if let Ok(n) = &mut written {
+                *n += c.len() as u64;
+            }
+        }
+        // A panic in the hasher thread is a bug; propagate it.
+        let (h, crcs) = match hasher.join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        (h, crcs, written)
+    });
+    let bytes = written.map_err(io_err("write", &path))?;
+    file.sync().map_err(io_err("fsync", &path))?;
+    Ok((
+        FileEntry {
+            path: rel.to_string(),
+            bytes,
+            blake3: hash.to_hex().to_string(),
+        },
+        crcs,
+    ))
+}
+
+/// Writes `ckpt` as `parent/name` with the commit protocol described in the module
+/// docs, and returns the final path. `latest` is not touched (see [`write_latest`]).
+///
+/// # Errors
+/// [`Error::InvalidName`] for a bad checkpoint or component name,
+/// [`Error::AlreadyExists`] when `parent/name` exists, [`Error::Io`] naming the
+/// file and the operation that failed. On error no checkpoint named `name` exists.
+pub fn write_checkpoint(
+    storage: &dyn Storage,
+    parent: &Path,
+    name: &str,
+    ckpt: &Checkpoint,
+) -> Result<PathBuf> {
+    check_name(name)?;
+    for c in ckpt.components.keys() {
+        check_name(c)?;
+    }
+    let final_path = parent.join(name);
+    if final_path.exists() {
+        return Err(Error::AlreadyExists { path: final_path });
+    }
+    let tmp = write_temporary(storage, parent, name, ckpt)?;
+    storage
+        .rename(&tmp, &final_path)
+        .map_err(io_err("rename", &final_path))?;
+    storage
+        .sync_dir(parent)
+        .map_err(io_err("fsync directory", parent))?;
+    Ok(final_path)
+}
+
+/// Steps 1–3 of the protocol: a complete, fsynced checkpoint under `parent/.tmp-<label>-<uuid>`.
+/// The label (the checkpoint name) is in the temporary's name so that I/O errors, which name the
+/// file, also tell which checkpoint was being saved.
+pub(crate) fn write_temporary(
+    storage: &dyn Storage,
+    parent: &Path,
+    label: &str,
+    ckpt: &Checkpoint,
+) -> Result<PathBuf> {
+    for c in ckpt.components.keys() {
+        check_name(c)?;
+    }
+    let tmp = parent.join(format!(
+        "{TMP_PREFIX}{label}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    storage
+        .create_dir_all(&tmp)
+        .map_err(io_err("create directory", &tmp))?;
+    match write_contents(storage, &tmp, ckpt) {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            if let Err(rm) = storage.remove_dir_all(&tmp) {
+                tracing::warn!(
+                    "could not remove temporary {}: {rm}; it will be cleaned on the next open",
+                    tmp.display()
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Result<()> {
+    let mut files = Vec::new();
+    let mut components = BTreeMap::new();
+    let mut state = serde_json::Map::new();
+    for (name, sd) in &ckpt.components {
+        let tensors: Vec<(&str, &crate::state::TensorData)> = sd.tensors().collect();
+        let mut entry = ComponentEntry {
+            file: None,
+            tensors: tensors.len() as u64,
+            json_keys: sd.json_leaves().map(|(k, _)| k.to_string()).collect(),
+            tensor_crc32: BTreeMap::new(),
+        };
+        if !tensors.is_empty() {
+            let rel = format!("{name}.safetensors");
+            let header = encode_header(&tensors);
+            let mut chunks: Vec<&[u8]> = Vec::with_capacity(tensors.len() + 1);
+            chunks.push(&header);
+            chunks.extend(tensors.iter().map(|(_, t)| &t.bytes()[..]));
+            let (fe, crcs) = write_hashed(storage, tmp, &rel, &chunks, 1)?;
+            entry.tensor_crc32 = tensors
+                .iter()
+                .map(|(k, _)| k.to_string())
+                .zip(crcs)
+                .collect();
+            entry.file = Some(rel);
+            files.push(fe);
+        }
+        let leaves: serde_json::Map<String, Value> = sd
+            .json_leaves()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        state.insert(name.clone(), Value::Object(leaves));
+        components.insert(name.clone(), entry);
+    }
+    let state_bytes = serde_json::to_vec(&Value::Object(state)).map_err(|e| Error::JsonValue {
+        key: STATE_FILE.into(),
+        reason: e.to_string(),
+    })?;
+    let (fe, _) = write_hashed(storage, tmp, STATE_FILE, &[&state_bytes], 1)?;
+    files.push(fe);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        relume_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_at: rfc3339(secs),
+        files,
+        components,
+        progress: ckpt.progress.clone(),
+        config: ckpt.config.clone(),
+        metrics: ckpt.metrics.clone(),
+        fingerprint: fingerprint(&ckpt.components),
+        complete: true,
+    };
+    let bytes = manifest.to_bytes();
+    let mpath = tmp.join(MANIFEST_FILE);
+    let mut f = storage
+        .create_file(&mpath)
+        .map_err(io_err("create", &mpath))?;
+    f.write_all(&bytes).map_err(io_err("write", &mpath))?;
+    f.sync().map_err(io_err("fsync", &mpath))?;
+    drop(f);
+    storage
+        .sync_dir(tmp)
+        .map_err(io_err("fsync directory", tmp))?;
+    Ok(())
+}
+
+/// Atomically points `dir/latest` at checkpoint `name`: writes a temporary file,
+/// fsyncs it, renames it over `latest`, fsyncs `dir`.
+///
+/// # Errors
+/// [`Error::InvalidName`], or [`Error::Io`] naming the failed operation; on error the
+/// previous pointer is intact.
+pub fn write_latest(storage: &dyn Storage, dir: &Path, name: &str) -> Result<()> {
+    check_name(name)?;
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}latest-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let res = (|| {
+        let mut f = storage.create_file(&tmp).map_err(io_err("create", &tmp))?;
+        f.write_all(format!("{name}\n").as_bytes())
+            .map_err(io_err("write", &tmp))?;
+        f.sync().map_err(io_err("fsync", &tmp))?;
+        drop(f);
+        let latest = dir.join(LATEST_FILE);
+        storage
+            .rename(&tmp, &latest)
+            .map_err(io_err("rename", &latest))
+    })();
+    if let Err(e) = res {
+        if let Err(rm) = storage.remove_file(&tmp) {
+            tracing::warn!(
+                "could not remove temporary {}: {rm}; it will be cleaned on the next open",
+                tmp.display()
+            );
+        }
+        return Err(e);
+    }
+    storage
+        .sync_dir(dir)
+        .map_err(io_err("fsync directory", dir))
+}

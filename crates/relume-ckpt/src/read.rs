@@ -1,0 +1,335 @@
+//! The reader: verify everything, then hand out zero-copy state.
+//!
+//! [`load`] checks the manifest (self-checksum, version, `complete`, paths), then the
+//! size and BLAKE3 of **every** file, and only then parses the safetensors headers
+//! and returns the state, whose tensors are slices of read-only memory maps of the
+//! verified files. [`verify`] runs the same checks but collects every problem
+//! instead of stopping at the first.
+//!
+//! While a [`LoadedCheckpoint`] is alive it holds a shared lock on the checkpoint's
+//! `manifest.json`; [`crate::CheckpointDir::delete`] needs the exclusive lock, so a
+//! checkpoint being read is never deleted.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{io_err, Error, Result};
+use crate::manifest::{Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES, STATE_FILE};
+use crate::state::{StateDict, TensorBytes, TensorData};
+use crate::tensor_file::parse_header;
+
+/// A verified checkpoint, with its state ready for `load_state_dict`.
+#[derive(Debug)]
+pub struct LoadedCheckpoint {
+    /// The checkpoint directory.
+    pub path: PathBuf,
+    /// Its validated manifest.
+    pub manifest: Manifest,
+    /// The state of every component; tensors are memory-mapped.
+    pub components: BTreeMap<String, StateDict>,
+    /// Shared lock on `manifest.json`, held while the maps are alive.
+    _lock: File,
+}
+
+/// The outcome of [`verify`]: every problem found, and how much was checked.
+#[derive(Debug)]
+pub struct VerifyReport {
+    /// The checkpoint directory.
+    pub path: PathBuf,
+    /// The manifest, when it could be read and validated.
+    pub manifest: Option<Manifest>,
+    /// Every problem found, in file order; empty when the checkpoint is intact.
+    pub problems: Vec<Error>,
+    /// Bytes read and hashed (all files plus the manifest).
+    pub bytes_checked: u64,
+}
+
+impl VerifyReport {
+    /// True when no problem was found.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Opens `dir/manifest.json`, takes a shared lock on it and parses it.
+fn open_manifest(dir: &Path) -> Result<(File, Manifest, u64)> {
+    let mpath = dir.join(MANIFEST_FILE);
+    let mut f = match File::open(&mpath) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::MissingManifest {
+                path: dir.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err("open", &mpath)(e)),
+    };
+    fs4::FileExt::lock_shared(&f).map_err(io_err("lock", &mpath))?;
+    let len = f.metadata().map_err(io_err("stat", &mpath))?.len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(Error::LimitExceeded {
+            path: mpath,
+            what: "manifest bytes",
+            got: len,
+            limit: MAX_MANIFEST_BYTES,
+        });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.read_to_end(&mut bytes).map_err(io_err("read", &mpath))?;
+    let m = Manifest::parse(&mpath, &bytes)?;
+    Ok((f, m, len))
+}
+
+/// Checks one file's presence, size and checksum; returns its map when intact.
+fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
+    let fe = &m.files[idx];
+    let path = dir.join(&fe.path);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::MissingFile { path })
+        }
+        Err(e) => return Err(io_err("open", &path)(e)),
+    };
+    // SAFETY: the map is read-only; checkpoints are immutable once committed and the
+    // writer never modifies a file in place (see the module docs of `commit`).
+    let map = unsafe { Mmap::map(&file) }.map_err(io_err("mmap", &path))?;
+    let component = m
+        .components
+        .values()
+        .find(|c| c.file.as_deref() == Some(fe.path.as_str()));
+    if map.len() as u64 != fe.bytes {
+        let tensor = component.and_then(|_| match parse_header(&path, &map, map.len() as u64) {
+            Err(Error::FileSize { tensor, .. }) => tensor,
+            _ => None,
+        });
+        return Err(Error::FileSize {
+            path,
+            tensor,
+            expected: fe.bytes,
+            got: map.len() as u64,
+        });
+    }
+    let got = blake3::Hasher::new()
+        .update(&map)
+        .finalize()
+        .to_hex()
+        .to_string();
+    if got != fe.blake3 {
+        let tensor = component.and_then(|c| {
+            let entries = parse_header(&path, &map, map.len() as u64).ok()?;
+            entries.into_iter().find_map(|e| {
+                let crc = crc32fast::hash(&map[e.start as usize..e.end as usize]);
+                (c.tensor_crc32.get(&e.key) != Some(&crc)).then_some(e.key)
+            })
+        });
+        return Err(Error::ChecksumMismatch {
+            path,
+            tensor,
+            expected: fe.blake3.clone(),
+            got,
+        });
+    }
+    Ok(Arc::new(map))
+}
+
+/// Checks every file, in parallel; results are in manifest order.
+fn check_all(dir: &Path, m: &Manifest) -> Vec<Result<Arc<Mmap>>> {
+    let n = m.files.len();
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1)
+        .min(n.max(1));
+    let mut slots: Vec<Option<Result<Arc<Mmap>>>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let chunk = n.div_ceil(threads).max(1);
+        for (ci, part) in slots.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                for (j, slot) in part.iter_mut().enumerate() {
+                    *slot = Some(check_file(dir, m, ci * chunk + j));
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.unwrap_or_else(|| {
+                Err(Error::Inconsistent {
+                    path: dir.to_path_buf(),
+                    reason: "file was not checked".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// Builds the components from verified maps; pushes every inconsistency to `errors`.
+fn build_components(
+    dir: &Path,
+    m: &Manifest,
+    maps: &BTreeMap<String, Arc<Mmap>>,
+    errors: &mut Vec<Error>,
+) -> BTreeMap<String, StateDict> {
+    let mut out = BTreeMap::new();
+    let state_path = dir.join(STATE_FILE);
+    let state: Option<serde_json::Map<String, Value>> = match maps.get(STATE_FILE) {
+        Some(map) => match serde_json::from_slice(map) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errors.push(Error::Inconsistent {
+                    path: state_path.clone(),
+                    reason: format!("not a JSON object: {e}"),
+                });
+                None
+            }
+        },
+        None => {
+            if !m.files.iter().any(|f| f.path == STATE_FILE) {
+                errors.push(Error::Inconsistent {
+                    path: state_path.clone(),
+                    reason: "state.json is not listed in the manifest".into(),
+                });
+            }
+            None
+        }
+    };
+    for (name, c) in &m.components {
+        let mut sd = StateDict::new();
+        if let Some(file) = &c.file {
+            let path = dir.join(file);
+            let Some(map) = maps.get(file) else { continue };
+            match parse_header(&path, map, map.len() as u64) {
+                Ok(entries) => {
+                    if entries.len() as u64 != c.tensors
+                        || entries.iter().any(|e| !c.tensor_crc32.contains_key(&e.key))
+                    {
+                        errors.push(Error::Inconsistent {
+                            path: path.clone(),
+                            reason: format!(
+                                "holds {} tensors but the manifest lists {} for component {name:?}",
+                                entries.len(),
+                                c.tensors
+                            ),
+                        });
+                        continue;
+                    }
+                    for e in entries {
+                        let t = TensorBytes::mapped(
+                            Arc::clone(map),
+                            e.start as usize,
+                            (e.end - e.start) as usize,
+                            &e.key,
+                        )
+                        .and_then(|b| TensorData::new(e.dtype, e.shape, b))
+                        .map_err(|err| err.with_key(&e.key));
+                        match t {
+                            Ok(t) => sd.insert_tensor(e.key, t),
+                            Err(err) => errors.push(err),
+                        }
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        } else if c.tensors != 0 {
+            errors.push(Error::Inconsistent {
+                path: dir.join(MANIFEST_FILE),
+                reason: format!("component {name:?} lists {} tensors but no file", c.tensors),
+            });
+        }
+        if let Some(state) = &state {
+            let leaves = state.get(name).and_then(Value::as_object);
+            let keys: Vec<&String> = leaves.map(|l| l.keys().collect()).unwrap_or_default();
+            if keys.len() != c.json_keys.len()
+                || keys.iter().zip(&c.json_keys).any(|(a, b)| *a != b)
+            {
+                errors.push(Error::Inconsistent {
+                    path: state_path.clone(),
+                    reason: format!(
+                        "component {name:?}: JSON keys {keys:?} differ from the manifest's {:?}",
+                        c.json_keys
+                    ),
+                });
+            } else if let Some(l) = leaves {
+                for (k, v) in l {
+                    sd.insert_json(k.clone(), v.clone());
+                }
+            }
+        }
+        out.insert(name.clone(), sd);
+    }
+    out
+}
+
+/// Loads a checkpoint directory after verifying the manifest and every checksum.
+///
+/// Nothing is returned until every file's size and BLAKE3 match the manifest.
+/// Tensor bytes are zero-copy slices of memory maps of the verified files.
+///
+/// # Errors
+/// The first problem [`verify`] would report: [`Error::MissingManifest`],
+/// [`Error::ManifestChecksum`], [`Error::IncompleteManifest`],
+/// [`Error::UnsupportedFormatVersion`], [`Error::OldFormatVersion`],
+/// [`Error::UnsafePath`], [`Error::MissingFile`], [`Error::FileSize`],
+/// [`Error::ChecksumMismatch`], [`Error::LimitExceeded`],
+/// [`Error::SafetensorsHeader`], [`Error::TensorFileLength`], [`Error::Inconsistent`].
+pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
+    let dir = path.as_ref();
+    let (lock, manifest, _) = open_manifest(dir)?;
+    let mut maps = BTreeMap::new();
+    for (fe, r) in manifest.files.iter().zip(check_all(dir, &manifest)) {
+        maps.insert(fe.path.clone(), r?);
+    }
+    let mut errors = Vec::new();
+    let components = build_components(dir, &manifest, &maps, &mut errors);
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    Ok(LoadedCheckpoint {
+        path: dir.to_path_buf(),
+        manifest,
+        components,
+        _lock: lock,
+    })
+}
+
+/// Verifies a checkpoint directory and reports **every** problem found.
+///
+/// Checks the manifest, then every file (presence, size, BLAKE3, naming the damaged
+/// tensor when the damage lies in a tensor's bytes), then the safetensors headers
+/// and the agreement between files and manifest.
+pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
+    let dir = path.as_ref();
+    let mut report = VerifyReport {
+        path: dir.to_path_buf(),
+        manifest: None,
+        problems: Vec::new(),
+        bytes_checked: 0,
+    };
+    let (_lock, manifest, mlen) = match open_manifest(dir) {
+        Ok(v) => v,
+        Err(e) => {
+            report.problems.push(e);
+            return report;
+        }
+    };
+    report.bytes_checked = mlen;
+    let mut maps = BTreeMap::new();
+    for (fe, r) in manifest.files.iter().zip(check_all(dir, &manifest)) {
+        match r {
+            Ok(map) => {
+                report.bytes_checked += map.len() as u64;
+                maps.insert(fe.path.clone(), map);
+            }
+            Err(e) => report.problems.push(e),
+        }
+    }
+    build_components(dir, &manifest, &maps, &mut report.problems);
+    report.manifest = Some(manifest);
+    report
+}
