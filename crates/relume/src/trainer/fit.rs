@@ -237,31 +237,13 @@ fn config_json<B: Send + 'static>(
     })
 }
 
-/// Clips `grads` in place (PyTorch's `clip_grad_norm_` / `clip_grad_value_`).
+/// Clips `grads` in place (PyTorch's `clip_grad_norm_` with the L2 norm, or
+/// `clip_grad_value_`).
 fn clip(grads: &mut Grads, value: f64, alg: ClipAlgorithm) -> Result<()> {
     match alg {
-        ClipAlgorithm::Value => {
-            for (_, g) in grads.iter_mut() {
-                *g = g.clamp(-value, value)?;
-            }
-        }
-        ClipAlgorithm::Norm => {
-            let mut sq = 0f64;
-            for (_, g) in grads.iter() {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
-            let norm = sq.sqrt();
-            let coef = value / (norm + 1e-6);
-            if coef < 1.0 {
-                grads.scale(coef)?;
-            }
-        }
+        ClipAlgorithm::Value => crate::optim::clip_grad_value(grads, value),
+        ClipAlgorithm::Norm => crate::optim::clip_grad_norm(grads, value, 2.0).map(|_| ()),
     }
-    Ok(())
 }
 
 /// One `fit` call's state.
@@ -539,7 +521,10 @@ where
                     .collect();
                 let saved = match &self.last_checkpoint {
                     Some(p) if self.last_checkpoint != saved_before => {
-                        format!(" -> {}", p.file_name().map_or(p.as_os_str(), |n| n).to_string_lossy())
+                        format!(
+                            " -> {}",
+                            p.file_name().map_or(p.as_os_str(), |n| n).to_string_lossy()
+                        )
                     }
                     _ => String::new(),
                 };

@@ -33,7 +33,15 @@ impl Trainer {
         M::Batch: Send + 'static,
     {
         let mut rng = RngStreams::new(self.cfg.seed);
-        let mut m = run_eval(module, loader, Stage::Validate, self.cfg.limit_val_batches, &mut rng, 0, 0)?;
+        let mut m = run_eval(
+            module,
+            loader,
+            Stage::Validate,
+            self.cfg.limit_val_batches,
+            &mut rng,
+            0,
+            0,
+        )?;
         Ok(m.take_epoch())
     }
 
@@ -52,7 +60,15 @@ impl Trainer {
         M::Batch: Send + 'static,
     {
         let mut rng = RngStreams::new(self.cfg.seed);
-        let mut m = run_eval(module, loader, Stage::Test, self.cfg.limit_test_batches, &mut rng, 0, 0)?;
+        let mut m = run_eval(
+            module,
+            loader,
+            Stage::Test,
+            self.cfg.limit_test_batches,
+            &mut rng,
+            0,
+            0,
+        )?;
         Ok(m.take_epoch())
     }
 

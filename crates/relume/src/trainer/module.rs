@@ -9,15 +9,7 @@ use crate::params::ParamStore;
 use crate::sched::LrScheduler;
 use crate::trainer::context::StepCtx;
 
-/// When a scheduler steps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Interval {
-    /// After every `frequency`-th optimizer step.
-    Step,
-    /// After every `frequency`-th epoch (after that epoch's validation).
-    Epoch,
-}
+pub use crate::sched::Interval;
 
 /// A scheduler attached to one optimizer.
 pub struct SchedulerConfig {
