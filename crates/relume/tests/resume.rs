@@ -657,3 +657,117 @@ fn edited_manifest_fingerprint_is_caught_after_restore() {
     let e = resume_err(dir.path(), Spec::new(Opt::AdamW));
     assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
 }
+
+// ---- the other trainer error variants ----
+
+#[test]
+fn best_without_a_tracking_callback_is_an_error() {
+    let dir = trained(Opt::AdamW);
+    let mut t = Trainer::builder()
+        .default_root_dir(dir.path())
+        .resume(ResumePolicy::Required(Source::Best))
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let spec = Spec::new(Opt::AdamW);
+    let (mut train, _) = loaders(&spec);
+    let e = t
+        .fit(&mut Tiny::new(&spec).unwrap(), &mut train, None)
+        .unwrap_err();
+    assert!(matches!(e, Error::NoBestCheckpoint { .. }), "{e}");
+}
+
+#[test]
+fn predict_without_predict_step_is_not_implemented() {
+    let spec = Spec::new(Opt::AdamW);
+    let (_, val) = loaders(&spec);
+    let mut t = Trainer::builder()
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let e = t.predict(&mut Tiny::new(&spec).unwrap(), &val).unwrap_err();
+    assert!(matches!(e, Error::NotImplemented { .. }), "{e}");
+    // validate works on the current parameters and returns the reduced metrics
+    let m = t.validate(&mut Tiny::new(&spec).unwrap(), &val).unwrap();
+    assert!(
+        m.contains_key("val_loss") && m.contains_key("val_acc"),
+        "{m:?}"
+    );
+}
+
+/// A module whose optimizers are configured by a closure.
+struct Custom<F: Fn(&ParamStore) -> Result<Vec<OptimizerConfig>>> {
+    inner: Tiny,
+    opts: F,
+}
+
+impl<F: Fn(&ParamStore) -> Result<Vec<OptimizerConfig>>> TrainModule for Custom<F> {
+    type Batch = (Tensor, Tensor);
+    fn params(&self) -> &ParamStore {
+        &self.inner.params
+    }
+    fn training_step(&mut self, batch: Self::Batch, ctx: &mut StepCtx<'_>) -> Result<Tensor> {
+        self.inner.training_step(batch, ctx)
+    }
+    fn configure_optimizers(&self) -> Result<Vec<OptimizerConfig>> {
+        (self.opts)(&self.inner.params)
+    }
+}
+
+fn fit_custom(opts: impl Fn(&ParamStore) -> Result<Vec<OptimizerConfig>>) -> Result<FitOutcome> {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::new(Opt::AdamW);
+    let (mut train, val) = loaders(&spec);
+    let mut m = Custom {
+        inner: Tiny::new(&spec)?,
+        opts,
+    };
+    let mut t = Trainer::builder()
+        .max_epochs(1)
+        .default_root_dir(dir.path())
+        .enable_progress_bar(false)
+        .build()?;
+    t.fit(&mut m, &mut train, Some(&val))
+}
+
+#[test]
+fn a_parameter_owned_by_two_optimizers_is_an_error() {
+    let e = fit_custom(|ps| {
+        let sgd = || Sgd::from_store(ps, SgdConfig::default());
+        Ok(vec![
+            OptimizerConfig::new(sgd()?),
+            OptimizerConfig::new(sgd()?),
+        ])
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::ParamOwnedTwice {
+                first: 0,
+                second: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_monitored_metric_that_was_never_logged_is_an_error() {
+    let e = fit_custom(|ps| {
+        let s = StepLR::new(vec![0.1], 1, 0.5)?;
+        Ok(vec![OptimizerConfig::new(Sgd::from_store(
+            ps,
+            SgdConfig::default(),
+        )?)
+        .with_scheduler(
+            SchedulerConfig::per_epoch(s).monitor("val_nope"),
+        )])
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::MetricNotLogged { metric, .. } if metric == "val_nope"),
+        "{e}"
+    );
+}
