@@ -126,7 +126,9 @@ fn datasets() -> (TensorDataset, TensorDataset) {
     data.split(0.8, 42).unwrap()
 }
 
-fn loaders() -> (DataLoader<(Tensor, Tensor)>, DataLoader<(Tensor, Tensor)>) {
+type Loader = DataLoader<(Tensor, Tensor)>;
+
+fn loaders() -> (Loader, Loader) {
     let (tr, va) = datasets();
     let train = DataLoader::new(
         tr,

@@ -281,7 +281,9 @@ fn data(n: usize, seed: u64) -> TensorDataset {
     TensorDataset::new(xs, 4, ys).unwrap()
 }
 
-fn loaders(spec: &Spec) -> (DataLoader<(Tensor, Tensor)>, DataLoader<(Tensor, Tensor)>) {
+type Loader = DataLoader<(Tensor, Tensor)>;
+
+fn loaders(spec: &Spec) -> (Loader, Loader) {
     let cfg = LoaderConfig::new(spec.batch_size)
         .shuffle(true)
         .seed(3)

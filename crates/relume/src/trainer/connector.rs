@@ -38,7 +38,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use relume_ckpt::{AllowList, Checkpoint, CheckpointDir, RestoreReport, StateDict, Stateful};
+use relume_ckpt::{Checkpoint, CheckpointDir, RestoreReport, StateDict, Stateful};
 use serde_json::Value;
 
 use crate::callbacks::Callback;
@@ -47,6 +47,7 @@ use crate::loggers::Logger;
 use crate::optim::Optimizer;
 use crate::params::ParamStore;
 use crate::rng::RngStreams;
+use crate::trainer::builder::TrainerConfig;
 use crate::trainer::loop_state::LoopState;
 use crate::trainer::module::SchedulerConfig;
 use crate::trainer::resume::{ResumePolicy, Source};
@@ -279,7 +280,8 @@ fn describe(s: &Source) -> String {
 
 /// Restores `path` into `live` (steps 1–5 of the module docs).
 ///
-/// `live_config` is the live run's config block; `user_state` the module's live
+/// `live_config` is the live run's config block, `cfg` supplies the overrides and
+/// allow-list; `live_user` is the module's live
 /// hook state and `load_user` its restore hook.
 ///
 /// # Errors
@@ -290,12 +292,12 @@ pub(crate) fn restore(
     path: &Path,
     live: &mut Live<'_>,
     live_config: &Value,
-    overrides: &[String],
-    allow: &AllowList,
+    cfg: &TrainerConfig,
     live_user: StateDict,
     load_user: &mut dyn FnMut(&StateDict) -> Result<RestoreReport>,
     user_after: &dyn Fn() -> Result<StateDict>,
 ) -> Result<Restored> {
+    let (overrides, allow) = (&cfg.config_overrides, &cfg.allow);
     let loaded = relume_ckpt::load(path)?;
     let saved = &loaded.components;
     // 2. counts
