@@ -253,6 +253,17 @@ pub enum Error {
         /// Who needed it (`"scheduler 0"`).
         needed_by: String,
     },
+    /// A callback's state was saved under one key and the live callback of the
+    /// same type has another: one of its identity settings changed.
+    #[error("checkpoint {checkpoint}: callback state was saved under key {saved_key:?} but the live callback's key is {live_key:?} (the strict restore reports the old key unexpected and the new key missing): an identity setting of this callback (monitor, mode, every_n_*, ...) changed since the checkpoint; restore the setting to resume its state, or allow-list `callbacks/{saved_key}` and `callbacks/{live_key}` to start it fresh")]
+    CallbackIdentityChanged {
+        /// The checkpoint.
+        checkpoint: std::path::PathBuf,
+        /// Key in the checkpoint.
+        saved_key: String,
+        /// Key of the live callback.
+        live_key: String,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -25,6 +25,7 @@ pub mod callbacks;
 pub mod trainer;
 
 pub use callbacks::{Callback, HookCtx, Request, SavedCheckpoint};
+pub use callbacks::{EarlyStopping, LearningRateMonitor, Mode, ModelCheckpoint, Timer};
 pub use trainer::{
     FitOutcome, LogOpts, OptimizerConfig, ResumePolicy, SchedulerConfig, Source, StepCtx,
     TrainModule, Trainer,

@@ -13,6 +13,10 @@
 //! 4. a stop request saves a checkpoint at the boundary (if none was saved there)
 //!    and ends `fit` with `FitOutcome::Stopped`.
 //!
+//! Built-in callbacks: [`ModelCheckpoint`] (top-k, last, schedules; retention in
+//! [`retention`] as pure functions), [`EarlyStopping`], [`LearningRateMonitor`]
+//! and [`Timer`].
+//!
 //! This keeps policy (ModelCheckpoint's top-k, EarlyStopping's patience) in plain
 //! callbacks that can be unit-tested without a disk, while every write and delete
 //! goes through the trainer, after the commit.
@@ -30,6 +34,20 @@ use std::path::{Path, PathBuf};
 use relume_ckpt::{RestoreReport, StateDict};
 
 use crate::error::{Error, Result};
+
+pub mod early_stopping;
+pub mod filename;
+pub mod lr_monitor;
+pub mod model_checkpoint;
+pub mod monitor;
+pub mod retention;
+pub mod timer;
+
+pub use early_stopping::EarlyStopping;
+pub use lr_monitor::LearningRateMonitor;
+pub use model_checkpoint::ModelCheckpoint;
+pub use monitor::Mode;
+pub use timer::Timer;
 
 /// Where the loop stands when a hook runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,6 +81,12 @@ pub enum Request {
         /// Why (logged and returned).
         reason: String,
     },
+    /// Report `metrics` to the loggers at the current step (with the step's own
+    /// metrics when requested before the optimizer step).
+    Log {
+        /// Metric name → value.
+        metrics: BTreeMap<String, f64>,
+    },
 }
 
 /// What a hook sees and how it requests actions.
@@ -78,6 +102,7 @@ pub struct HookCtx<'a> {
     /// The checkpoint this run resumed from, if any (retention must keep it).
     pub resumed_from: Option<&'a Path>,
     requests: &'a mut Vec<Request>,
+    lrs: Vec<(String, Vec<f64>)>,
 }
 
 impl<'a> HookCtx<'a> {
@@ -95,6 +120,26 @@ impl<'a> HookCtx<'a> {
             run_dir,
             resumed_from,
             requests,
+            lrs: Vec::new(),
+        }
+    }
+
+    /// Adds the optimizers' learning rates (kind, rate per group, in optimizer
+    /// order), as seen by [`HookCtx::lrs`].
+    pub fn with_lrs(mut self, lrs: Vec<(String, Vec<f64>)>) -> Self {
+        self.lrs = lrs;
+        self
+    }
+
+    /// Every optimizer's kind and current learning rate per parameter group.
+    pub fn lrs(&self) -> &[(String, Vec<f64>)] {
+        &self.lrs
+    }
+
+    /// Asks for `metrics` to be reported to the loggers at the current step.
+    pub fn log_metrics(&mut self, metrics: BTreeMap<String, f64>) {
+        if !metrics.is_empty() {
+            self.requests.push(Request::Log { metrics });
         }
     }
 

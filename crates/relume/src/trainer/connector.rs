@@ -239,6 +239,8 @@ impl Connector {
                         .iter()
                         .find_map(|cb| cb.best_checkpoint(&saved.sub(&cb.state_key())));
                     match best {
+                        // A callback names a checkpoint of this directory by name.
+                        Some(b) if b.is_relative() => Some(ckdir.join(b)),
                         Some(b) => Some(b),
                         None => {
                             return Err(Error::NoBestCheckpoint {
@@ -467,6 +469,13 @@ pub(crate) fn restore(
         .filter(|m| !allow.allows(&m.key))
         .map(|m| format!("{}: expected {}, got {}", m.key, m.expected, m.got))
         .collect();
+    if let Some((saved_key, live_key)) = identity_change(&missing, &unexpected) {
+        return Err(Error::CallbackIdentityChanged {
+            checkpoint: path.to_path_buf(),
+            saved_key,
+            live_key,
+        });
+    }
     if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
         return Err(Error::RestoreIncomplete {
             checkpoint: path.to_path_buf(),
@@ -514,6 +523,33 @@ pub(crate) fn restore(
         restored_components: now.keys().cloned().collect(),
         allowed,
     })
+}
+
+/// A missing and an unexpected callback key of the same callback type
+/// (`Type{settings}`): `(saved, live)`.
+fn identity_change(missing: &[String], unexpected: &[String]) -> Option<(String, String)> {
+    let ty = |k: &str| -> Option<String> {
+        let k = k.strip_prefix("callbacks/")?;
+        let key = k.split('/').next()?;
+        let (t, _) = key.split_once('{')?;
+        Some(t.to_string())
+    };
+    let key = |k: &str| {
+        k.trim_start_matches("callbacks/")
+            .split('/')
+            .next()
+            .map(str::to_string)
+    };
+    for m in missing {
+        let Some(tm) = ty(m) else { continue };
+        if let Some(u) = unexpected
+            .iter()
+            .find(|u| ty(u).as_deref() == Some(tm.as_str()))
+        {
+            return Some((key(u)?, key(m)?));
+        }
+    }
+    None
 }
 
 /// Merges a component's restore result into `report`; a component that refused

@@ -272,6 +272,11 @@ macro_rules! hook {
         let metrics = $run.state.metrics.latest().clone();
         let run_dir = $run.cfg.default_root_dir.clone();
         let resumed = $run.resumed_from.clone();
+        let lrs: Vec<(String, Vec<f64>)> = $run
+            .optimizers
+            .iter()
+            .map(|o| (o.kind().to_string(), o.lrs()))
+            .collect();
         for $cb in $run.callbacks.iter_mut() {
             let mut $ctx = HookCtx::new(
                 progress,
@@ -279,7 +284,8 @@ macro_rules! hook {
                 &run_dir,
                 resumed.as_deref(),
                 &mut $run.requests,
-            );
+            )
+            .with_lrs(lrs.clone());
             $body?;
         }
     }};
@@ -683,6 +689,13 @@ where
                 }
                 Request::Delete { name } => deletes.push(name),
                 Request::Stop { .. } => {}
+                Request::Log { metrics } => {
+                    let step = self.state.global_step;
+                    for l in self.loggers.iter_mut() {
+                        l.log_metrics(step, &metrics)?;
+                    }
+                    self.state.logger_step = step;
+                }
             }
         }
         if !saves.is_empty() {
