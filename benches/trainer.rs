@@ -9,7 +9,8 @@
 //! (c) **resume latency**: process start → first resumed step, by re-executing this
 //!     binary in a child mode that resumes a prepared run.
 //!
-//! `cargo bench --bench trainer` (set `BENCH_EPOCHS` to change the epochs timed).
+//! `cargo bench --bench trainer` (set `BENCH_EPOCHS` to change the epochs timed,
+//! `RAYON_NUM_THREADS=1` for single-threaded candle kernels, `DIGITS_CSV` for the data).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
