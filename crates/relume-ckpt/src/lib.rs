@@ -20,3 +20,4 @@ pub use error::{Error, Result};
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
 pub use state::{join_key, Leaf, StateDict, TensorBytes, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, Mismatch, RestoreReport, Stateful};
+pub mod lightning;
