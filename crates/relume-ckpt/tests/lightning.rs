@@ -437,9 +437,10 @@ fn os_system_and_friends_come_back_as_inert_data() {
 fn os_system_inside_a_ckpt_zip_is_inert() {
     let dir = tempfile::tempdir().unwrap();
     let cmd = format!("touch {}", marker(dir.path()).display());
-    let pickle = P::default()
+    let body = P::default()
         .proto()
         .op(b'}')
+        .op(b'(')
         .str("pytorch-lightning_version")
         .str("2.6.6")
         .str("hyper_parameters")
@@ -447,14 +448,8 @@ fn os_system_inside_a_ckpt_zip_is_inert() {
         .str(&cmd)
         .op(0x85)
         .op(b'R')
-        .op(b'u' - 0) // placeholder replaced below
-        .0;
-    // Replace the trailing placeholder with a proper SETITEMS sequence.
-    let mut pickle = pickle;
-    pickle.pop();
-    let mut body = vec![0x80, 2, b'}', b'('];
-    body.extend_from_slice(&pickle[3..]);
-    body.extend_from_slice(b"u.");
+        .op(b'u') // SETITEMS
+        .stop();
     let path = dir.path().join("evil.ckpt");
     write_zip(
         &path,
