@@ -890,3 +890,34 @@ fn default_limits_are_generous_and_public() {
     assert!(d.total_tensor_bytes >= 1 << 30);
     assert!(Limits::small().total_tensor_bytes < d.total_tensor_bytes);
 }
+
+#[test]
+fn oversized_pickle_is_a_limit_error() {
+    let limits = Limits {
+        pickle_bytes: 8,
+        ..Limits::small()
+    };
+    let bytes = P::default().proto().str("0123456789").stop();
+    let err = parse_pickle(&bytes, "t.pkl", &mut MemoryStorages::default(), &limits).unwrap_err();
+    assert_eq!(limit_of(&err), "pickle size");
+}
+
+#[test]
+fn repeated_calls_on_a_shared_huge_tuple_do_not_copy_it() {
+    // A 3000-item tuple, then 3000 inert REDUCEs over it via the memo: linear work, and
+    // the decoded tree is bounded by the value budget.
+    let mut p = P::default()
+        .proto()
+        .global("os", "system")
+        .raw(b"q\x00")
+        .op(b'(');
+    for _ in 0..3000 {
+        p = p.op(b'N');
+    }
+    p = p.op(b't').raw(b"q\x01").op(b'0').op(b'0').op(b']');
+    for _ in 0..3000 {
+        p = p.raw(b"h\x00h\x01").op(b'R').op(b'a');
+    }
+    let err = run(&p.stop()).unwrap_err();
+    assert_eq!(limit_of(&err), "decoded value count");
+}

@@ -39,7 +39,10 @@ pub(crate) enum Node {
     Call {
         func: Val,
         kind: CallKind,
-        args: Vec<Val>,
+        /// The argument tuple, shared rather than copied.
+        args: Val,
+        /// `NEWOBJ_EX` keyword arguments.
+        kwargs: Option<Val>,
         state: Option<Val>,
         list_items: Vec<Val>,
         dict_items: Vec<(Val, Val)>,
@@ -182,13 +185,23 @@ impl<'a> Converter<'a> {
                 func,
                 kind,
                 args,
+                kwargs,
                 state,
                 list_items,
                 dict_items,
             } => PyValue::Call {
                 func: Box::new(self.convert(*func, depth + 1)?),
                 kind: *kind,
-                args: self.seq(args, depth)?,
+                args: {
+                    let mut out = match self.convert(*args, depth + 1)? {
+                        PyValue::Tuple(items) => items,
+                        other => vec![other],
+                    };
+                    if let Some(kw) = kwargs {
+                        out.push(self.convert(*kw, depth + 1)?);
+                    }
+                    out
+                },
                 state: match state {
                     Some(s) => Some(Box::new(self.convert(*s, depth + 1)?)),
                     None => None,

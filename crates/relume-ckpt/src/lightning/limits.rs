@@ -5,6 +5,9 @@
 //! amounts of memory and time proportional to its length. Exceeding a limit is
 //! [`Error::LimitExceeded`](crate::Error::LimitExceeded), never a panic.
 
+/// Largest `data.pkl` the interpreter runs (Lightning's are kilobytes to a few MiB; the
+/// interpreter's working memory is a small multiple of this).
+pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
 /// Most entries the pickle memo may hold (Lightning checkpoints use a few thousand).
 pub const MAX_MEMO_ENTRIES: usize = 1 << 20;
 /// Most values on the pickle stack at once.
@@ -32,6 +35,8 @@ pub const MAX_TENSOR_DIMS: usize = 64;
 /// module; tests and fuzzers shrink them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// See [`MAX_PICKLE_BYTES`].
+    pub pickle_bytes: u64,
     /// See [`MAX_MEMO_ENTRIES`].
     pub memo_entries: usize,
     /// See [`MAX_STACK_DEPTH`].
@@ -59,6 +64,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            pickle_bytes: MAX_PICKLE_BYTES,
             memo_entries: MAX_MEMO_ENTRIES,
             stack_depth: MAX_STACK_DEPTH,
             mark_depth: MAX_MARK_DEPTH,
@@ -78,6 +84,7 @@ impl Limits {
     /// Small limits for fuzzing and tests: a few MiB of memory at most.
     pub fn small() -> Self {
         Limits {
+            pickle_bytes: 1 << 22,
             memo_entries: 1 << 12,
             stack_depth: 1 << 12,
             mark_depth: 64,

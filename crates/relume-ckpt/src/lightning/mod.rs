@@ -26,6 +26,7 @@ pub mod archive;
 pub mod checkpoint;
 mod heap;
 pub mod limits;
+mod opcodes;
 pub mod pickle;
 pub mod summary;
 pub mod tensor;

@@ -22,68 +22,13 @@ use std::sync::Arc;
 
 use super::heap::{Converter, Node, Val};
 use super::limits::Limits;
+use super::opcodes::{decode_long, op};
 use super::tensor::{StorageSource, View, ViewError};
 use super::value::{CallKind, PyValue, TorchDType, TorchTensor};
 use crate::error::{Error, Result};
 
 /// The highest pickle protocol the reader accepts.
 pub const MAX_PROTOCOL: u8 = 5;
-
-mod op {
-    pub const MARK: u8 = b'(';
-    pub const STOP: u8 = b'.';
-    pub const POP: u8 = b'0';
-    pub const POP_MARK: u8 = b'1';
-    pub const DUP: u8 = b'2';
-    pub const BININT: u8 = b'J';
-    pub const BININT1: u8 = b'K';
-    pub const BININT2: u8 = b'M';
-    pub const NONE: u8 = b'N';
-    pub const BINPERSID: u8 = b'Q';
-    pub const REDUCE: u8 = b'R';
-    pub const BINSTRING: u8 = b'T';
-    pub const SHORT_BINSTRING: u8 = b'U';
-    pub const BINUNICODE: u8 = b'X';
-    pub const APPEND: u8 = b'a';
-    pub const BUILD: u8 = b'b';
-    pub const GLOBAL: u8 = b'c';
-    pub const DICT: u8 = b'd';
-    pub const EMPTY_DICT: u8 = b'}';
-    pub const APPENDS: u8 = b'e';
-    pub const BINGET: u8 = b'h';
-    pub const LONG_BINGET: u8 = b'j';
-    pub const LIST: u8 = b'l';
-    pub const EMPTY_LIST: u8 = b']';
-    pub const BINPUT: u8 = b'q';
-    pub const LONG_BINPUT: u8 = b'r';
-    pub const SETITEM: u8 = b's';
-    pub const TUPLE: u8 = b't';
-    pub const EMPTY_TUPLE: u8 = b')';
-    pub const SETITEMS: u8 = b'u';
-    pub const BINFLOAT: u8 = b'G';
-    pub const PROTO: u8 = 0x80;
-    pub const NEWOBJ: u8 = 0x81;
-    pub const TUPLE1: u8 = 0x85;
-    pub const TUPLE2: u8 = 0x86;
-    pub const TUPLE3: u8 = 0x87;
-    pub const NEWTRUE: u8 = 0x88;
-    pub const NEWFALSE: u8 = 0x89;
-    pub const LONG1: u8 = 0x8a;
-    pub const LONG4: u8 = 0x8b;
-    pub const BINBYTES: u8 = b'B';
-    pub const SHORT_BINBYTES: u8 = b'C';
-    pub const SHORT_BINUNICODE: u8 = 0x8c;
-    pub const BINUNICODE8: u8 = 0x8d;
-    pub const BINBYTES8: u8 = 0x8e;
-    pub const EMPTY_SET: u8 = 0x8f;
-    pub const ADDITEMS: u8 = 0x90;
-    pub const FROZENSET: u8 = 0x91;
-    pub const NEWOBJ_EX: u8 = 0x92;
-    pub const STACK_GLOBAL: u8 = 0x93;
-    pub const MEMOIZE: u8 = 0x94;
-    pub const FRAME: u8 = 0x95;
-    pub const BYTEARRAY8: u8 = 0x96;
-}
 
 /// Runs the pickle `data` and returns the value it builds.
 ///
@@ -101,6 +46,15 @@ pub fn parse_pickle(
     storages: &mut dyn StorageSource,
     limits: &Limits,
 ) -> Result<PyValue> {
+    if data.len() as u64 > limits.pickle_bytes {
+        return Err(Error::LimitExceeded {
+            file: file.to_string(),
+            offset: 0,
+            limit: "pickle size",
+            max: limits.pickle_bytes,
+            got: data.len() as u64,
+        });
+    }
     let mut m = Machine {
         data,
         pos: 0,
@@ -510,17 +464,16 @@ impl Machine<'_> {
                 op::NEWOBJ => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let args = self.tuple_items(args, "NEWOBJ arguments")?;
-                    let v = self.inert_call(cls, CallKind::NewObj, args);
+                    self.check_tuple(args, "NEWOBJ arguments")?;
+                    let v = self.inert_call(cls, CallKind::NewObj, args, None);
                     self.push(v)?;
                 }
                 op::NEWOBJ_EX => {
                     let kwargs = self.pop()?;
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let mut args = self.tuple_items(args, "NEWOBJ_EX arguments")?;
-                    args.push(kwargs);
-                    let v = self.inert_call(cls, CallKind::NewObj, args);
+                    self.check_tuple(args, "NEWOBJ_EX arguments")?;
+                    let v = self.inert_call(cls, CallKind::NewObj, args, Some(kwargs));
                     self.push(v)?;
                 }
                 op::BUILD => {
@@ -575,18 +528,25 @@ impl Machine<'_> {
         Ok(())
     }
 
-    fn tuple_items(&self, v: Val, what: &str) -> Result<Vec<Val>> {
+    /// The length of tuple `v` and copies of its first (at most) `n` items; never copies
+    /// a whole tuple, so repeated calls on a huge shared tuple stay cheap.
+    fn tuple_prefix(&self, v: Val, n: usize, what: &str) -> Result<(usize, Vec<Val>)> {
         match self.node(v) {
-            Some(Node::Tuple(items)) => Ok(items.clone()),
+            Some(Node::Tuple(items)) => Ok((items.len(), items.iter().take(n).copied().collect())),
             _ => Err(self.err(format!("{what} are not a tuple"))),
         }
     }
 
-    fn inert_call(&mut self, func: Val, kind: CallKind, args: Vec<Val>) -> Val {
+    fn check_tuple(&self, v: Val, what: &str) -> Result<()> {
+        self.tuple_prefix(v, 0, what).map(|_| ())
+    }
+
+    fn inert_call(&mut self, func: Val, kind: CallKind, args: Val, kwargs: Option<Val>) -> Val {
         self.alloc(Node::Call {
             func,
             kind,
             args,
+            kwargs,
             state: None,
             list_items: Vec::new(),
             dict_items: Vec::new(),
@@ -602,9 +562,9 @@ impl Machine<'_> {
 
     /// `REDUCE`: evaluates the allow-listed constructors, records anything else inertly.
     fn reduce(&mut self, func: Val, args: Val, kind: CallKind) -> Result<Val> {
-        let args = self.tuple_items(args, "REDUCE arguments")?;
+        let (len, prefix) = self.tuple_prefix(args, 7, "REDUCE arguments")?;
         let allowed = match self.global_name(func) {
-            Some(("collections", "OrderedDict")) if args.is_empty() => Some(0),
+            Some(("collections", "OrderedDict")) if len == 0 => Some(0),
             Some(("torch._utils", "_rebuild_tensor_v2")) => Some(1),
             Some(("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state")) => {
                 Some(2)
@@ -613,9 +573,9 @@ impl Machine<'_> {
         };
         match allowed {
             Some(0) => Ok(self.alloc(Node::Dict(Vec::new()))),
-            Some(1) => self.rebuild_tensor(&args),
-            Some(_) => self.rebuild_parameter(&args),
-            None => Ok(self.inert_call(func, kind, args)),
+            Some(1) => self.rebuild_tensor(&prefix),
+            Some(_) => self.rebuild_parameter(&prefix),
+            None => Ok(self.inert_call(func, kind, args, None)),
         }
     }
 
@@ -632,6 +592,10 @@ impl Machine<'_> {
         let Some(Node::Tuple(items)) = v.and_then(|v| self.node(*v)) else {
             return Err(self.err(format!("{what} is not a tuple")));
         };
+        if items.len() > self.limits.tensor_dims {
+            let max = self.limits.tensor_dims as u64;
+            return Err(self.limit("tensor dimensions", max, items.len() as u64));
+        }
         items.iter().map(|i| self.int_arg(Some(i), what)).collect()
     }
 
@@ -752,89 +716,5 @@ impl Machine<'_> {
             dtype,
             numel,
         })
-    }
-}
-
-/// Decodes a little-endian two's-complement integer; `Err(decimal)` when it needs more
-/// than 64 bits.
-pub(crate) fn decode_long(bytes: &[u8]) -> std::result::Result<i64, String> {
-    let Some(&last) = bytes.last() else {
-        return Ok(0);
-    };
-    let negative = last & 0x80 != 0;
-    let fill = if negative { 0xff } else { 0x00 };
-    if bytes.len() <= 8 || bytes[8..].iter().all(|&b| b == fill) {
-        let mut b = [fill; 8];
-        let n = bytes.len().min(8);
-        b[..n].copy_from_slice(&bytes[..n]);
-        let v = i64::from_le_bytes(b);
-        if (v < 0) == negative {
-            return Ok(v);
-        }
-    }
-    // Magnitude as little-endian bytes, then repeated division by 10^9.
-    let mut mag: Vec<u8> = bytes.to_vec();
-    if negative {
-        let mut carry = 1u16;
-        for b in &mut mag {
-            let v = u16::from(!*b) + carry;
-            *b = v as u8;
-            carry = v >> 8;
-        }
-    }
-    let mut limbs: Vec<u32> = mag
-        .chunks(4)
-        .map(|c| {
-            let mut w = [0u8; 4];
-            w[..c.len()].copy_from_slice(c);
-            u32::from_le_bytes(w)
-        })
-        .collect();
-    let mut groups = Vec::new();
-    while limbs.iter().any(|&l| l != 0) {
-        let mut rem = 0u64;
-        for l in limbs.iter_mut().rev() {
-            let cur = (rem << 32) | u64::from(*l);
-            *l = (cur / 1_000_000_000) as u32;
-            rem = cur % 1_000_000_000;
-        }
-        groups.push(rem as u32);
-    }
-    let mut s = String::from(if negative { "-" } else { "" });
-    match groups.split_last() {
-        Some((top, rest)) => {
-            s.push_str(&top.to_string());
-            for g in rest.iter().rev() {
-                s.push_str(&format!("{g:09}"));
-            }
-        }
-        None => s.push('0'),
-    }
-    Err(s)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decode_long_small_and_big() {
-        assert_eq!(decode_long(&[]), Ok(0));
-        assert_eq!(decode_long(&[0xff]), Ok(-1));
-        assert_eq!(decode_long(&[0x00, 0x01]), Ok(256));
-        assert_eq!(decode_long(&[0xff, 0x00]), Ok(255));
-        // 2^64 = 18446744073709551616
-        let mut b = vec![0u8; 8];
-        b.push(1);
-        assert_eq!(decode_long(&b), Err("18446744073709551616".to_string()));
-        // -(2^64)
-        let mut n = vec![0u8; 8];
-        n.push(0xff);
-        assert_eq!(decode_long(&n), Err("-18446744073709551616".to_string()));
-        // u64::MAX as 9 bytes (positive): 18446744073709551615
-        let mut m = vec![0xffu8; 8];
-        m.push(0);
-        assert_eq!(decode_long(&m), Err("18446744073709551615".to_string()));
-        assert_eq!(decode_long(&[0xff; 9]), Ok(-1));
     }
 }

@@ -230,7 +230,7 @@ pub enum PyValue {
         func: Box<PyValue>,
         /// How it was spelled.
         kind: CallKind,
-        /// Positional arguments.
+        /// Positional arguments (for `NEWOBJ_EX`, the keyword dict follows them).
         args: Vec<PyValue>,
         /// The state `BUILD` would have passed to `__setstate__`, if any.
         state: Option<Box<PyValue>>,
