@@ -21,3 +21,4 @@ pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGE
 pub use state::{join_key, Leaf, StateDict, TensorBytes, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, Mismatch, RestoreReport, Stateful};
 pub mod lightning;
+pub use lightning::{LightningCheckpoint, PyValue, TorchTensor};
