@@ -215,7 +215,7 @@ impl<R: Read + Seek> TorchArchive<R> {
     ///
     /// # Errors
     /// The errors of [`read_entry`](Self::read_entry) and of
-    /// [`parse_pickle`](super::pickle::parse_pickle).
+    /// [`parse_pickle`].
     pub fn load(&mut self) -> Result<PyValue> {
         let entry = format!("{}/data.pkl", self.prefix);
         let pickle = self.read_entry(&entry)?;
