@@ -156,6 +156,14 @@ pub enum Error {
         /// The size or count declared or reached.
         got: u64,
     },
+    /// A torch tensor has a dtype relume checkpoints cannot store.
+    #[error("tensor {tensor:?}: torch dtype {dtype} has no relume equivalent; cast it (e.g. to int32) before converting")]
+    UnsupportedTorchDType {
+        /// Tensor name.
+        tensor: String,
+        /// Torch's dtype name (`"int16"`, `"int8"`).
+        dtype: &'static str,
+    },
     /// The decoded checkpoint does not have the structure Lightning writes.
     #[error("{path}: key {key:?}: {reason}")]
     LightningStructure {

@@ -921,3 +921,36 @@ fn repeated_calls_on_a_shared_huge_tuple_do_not_copy_it() {
     let err = run(&p.stop()).unwrap_err();
     assert_eq!(limit_of(&err), "decoded value count");
 }
+
+#[test]
+fn tensors_convert_to_relume_leaves_except_int8_and_int16() {
+    let ckpt = LightningCheckpoint::open(data_dir().join("weights_only.ckpt")).unwrap();
+    for (name, t) in ckpt.state_dict() {
+        let leaf = t.to_tensor_data(&name).unwrap();
+        assert_eq!(leaf.shape(), t.shape.as_slice());
+        let as_f64: Vec<f64> = leaf
+            .to_f32_vec()
+            .unwrap()
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        assert_eq!(as_f64, t.to_f64_vec());
+    }
+    let mut storages = MemoryStorages::default();
+    storages
+        .storages
+        .insert("0".into(), Arc::from(vec![1u8, 2]));
+    let pickle = state_dict_pickle("c", "CharStorage", 2, 0, &[2], &[1]);
+    let v = parse_pickle(&pickle, "t.pkl", &mut storages, &Limits::small()).unwrap();
+    let err = v
+        .get("c")
+        .unwrap()
+        .as_tensor()
+        .unwrap()
+        .to_tensor_data("c")
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::UnsupportedTorchDType { tensor, dtype: "int8" } if tensor == "c"),
+        "{err}"
+    );
+}

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 
 use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::state::{TensorBytes, TensorData};
 
 /// The element type of a torch tensor, as named by its storage class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -143,6 +145,25 @@ impl TorchTensor {
             .chunks_exact(size)
             .map(|c| element_f64(self.dtype, c))
             .sum()
+    }
+
+    /// A relume tensor leaf with the same dtype, shape and bytes, for conversion.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedTorchDType`] for int16 and int8, which relume does not store.
+    pub fn to_tensor_data(&self, name: &str) -> Result<TensorData> {
+        let Some(dtype) = self.dtype.to_relume() else {
+            return Err(Error::UnsupportedTorchDType {
+                tensor: name.to_string(),
+                dtype: self.dtype.torch_name(),
+            });
+        };
+        TensorData::new(
+            dtype,
+            self.shape.clone(),
+            TensorBytes::owned(self.data.to_vec()),
+        )
+        .map_err(|e| e.with_key(name))
     }
 
     /// The value of a one-element tensor (a scalar such as a monitored score).
