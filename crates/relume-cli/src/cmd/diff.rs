@@ -27,7 +27,9 @@ use crate::table::{ellipsize, num, Table};
 
 /// Arguments of `relume diff`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Examples:\n  relume diff runs/a/checkpoints/step=000100 runs/b/checkpoints/step=000100\n  relume diff ckpt-before ckpt-after --tolerance 1e-6 --json\n\nA float tensor counts as changed when max |a - b| > TOLERANCE (default 0: any\nchange). Integer and bool tensors must match exactly. Exit status 1 when\nanything differs beyond the tolerance, 0 when the checkpoints agree.")]
+#[command(
+    after_help = "Examples:\n  relume diff runs/a/checkpoints/step=000100 runs/b/checkpoints/step=000100\n  relume diff ckpt-before ckpt-after --tolerance 1e-6 --json\n\nA float tensor counts as changed when max |a - b| > TOLERANCE (default 0: any\nchange). Integer and bool tensors must match exactly. Exit status 1 when\nanything differs beyond the tolerance, 0 when the checkpoints agree."
+)]
 pub struct DiffArgs {
     /// The first checkpoint (or a run directory: its `latest`).
     pub a: PathBuf,
@@ -210,7 +212,11 @@ pub fn compare_tensors(a: &TensorData, b: &TensorData, tolerance: f64) -> Tensor
         // Same dtype, so the kinds agree.
         _ => true,
     };
-    let beyond = if exact { differing > 0 } else { max_abs > tolerance };
+    let beyond = if exact {
+        differing > 0
+    } else {
+        max_abs > tolerance
+    };
     if beyond {
         TensorDiff::Changed {
             differing,
@@ -245,7 +251,8 @@ pub fn json_close(a: &Value, b: &Value, tolerance: f64) -> bool {
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
-                && x.iter().all(|(k, p)| y.get(k).is_some_and(|q| json_close(p, q, tolerance)))
+                && x.iter()
+                    .all(|(k, p)| y.get(k).is_some_and(|q| json_close(p, q, tolerance)))
         }
         _ => a == b,
     }
@@ -254,7 +261,13 @@ pub fn json_close(a: &Value, b: &Value, tolerance: f64) -> bool {
 /// Paths (`a.b.0`) where two JSON values differ beyond `tolerance`, with both sides
 /// (`null` for a side that lacks the path).
 pub fn json_paths(a: &Value, b: &Value, tolerance: f64, path: &str, out: &mut Vec<ValueDiff>) {
-    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
@@ -262,7 +275,11 @@ pub fn json_paths(a: &Value, b: &Value, tolerance: f64, path: &str, out: &mut Ve
                 let p = x.get(k).unwrap_or(&Value::Null);
                 let q = y.get(k).unwrap_or(&Value::Null);
                 if x.contains_key(k) != y.contains_key(k) {
-                    out.push(ValueDiff { key: join(k), a: p.clone(), b: q.clone() });
+                    out.push(ValueDiff {
+                        key: join(k),
+                        a: p.clone(),
+                        b: q.clone(),
+                    });
                 } else {
                     json_paths(p, q, tolerance, &join(k), out);
                 }
@@ -274,7 +291,11 @@ pub fn json_paths(a: &Value, b: &Value, tolerance: f64, path: &str, out: &mut Ve
             }
         }
         _ if json_close(a, b, tolerance) => {}
-        _ => out.push(ValueDiff { key: path.to_string(), a: a.clone(), b: b.clone() }),
+        _ => out.push(ValueDiff {
+            key: path.to_string(),
+            a: a.clone(),
+            b: b.clone(),
+        }),
     }
 }
 
@@ -325,7 +346,11 @@ fn compare(
     let names: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     for name in names {
         let (Some(x), Some(y)) = (a.get(name), b.get(name)) else {
-            let side = if a.contains_key(name) { &mut r.only_in_a } else { &mut r.only_in_b };
+            let side = if a.contains_key(name) {
+                &mut r.only_in_a
+            } else {
+                &mut r.only_in_b
+            };
             side.push(format!("{name} (component)"));
             continue;
         };
@@ -343,7 +368,11 @@ fn compare(
                 }),
                 (Some(Leaf::Json(p)), Some(Leaf::Json(q))) => {
                     if !json_close(p, q, tol) {
-                        r.json.push(ValueDiff { key: full, a: p.clone(), b: q.clone() });
+                        r.json.push(ValueDiff {
+                            key: full,
+                            a: p.clone(),
+                            b: q.clone(),
+                        });
                     }
                 }
                 (Some(_), Some(_)) => r.kind_changed.push(full),
@@ -357,46 +386,97 @@ fn render(r: &Report, all: bool) -> String {
     let mut out = format!("A  {}\nB  {}\n", r.a.display(), r.b.display());
     for (label, v) in [("progress", &r.progress), ("metrics", &r.metrics)] {
         if v[0] != v[1] {
-            out.push_str(&format!("{label}: {} -> {}\n", compact(&v[0]), compact(&v[1])));
+            out.push_str(&format!(
+                "{label}: {} -> {}\n",
+                compact(&v[0]),
+                compact(&v[1])
+            ));
         }
     }
-    for (label, list) in [("only in A", &r.only_in_a), ("only in B", &r.only_in_b), ("tensor in one, JSON in the other", &r.kind_changed)] {
+    for (label, list) in [
+        ("only in A", &r.only_in_a),
+        ("only in B", &r.only_in_b),
+        ("tensor in one, JSON in the other", &r.kind_changed),
+    ] {
         for k in list {
             out.push_str(&format!("{label}: {k}\n"));
         }
     }
-    let shown: Vec<&TensorRow> = r.tensors.iter().filter(|t| all || t.diff.is_difference()).collect();
+    let shown: Vec<&TensorRow> = r
+        .tensors
+        .iter()
+        .filter(|t| all || t.diff.is_difference())
+        .collect();
     if !shown.is_empty() {
         out.push_str(&format!("\ntensors (tolerance {}):\n", num(r.tolerance)));
-        let mut t = Table::new(["  TENSOR", "DTYPE", "SHAPE", "STATUS", "DIFFERING", "MAX ABS", "MAX REL"]).right(&[4, 5, 6]);
+        let mut t = Table::new([
+            "  TENSOR",
+            "DTYPE",
+            "SHAPE",
+            "STATUS",
+            "DIFFERING",
+            "MAX ABS",
+            "MAX REL",
+        ])
+        .right(&[4, 5, 6]);
         for row in shown {
             let (status, differing, abs, rel) = match &row.diff {
                 TensorDiff::Equal { differing, max_abs } => (
-                    if *differing == 0 { "equal" } else { "within tolerance" }.to_string(),
+                    if *differing == 0 {
+                        "equal"
+                    } else {
+                        "within tolerance"
+                    }
+                    .to_string(),
                     differing.to_string(),
                     num(*max_abs),
                     String::new(),
                 ),
-                TensorDiff::Changed { differing, numel, max_abs, max_rel } => (
+                TensorDiff::Changed {
+                    differing,
+                    numel,
+                    max_abs,
+                    max_rel,
+                } => (
                     "changed".to_string(),
                     format!("{differing}/{numel}"),
                     num(*max_abs),
                     num(*max_rel),
                 ),
-                TensorDiff::Layout { a, b } => (format!("layout {a} -> {b}"), String::new(), String::new(), String::new()),
+                TensorDiff::Layout { a, b } => (
+                    format!("layout {a} -> {b}"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ),
             };
-            t.row([format!("  {}", row.key), row.dtype.clone(), format!("{:?}", row.shape), status, differing, abs, rel]);
+            t.row([
+                format!("  {}", row.key),
+                row.dtype.clone(),
+                format!("{:?}", row.shape),
+                status,
+                differing,
+                abs,
+                rel,
+            ]);
         }
         out.push_str(&t.render());
     }
     let equal = r.tensors.iter().filter(|t| !t.diff.is_difference()).count();
-    out.push_str(&format!("{equal} of {} common tensors equal\n", r.tensors.len()));
+    out.push_str(&format!(
+        "{equal} of {} common tensors equal\n",
+        r.tensors.len()
+    ));
     for (label, list) in [("JSON state", &r.json), ("config", &r.config)] {
         if !list.is_empty() {
             out.push_str(&format!("\n{label} that differs:\n"));
             let mut t = Table::new(["  KEY", "A", "B"]);
             for d in list {
-                t.row([format!("  {}", d.key), ellipsize(&compact(&d.a), 60), ellipsize(&compact(&d.b), 60)]);
+                t.row([
+                    format!("  {}", d.key),
+                    ellipsize(&compact(&d.a), 60),
+                    ellipsize(&compact(&d.b), 60),
+                ]);
             }
             out.push_str(&t.render());
         }
@@ -404,7 +484,11 @@ fn render(r: &Report, all: bool) -> String {
     out.push_str(&if r.differences == 0 {
         "\nno differences\n".to_string()
     } else {
-        format!("\n{} difference{}\n", r.differences, if r.differences == 1 { "" } else { "s" })
+        format!(
+            "\n{} difference{}\n",
+            r.differences,
+            if r.differences == 1 { "" } else { "s" }
+        )
     });
     out
 }
@@ -432,7 +516,13 @@ pub fn run(opts: &DiffOpts) -> anyhow::Result<Status> {
         differences: 0,
     };
     compare(&a.components, &b.components, opts.tolerance, &mut r);
-    json_paths(&field(&a.header, "config"), &field(&b.header, "config"), opts.tolerance, "", &mut r.config);
+    json_paths(
+        &field(&a.header, "config"),
+        &field(&b.header, "config"),
+        opts.tolerance,
+        "",
+        &mut r.config,
+    );
     r.differences = r.only_in_a.len()
         + r.only_in_b.len()
         + r.kind_changed.len()
@@ -463,19 +553,42 @@ mod tests {
         let b = f32s(&[1.0, 2.5, f32::NAN]);
         assert_eq!(
             compare_tensors(&a, &b, 0.0),
-            TensorDiff::Changed { differing: 1, numel: 3, max_abs: 0.5, max_rel: 0.2 }
+            TensorDiff::Changed {
+                differing: 1,
+                numel: 3,
+                max_abs: 0.5,
+                max_rel: 0.2
+            }
         );
-        assert_eq!(compare_tensors(&a, &b, 0.5), TensorDiff::Equal { differing: 1, max_abs: 0.5 });
-        assert_eq!(compare_tensors(&a, &a, 0.0), TensorDiff::Equal { differing: 0, max_abs: 0.0 });
+        assert_eq!(
+            compare_tensors(&a, &b, 0.5),
+            TensorDiff::Equal {
+                differing: 1,
+                max_abs: 0.5
+            }
+        );
+        assert_eq!(
+            compare_tensors(&a, &a, 0.0),
+            TensorDiff::Equal {
+                differing: 0,
+                max_abs: 0.0
+            }
+        );
     }
 
     #[test]
     fn ints_are_exact_and_layout_is_checked() {
         let a = TensorData::from_i64(vec![2], &[1, 5]).unwrap();
         let b = TensorData::from_i64(vec![2], &[1, 3]).unwrap();
-        assert!(matches!(compare_tensors(&a, &b, 100.0), TensorDiff::Changed { differing: 1, .. }));
+        assert!(matches!(
+            compare_tensors(&a, &b, 100.0),
+            TensorDiff::Changed { differing: 1, .. }
+        ));
         let c = TensorData::from_i64(vec![1, 2], &[1, 5]).unwrap();
-        assert!(matches!(compare_tensors(&a, &c, 0.0), TensorDiff::Layout { .. }));
+        assert!(matches!(
+            compare_tensors(&a, &c, 0.0),
+            TensorDiff::Layout { .. }
+        ));
     }
 
     #[test]
@@ -484,7 +597,9 @@ mod tests {
         let two = half::bf16::from_f32(2.0).to_le_bytes().to_vec();
         let a = TensorData::new(DType::BF16, vec![1], TensorBytes::owned(one)).unwrap();
         let b = TensorData::new(DType::BF16, vec![1], TensorBytes::owned(two)).unwrap();
-        assert!(matches!(compare_tensors(&a, &b, 0.0), TensorDiff::Changed { max_abs, .. } if max_abs == 1.0));
+        assert!(
+            matches!(compare_tensors(&a, &b, 0.0), TensorDiff::Changed { max_abs, .. } if max_abs == 1.0)
+        );
     }
 
     #[test]

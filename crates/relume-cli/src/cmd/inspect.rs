@@ -27,7 +27,9 @@ use crate::table::{ellipsize, human_bytes, Table};
 
 /// Arguments of `relume inspect`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Examples:\n  relume inspect runs/digits/checkpoints/step=000120-epoch=2\n  relume inspect runs/digits        # the checkpoint `latest` names\n  relume inspect runs/digits --json\n\nExit status 1 when the checkpoint cannot resume training (the verdict names what\nis missing) or is damaged.")]
+#[command(
+    after_help = "Examples:\n  relume inspect runs/digits/checkpoints/step=000120-epoch=2\n  relume inspect runs/digits        # the checkpoint `latest` names\n  relume inspect runs/digits --json\n\nExit status 1 when the checkpoint cannot resume training (the verdict names what\nis missing) or is damaged."
+)]
 pub struct InspectArgs {
     /// A checkpoint directory, or a run directory (inspects its `latest`).
     pub ckpt: PathBuf,
@@ -120,7 +122,12 @@ pub fn read(path: &Path) -> anyhow::Result<Read> {
     }
     let (v, m) = read_any(path)?;
     let h = &m.manifest;
-    let pick = |a: &str, b: &str| h.get(a).or_else(|| h.get(b)).cloned().unwrap_or(Value::Null);
+    let pick = |a: &str, b: &str| {
+        h.get(a)
+            .or_else(|| h.get(b))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     Ok(Read {
         format_version: v,
         header: json!({
@@ -172,7 +179,12 @@ pub fn resume_needs(components: &BTreeMap<String, StateDict>, config: &Value) ->
         Some(opts) => {
             for i in 0..opts.len() {
                 let c = format!("optimizer.{i}");
-                out.push(need(&c, true, has(&c), format!("optimizer {i} of {} in config", opts.len())));
+                out.push(need(
+                    &c,
+                    true,
+                    has(&c),
+                    format!("optimizer {i} of {} in config", opts.len()),
+                ));
             }
         }
         None => {
@@ -181,7 +193,12 @@ pub fn resume_needs(components: &BTreeMap<String, StateDict>, config: &Value) ->
                 .filter(|k| *k == "optimizer" || k.starts_with("optimizer."))
                 .collect();
             if found.is_empty() {
-                out.push(need("optimizer.0", true, false, "no optimizer state (weights only?)"));
+                out.push(need(
+                    "optimizer.0",
+                    true,
+                    false,
+                    "no optimizer state (weights only?)",
+                ));
             }
             for c in found {
                 out.push(need(c, true, true, "optimizer state (count not in config)"));
@@ -192,30 +209,61 @@ pub fn resume_needs(components: &BTreeMap<String, StateDict>, config: &Value) ->
         for (i, s) in scheds.iter().enumerate() {
             if !s.is_null() {
                 let c = format!("scheduler.{i}");
-                out.push(need(&c, true, has(&c), format!("scheduler of optimizer {i} in config")));
+                out.push(need(
+                    &c,
+                    true,
+                    has(&c),
+                    format!("scheduler of optimizer {i} in config"),
+                ));
             }
         }
     } else {
-        for c in components.keys().filter(|k| *k == "scheduler" || k.starts_with("scheduler.")) {
+        for c in components
+            .keys()
+            .filter(|k| *k == "scheduler" || k.starts_with("scheduler."))
+        {
             out.push(need(c, true, true, "scheduler state (not in config)"));
         }
     }
-    out.push(need("rng", true, has("rng"), "RNG streams (dropout, shuffling)"));
-    out.push(need("train_loader", true, has("train_loader"), "data cursor: epoch, position, shuffle seed"));
-    out.push(need("loop", true, has("loop"), "step and epoch counters, logger step, callbacks that took part"));
+    out.push(need(
+        "rng",
+        true,
+        has("rng"),
+        "RNG streams (dropout, shuffling)",
+    ));
+    out.push(need(
+        "train_loader",
+        true,
+        has("train_loader"),
+        "data cursor: epoch, position, shuffle seed",
+    ));
+    out.push(need(
+        "loop",
+        true,
+        has("loop"),
+        "step and epoch counters, logger step, callbacks that took part",
+    ));
     let listed = |field: &str| -> Vec<String> {
         components
             .get("loop")
             .and_then(|l| l.get_json(field))
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     for (group, field) in [("callbacks", "callbacks"), ("loggers", "loggers")] {
         let state = components.get(group);
         for key in listed(field) {
             let present = state.is_some_and(|s| !s.sub(&key).is_empty());
-            let note = if present { "state saved" } else { "no state saved (fine if it is stateless)" };
+            let note = if present {
+                "state saved"
+            } else {
+                "no state saved (fine if it is stateless)"
+            };
             out.push(need(format!("{group}/{key}"), false, present, note));
         }
     }
@@ -277,8 +325,10 @@ fn build(path: &Path, r: Read) -> Report {
                 bytes: t.bytes().len() as u64,
             })
             .collect();
-        let json: BTreeMap<String, Value> =
-            sd.json_leaves().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let json: BTreeMap<String, Value> = sd
+            .json_leaves()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         totals.tensors += tensors.len();
         totals.tensor_bytes += sd.tensor_bytes();
         totals.json_leaves += json.len();
@@ -327,7 +377,11 @@ fn build(path: &Path, r: Read) -> Report {
 
 fn render(r: &Report) -> String {
     let h = &r.header;
-    let s = |k: &str| h.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| compact(v))).unwrap_or_default();
+    let s = |k: &str| {
+        h.get(k)
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| compact(v)))
+            .unwrap_or_default()
+    };
     let mut out = format!("checkpoint   {}\n", r.path.display());
     out.push_str(&format!(
         "format       v{} (current v{}), written by relume {}\n",
@@ -337,15 +391,25 @@ fn render(r: &Report) -> String {
     ));
     out.push_str(&format!("created      {}\n", s("created_at")));
     out.push_str(&format!("progress     {}\n", s("progress")));
-    if let Some(m) = h.get("metrics").and_then(Value::as_object).filter(|m| !m.is_empty()) {
-        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={}", compact(v))).collect();
+    if let Some(m) = h
+        .get("metrics")
+        .and_then(Value::as_object)
+        .filter(|m| !m.is_empty())
+    {
+        let parts: Vec<String> = m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", compact(v)))
+            .collect();
         out.push_str(&format!("metrics      {}\n", parts.join(" ")));
     }
     if h.get("fingerprint").is_some() {
         out.push_str(&format!("fingerprint  {}\n", s("fingerprint")));
     }
     if let (Some(f), Some(b)) = (h.get("files"), h.get("bytes").and_then(Value::as_u64)) {
-        out.push_str(&format!("files        {f} ({} on disk, verified)\n", human_bytes(b)));
+        out.push_str(&format!(
+            "files        {f} incl. the manifest; {} of data, every checksum verified\n",
+            human_bytes(b)
+        ));
     }
     let config = h.get("config").cloned().unwrap_or(Value::Null);
     let pretty = serde_json::to_string_pretty(&config).unwrap_or_default();
@@ -414,7 +478,8 @@ fn render(r: &Report) -> String {
 /// # Errors
 /// When the checkpoint cannot be read or is damaged.
 pub fn run(opts: &InspectOpts) -> anyhow::Result<Status> {
-    let read = read(&opts.ckpt).with_context(|| format!("cannot inspect {}", opts.ckpt.display()))?;
+    let read =
+        read(&opts.ckpt).with_context(|| format!("cannot inspect {}", opts.ckpt.display()))?;
     let report = build(&opts.ckpt, read);
     if opts.json {
         print_json(&report)?;
@@ -429,24 +494,37 @@ mod tests {
     use super::*;
 
     fn comps(names: &[&str]) -> BTreeMap<String, StateDict> {
-        names.iter().map(|n| (n.to_string(), StateDict::new())).collect()
+        names
+            .iter()
+            .map(|n| (n.to_string(), StateDict::new()))
+            .collect()
     }
 
     fn missing(needs: &[Need]) -> Vec<&str> {
-        needs.iter().filter(|n| n.required && !n.present).map(|n| n.item.as_str()).collect()
+        needs
+            .iter()
+            .filter(|n| n.required && !n.present)
+            .map(|n| n.item.as_str())
+            .collect()
     }
 
     #[test]
     fn counts_come_from_config() {
         let cfg = json!({"optimizers": [{}, {}], "schedulers": [null, {"kind": "step"}]});
         let c = comps(&["model", "optimizer.0", "rng", "train_loader", "loop"]);
-        assert_eq!(missing(&resume_needs(&c, &cfg)), ["optimizer.1", "scheduler.1"]);
+        assert_eq!(
+            missing(&resume_needs(&c, &cfg)),
+            ["optimizer.1", "scheduler.1"]
+        );
     }
 
     #[test]
     fn weights_only_is_not_resumable() {
         let needs = resume_needs(&comps(&["model"]), &Value::Null);
-        assert_eq!(missing(&needs), ["optimizer.0", "rng", "train_loader", "loop"]);
+        assert_eq!(
+            missing(&needs),
+            ["optimizer.0", "rng", "train_loader", "loop"]
+        );
     }
 
     #[test]
@@ -457,7 +535,10 @@ mod tests {
         c.insert("loop".into(), lp);
         let needs = resume_needs(&c, &Value::Null);
         assert!(missing(&needs).is_empty());
-        let cb = needs.iter().find(|n| n.item == "callbacks/ProgressBar").unwrap();
+        let cb = needs
+            .iter()
+            .find(|n| n.item == "callbacks/ProgressBar")
+            .unwrap();
         assert!(!cb.present && !cb.required);
     }
 }

@@ -23,7 +23,9 @@ use crate::table::{human_bytes, num, Table};
 
 /// Arguments of `relume ls`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Example:\n  relume ls runs/digits\n  relume ls runs/digits --json\n\nMarkers: `latest` is the checkpoint the `latest` pointer names; `best` the one a\nModelCheckpoint callback recorded as best_model_path. Exit status 1 when the\n`latest` pointer is dangling or a checkpoint's manifest is unreadable.")]
+#[command(
+    after_help = "Example:\n  relume ls runs/digits\n  relume ls runs/digits --json\n\nMarkers: `latest` is the checkpoint the `latest` pointer names; `best` the one a\nModelCheckpoint callback recorded as best_model_path. Exit status 1 when the\n`latest` pointer is dangling or a checkpoint's manifest is unreadable."
+)]
 pub struct LsArgs {
     /// Run directory (the one holding `checkpoints/`), or its `checkpoints/` directory.
     pub run_dir: PathBuf,
@@ -69,7 +71,10 @@ pub fn resolve_run_dir(path: &Path) -> anyhow::Result<PathBuf> {
     if path.join(relume_ckpt::dir::CHECKPOINTS_DIR).is_dir() {
         return Ok(path.to_path_buf());
     }
-    if path.file_name().is_some_and(|n| n == relume_ckpt::dir::CHECKPOINTS_DIR) {
+    if path
+        .file_name()
+        .is_some_and(|n| n == relume_ckpt::dir::CHECKPOINTS_DIR)
+    {
         if let Some(parent) = path.parent() {
             return Ok(parent.to_path_buf());
         }
@@ -181,9 +186,10 @@ fn others(dir: &Path, listed: &BTreeSet<&str>) -> anyhow::Result<Vec<Other>> {
         }
         let mpath = e.path().join(MANIFEST_FILE);
         let (reason, problem) = match std::fs::read(&mpath) {
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                ("no manifest.json: not a committed checkpoint".to_string(), false)
-            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => (
+                "no manifest.json: not a committed checkpoint".to_string(),
+                false,
+            ),
             Err(err) => (format!("cannot read manifest.json: {err}"), true),
             Ok(bytes) => match Manifest::parse(&mpath, &bytes) {
                 Err(CkptError::OldFormatVersion { found, current, .. }) => (
@@ -221,7 +227,9 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
     // The newest checkpoint holds the newest callback state.
-    let newest = latest.clone().or_else(|| infos.last().map(|i| i.path.clone()));
+    let newest = latest
+        .clone()
+        .or_else(|| infos.last().map(|i| i.path.clone()));
     let best = newest.as_deref().and_then(best_from);
     let best_name = best.as_ref().and_then(|b| {
         let p = Path::new(b.path.trim_end_matches('/'));
@@ -299,7 +307,12 @@ fn render(l: &Listing) -> String {
                 r.epoch.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ];
             for m in &metric_names {
-                cells.push(r.metrics.get(*m).map(|x| num(*x)).unwrap_or_else(|| "-".into()));
+                cells.push(
+                    r.metrics
+                        .get(*m)
+                        .map(|x| num(*x))
+                        .unwrap_or_else(|| "-".into()),
+                );
             }
             cells.push(human_bytes(r.bytes));
             cells.push(r.created_at.clone());
@@ -308,9 +321,15 @@ fn render(l: &Listing) -> String {
         out.push_str(&t.render());
         match (&l.best, l.checkpoints.iter().find(|r| r.best)) {
             (Some(b), Some(_)) => {
-                let score = b.score.map(|s| format!(" = {}", num(s))).unwrap_or_default();
+                let score = b
+                    .score
+                    .map(|s| format!(" = {}", num(s)))
+                    .unwrap_or_default();
                 let monitor = b.monitor.as_deref().unwrap_or("monitored metric");
-                out.push_str(&format!("best by {monitor}{score} (callback {})\n", b.callback));
+                out.push_str(&format!(
+                    "best by {monitor}{score} (callback {})\n",
+                    b.callback
+                ));
             }
             (Some(b), None) => out.push_str(&format!(
                 "best_model_path {:?} names no committed checkpoint here (deleted or elsewhere)\n",

@@ -19,7 +19,9 @@ use super::{print_json, require_checkpoint, Status, UsageError};
 
 /// Arguments of `relume migrate`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Examples:\n  relume migrate old/step-5                     # writes old/step-5-v1\n  relume migrate old/step-5 --out new/step-5\n  relume migrate runs/x/checkpoints/step=000010 --in-place\n\nThe original is never modified unless --in-place is given; --in-place swaps the\nold and new checkpoint atomically, so a crash leaves one of them whole.")]
+#[command(
+    after_help = "Examples:\n  relume migrate old/step-5                     # writes old/step-5-v1\n  relume migrate old/step-5 --out new/step-5\n  relume migrate runs/x/checkpoints/step=000010 --in-place\n\nThe original is never modified unless --in-place is given; --in-place swaps the\nold and new checkpoint atomically, so a crash leaves one of them whole."
+)]
 pub struct MigrateArgs {
     /// The checkpoint directory to upgrade.
     pub ckpt: PathBuf,

@@ -89,7 +89,10 @@ pub fn is_checkpoint(path: &Path) -> bool {
 /// A [`UsageError`] naming the path when it does not exist or is not a checkpoint.
 pub fn require_checkpoint(path: &Path) -> anyhow::Result<()> {
     if !path.exists() {
-        bail!(UsageError(format!("{}: no such file or directory", path.display())));
+        bail!(UsageError(format!(
+            "{}: no such file or directory",
+            path.display()
+        )));
     }
     if !is_checkpoint(path) {
         bail!(UsageError(format!(

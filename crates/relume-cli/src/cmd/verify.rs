@@ -20,7 +20,9 @@ use crate::table::{human_bytes, Table};
 
 /// Arguments of `relume verify`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Examples:\n  relume verify runs/digits/checkpoints/step=000120-epoch=2\n  relume verify runs/digits          # every checkpoint of the run\n  relume verify runs/digits --json\n\nChecks the manifest's self-checksum, version and paths, the size and BLAKE3 of\nevery file, the safetensors headers, and that files and manifest agree.\nExit status 1 when any problem is found; each names the file and the tensor.")]
+#[command(
+    after_help = "Examples:\n  relume verify runs/digits/checkpoints/step=000120-epoch=2\n  relume verify runs/digits          # every checkpoint of the run\n  relume verify runs/digits --json\n\nChecks the manifest's self-checksum, version and paths, the size and BLAKE3 of\nevery file, the safetensors headers, and that files and manifest agree.\nExit status 1 when any problem is found; each names the file and the tensor."
+)]
 pub struct VerifyArgs {
     /// A checkpoint directory, or a run directory to verify all its checkpoints.
     pub path: PathBuf,
@@ -58,7 +60,10 @@ impl VerifyArgs {
     pub fn validate(self) -> anyhow::Result<VerifyOpts> {
         let p = self.path;
         if !p.exists() {
-            bail!(UsageError(format!("{}: no such file or directory", p.display())));
+            bail!(UsageError(format!(
+                "{}: no such file or directory",
+                p.display()
+            )));
         }
         let in_checkpoints = p
             .parent()
@@ -231,7 +236,8 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
 
 fn render(o: &Outcome) -> String {
     let mut out = String::new();
-    let mut t = Table::new(["STATUS", "CHECKPOINT", "FILES", "BYTES", "TIME", "GB/s"]).right(&[2, 3, 4, 5]);
+    let mut t =
+        Table::new(["STATUS", "CHECKPOINT", "FILES", "BYTES", "TIME", "GB/s"]).right(&[2, 3, 4, 5]);
     for c in &o.checkpoints {
         t.row([
             if c.ok { "ok" } else { "DAMAGED" }.to_string(),
@@ -246,7 +252,11 @@ fn render(o: &Outcome) -> String {
         out.push_str(&t.render());
     }
     for c in o.checkpoints.iter().filter(|c| !c.ok) {
-        out.push_str(&format!("\n{}: {} problem(s)\n", c.path.display(), c.problems.len()));
+        out.push_str(&format!(
+            "\n{}: {} problem(s)\n",
+            c.path.display(),
+            c.problems.len()
+        ));
         for p in &c.problems {
             out.push_str(&format!("  - {}\n", p.message));
         }
@@ -268,7 +278,9 @@ fn render(o: &Outcome) -> String {
         o.gb_per_s,
     ));
     if damaged > 0 {
-        out.push_str(&format!("{damaged} of {n} damaged; do not resume from them\n"));
+        out.push_str(&format!(
+            "{damaged} of {n} damaged; do not resume from them\n"
+        ));
     }
     out
 }

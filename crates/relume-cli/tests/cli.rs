@@ -1,0 +1,630 @@
+//! Contract tests of the `relume` binary: each runs the real executable on
+//! checkpoints written by the relume-ckpt writer in a temporary directory, and
+//! checks exit codes and key message fragments.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use relume_ckpt::{Checkpoint, CheckpointDir, DType, StateDict, TensorBytes, TensorData};
+use serde_json::{json, Value};
+
+/// Runs `relume args...`.
+fn relume<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_relume"))
+        .args(args)
+        .env_remove("RELUME_LOG")
+        .output()
+        .expect("run relume")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code")
+}
+
+fn json_out(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+const CB: &str = "ModelCheckpoint{val_loss}";
+
+/// A full trainer-like checkpoint at `step`; `shift` changes some tensors.
+fn checkpoint(step: u64, shift: f32, best: &str) -> Checkpoint {
+    let mut model = StateDict::new();
+    let w: Vec<f32> = (0..16).map(|i| i as f32 * 0.5).collect();
+    let mut w2 = w.clone();
+    w2[3] += shift;
+    w2[7] -= 2.0 * shift;
+    model.insert_tensor(
+        "layer.weight",
+        TensorData::from_f32(vec![4, 4], &w2).unwrap(),
+    );
+    model.insert_tensor(
+        "layer.bias",
+        TensorData::from_f32(vec![4], &[0.1, 0.2, 0.3, 0.4]).unwrap(),
+    );
+    let half: Vec<u8> = (0..8u8).collect();
+    model.insert_tensor(
+        "emb",
+        TensorData::new(DType::BF16, vec![2, 2], TensorBytes::owned(half)).unwrap(),
+    );
+    let mut opt = StateDict::new();
+    let m: Vec<f32> = w2.iter().map(|x| x * 0.1).collect();
+    opt.insert_tensor(
+        "state/layer.weight/exp_avg",
+        TensorData::from_f32(vec![4, 4], &m).unwrap(),
+    );
+    opt.insert_tensor(
+        "state/layer.weight/step",
+        TensorData::from_i64(vec![], &[step as i64]).unwrap(),
+    );
+    opt.insert_json("groups/0/lr", json!(0.01));
+    let mut sched = StateDict::new();
+    sched.insert_json("last_epoch", json!(step));
+    let mut rng = StateDict::new();
+    rng.insert_json("trainer", json!([1u64, 2, 3, 4]));
+    let mut loader = StateDict::new();
+    loader.insert_json("epoch", json!(step / 10));
+    loader.insert_json("position", json!(0));
+    loader.insert_json("seed", json!(7));
+    let mut lp = StateDict::new();
+    lp.insert_json("global_step", json!(step));
+    lp.insert_json("epoch", json!(step / 10));
+    lp.insert_json("finished", json!(false));
+    lp.insert_json("callbacks", json!([CB, "ProgressBar"]));
+    lp.insert_json("loggers", json!([]));
+    let mut cbs = StateDict::new();
+    cbs.insert_json(format!("{CB}/best_model_path"), json!(best));
+    cbs.insert_json(format!("{CB}/best_model_score"), json!(0.25));
+    cbs.insert_json(format!("{CB}/monitor"), json!("val_loss"));
+    let mut c = Checkpoint::default();
+    for (name, sd) in [
+        ("model", model),
+        ("optimizer.0", opt),
+        ("scheduler.0", sched),
+        ("rng", rng),
+        ("train_loader", loader),
+        ("loop", lp),
+        ("callbacks", cbs),
+    ] {
+        c.components.insert(name.into(), sd);
+    }
+    c.progress = json!({"step": step, "epoch": step / 10});
+    c.config = json!({"seed": 7, "max_epochs": 3, "optimizers": [{"kind": "adam", "lr": 0.01}],
+                      "schedulers": [{"kind": "step", "step_size": 5}]});
+    c.metrics.insert("val_loss".into(), 1.0 / step as f64);
+    c.metrics.insert("train_loss".into(), 2.0 / step as f64);
+    c
+}
+
+const A: &str = "step=000010-epoch=1";
+const B: &str = "step=000020-epoch=2";
+const TMP: &str = ".tmp-step=000030-epoch=3-0123abcd";
+
+/// A run directory with two checkpoints (the first recorded as best) and a
+/// stale temporary.
+fn run_dir() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let best = run.join("checkpoints").join(A);
+    {
+        let dir = CheckpointDir::open(&run).unwrap();
+        dir.save(A, &checkpoint(10, 0.0, best.to_str().unwrap()))
+            .unwrap();
+        dir.save(B, &checkpoint(20, 1.5, best.to_str().unwrap()))
+            .unwrap();
+    }
+    let tmp = run.join("checkpoints").join(TMP);
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), b"partial").unwrap();
+    (t, run)
+}
+
+fn ckpt(run: &Path, name: &str) -> PathBuf {
+    run.join("checkpoints").join(name)
+}
+
+/// Copies a checkpoint directory (flat) to `dst`.
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// Byte offset (in the file) of tensor `key`'s data in a safetensors file.
+fn tensor_offset(file: &Path, key: &str) -> usize {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    8 + n + header[key]["data_offsets"][0].as_u64().unwrap() as usize
+}
+
+#[test]
+fn ls_marks_latest_best_and_stale_temporaries() {
+    let (_t, run) = run_dir();
+    let o = relume(["ls".as_ref(), run.as_os_str()]);
+    let out = stdout(&o);
+    println!("{out}");
+    assert_eq!(code(&o), 0, "{out}{}", stderr(&o));
+    let row = |name: &str| out.lines().find(|l| l.contains(name)).unwrap().to_string();
+    assert!(row(B).trim_start().starts_with("latest"), "{out}");
+    assert!(row(A).trim_start().starts_with("best"), "{out}");
+    assert!(
+        out.contains("val_loss") && out.contains("train_loss"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("stale  {TMP}")), "{out}");
+    assert!(out.contains("best by val_loss = 0.25"), "{out}");
+    // Read-only: the temporary is still there.
+    assert!(ckpt(&run, TMP).exists());
+
+    let j = json_out(&relume(["ls".as_ref(), run.as_os_str(), "--json".as_ref()]));
+    assert_eq!(j["latest"], B);
+    assert_eq!(j["temporaries"], json!([TMP]));
+    let cps = j["checkpoints"].as_array().unwrap();
+    assert_eq!(cps.len(), 2);
+    assert_eq!(
+        (cps[0]["best"].clone(), cps[0]["step"].clone()),
+        (json!(true), json!(10))
+    );
+    assert_eq!(cps[1]["latest"], true);
+    assert_eq!(cps[1]["epoch"], 2);
+}
+
+#[test]
+fn ls_without_best_state_marks_none() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = checkpoint(5, 0.0, "");
+    c.components.remove("callbacks");
+    CheckpointDir::open(t.path())
+        .unwrap()
+        .save("s5", &c)
+        .unwrap();
+    let o = relume(["ls".as_ref(), t.path().as_os_str()]);
+    assert_eq!(code(&o), 0);
+    assert!(!stdout(&o).contains("best"), "{}", stdout(&o));
+}
+
+#[test]
+fn inspect_shows_components_and_resumable_verdict() {
+    let (_t, run) = run_dir();
+    let o = relume(["inspect".as_ref(), ckpt(&run, B).as_os_str()]);
+    let out = stdout(&o);
+    println!("{out}");
+    assert_eq!(code(&o), 0, "{out}{}", stderr(&o));
+    for frag in [
+        "format       v1",
+        "component model: 3 tensors",
+        "layer.weight",
+        "[4, 4]",
+        "BF16",
+        "component callbacks",
+        "ModelCheckpoint{val_loss}/best_model_path",
+        "resumable: yes",
+        "scheduler.0",
+        "callbacks/ProgressBar",
+        "\"max_epochs\": 3",
+    ] {
+        assert!(out.contains(frag), "missing {frag:?} in\n{out}");
+    }
+    // A run directory means its latest checkpoint.
+    let j = json_out(&relume([
+        "inspect".as_ref(),
+        run.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(j["resumable"], true);
+    assert_eq!(j["path"], ckpt(&run, B).to_str().unwrap());
+    assert_eq!(j["components"]["model"]["tensors"][0]["name"], "emb");
+    assert_eq!(j["totals"]["tensors"], 5);
+}
+
+#[test]
+fn inspect_weights_only_is_not_resumable() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = checkpoint(5, 0.0, "");
+    c.components.retain(|k, _| k == "model");
+    let p = CheckpointDir::open(t.path())
+        .unwrap()
+        .save("weights", &c)
+        .unwrap();
+    let o = relume(["inspect".as_ref(), p.as_os_str()]);
+    let out = stdout(&o);
+    assert_eq!(code(&o), 1, "{out}");
+    assert!(out.contains("resumable: NO"), "{out}");
+    for item in ["optimizer.0", "scheduler.0", "rng", "train_loader", "loop"] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(item))
+            .unwrap();
+        assert!(line.contains("MISSING"), "{line}");
+    }
+    let j = json_out(&relume([
+        "inspect".as_ref(),
+        p.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(j["resumable"], false);
+}
+
+#[test]
+fn verify_run_dir_ok_with_throughput() {
+    let (_t, run) = run_dir();
+    let o = relume(["verify".as_ref(), run.as_os_str()]);
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{out}{}", stderr(&o));
+    assert!(out.contains("ok: 2 checkpoints checked"), "{out}");
+    assert!(out.contains("GB/s"), "{out}");
+    assert!(out.contains("stale temporary"), "{out}");
+    let j = json_out(&relume([
+        "verify".as_ref(),
+        run.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(j["ok"], true);
+    assert!(j["bytes_checked"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn verify_corrupted_copy_names_file_and_tensor() {
+    let (t, run) = run_dir();
+    let copy = t.path().join("copy");
+    copy_dir(&ckpt(&run, B), &copy);
+    let file = copy.join("model.safetensors");
+    let off = tensor_offset(&file, "layer.weight") + 5;
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[off] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+    // And truncate the optimizer file: both problems are reported.
+    let opt = copy.join("optimizer.0.safetensors");
+    let len = std::fs::metadata(&opt).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&opt)
+        .unwrap()
+        .set_len(len - 4)
+        .unwrap();
+
+    let o = relume(["verify".as_ref(), copy.as_os_str()]);
+    let out = stdout(&o);
+    println!("{out}");
+    assert_eq!(code(&o), 1, "{out}");
+    assert!(out.contains("DAMAGED"), "{out}");
+    assert!(
+        out.contains("model.safetensors: checksum mismatch"),
+        "{out}"
+    );
+    assert!(out.contains("tensor \"layer.weight\""), "{out}");
+    assert!(out.contains("optimizer.0.safetensors"), "{out}");
+    let j = json_out(&relume([
+        "verify".as_ref(),
+        copy.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    let problems = j["checkpoints"][0]["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    let model = problems
+        .iter()
+        .find(|p| p["file"].as_str().unwrap().ends_with("model.safetensors"))
+        .unwrap();
+    assert_eq!(model["tensor"], "layer.weight");
+
+    // inspect and diff refuse the damaged checkpoint with status 1.
+    let o = relume(["inspect".as_ref(), copy.as_os_str()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("checksum mismatch") || stderr(&o).contains("bytes but the manifest"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn diff_lists_exactly_the_changed_tensors() {
+    let (_t, run) = run_dir();
+    let (a, b) = (ckpt(&run, A), ckpt(&run, B));
+    let o = relume([a.as_os_str(), b.as_os_str()].iter().fold(
+        vec!["diff".as_ref()],
+        |mut v, x| {
+            v.push(*x);
+            v
+        },
+    ));
+    let out = stdout(&o);
+    assert_eq!(code(&o), 1, "{out}{}", stderr(&o));
+    let changed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" changed "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            "model/layer.weight",
+            "optimizer.0/state/layer.weight/exp_avg",
+            "optimizer.0/state/layer.weight/step"
+        ],
+        "{out}"
+    );
+    assert!(!out.contains("layer.bias"), "{out}");
+    assert!(out.contains("2/16"), "{out}");
+    assert!(out.contains("loop/global_step"), "{out}");
+    assert!(out.contains("2 of 5 common tensors equal"), "{out}");
+
+    let j = json_out(&relume([
+        "diff".as_ref(),
+        a.as_os_str(),
+        b.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    let w = j["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["key"] == "model/layer.weight")
+        .unwrap();
+    assert_eq!(w["status"], "changed");
+    assert_eq!(w["max_abs"], 3.0);
+    let gs = j["json"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["key"] == "loop/global_step")
+        .unwrap();
+    assert_eq!((gs["a"].clone(), gs["b"].clone()), (json!(10), json!(20)));
+
+    // A tolerance above the float change leaves only exact (int, JSON) differences.
+    let j = json_out(&relume([
+        "diff".as_ref(),
+        a.as_os_str(),
+        b.as_os_str(),
+        "--json".as_ref(),
+        "--tolerance".as_ref(),
+        "10".as_ref(),
+    ]));
+    let changed: Vec<&Value> = j["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "changed")
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0]["key"], "optimizer.0/state/layer.weight/step");
+
+    let o = relume(["diff".as_ref(), a.as_os_str(), a.as_os_str()]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(stdout(&o).contains("no differences"));
+}
+
+#[test]
+fn diff_reports_keys_in_one_only() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(t.path()).unwrap();
+    let a = dir.save("a", &checkpoint(10, 0.0, "")).unwrap();
+    let mut c = checkpoint(10, 0.0, "");
+    c.components.get_mut("model").unwrap().remove("layer.bias");
+    c.components.insert("user".into(), {
+        let mut s = StateDict::new();
+        s.insert_json("note", json!("hi"));
+        s
+    });
+    let b = dir.save("b", &c).unwrap();
+    let o = relume(["diff".as_ref(), a.as_os_str(), b.as_os_str()]);
+    let out = stdout(&o);
+    assert_eq!(code(&o), 1, "{out}");
+    assert!(out.contains("only in A: model/layer.bias"), "{out}");
+    assert!(out.contains("only in B: user (component)"), "{out}");
+    assert!(out.contains("2 differences"), "{out}");
+}
+
+fn v0_fixture(dst: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relume-ckpt/tests/data/v0/step-5");
+    let p = dst.join("step-5");
+    copy_dir(&src, &p);
+    p
+}
+
+#[test]
+fn migrate_v0_then_verify_passes() {
+    let t = tempfile::tempdir().unwrap();
+    let old = v0_fixture(t.path());
+    let before = std::fs::read(old.join("manifest.json")).unwrap();
+    let o = relume(["verify".as_ref(), old.as_os_str()]);
+    assert_eq!(code(&o), 1);
+    assert!(stdout(&o).contains("relume migrate"), "{}", stdout(&o));
+
+    let o = relume(["migrate".as_ref(), old.as_os_str()]);
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{out}{}", stderr(&o));
+    assert!(out.contains("from format v0 to v1"), "{out}");
+    assert!(out.contains("verified"), "{out}");
+    let new = t.path().join("step-5-v1");
+    assert_eq!(code(&relume(["verify".as_ref(), new.as_os_str()])), 0);
+    // The original is untouched.
+    assert_eq!(std::fs::read(old.join("manifest.json")).unwrap(), before);
+    // inspect reads both; the old one is flagged for migration.
+    let o = relume(["inspect".as_ref(), old.as_os_str()]);
+    assert!(stdout(&o).contains("run `relume migrate"), "{}", stdout(&o));
+    // Migrating a current checkpoint does nothing.
+    let o = relume(["migrate".as_ref(), new.as_os_str()]);
+    assert_eq!(code(&o), 0);
+    assert!(stdout(&o).contains("already at format v1"));
+
+    let out_dir = t.path().join("elsewhere");
+    std::fs::create_dir(&out_dir).unwrap();
+    let target = out_dir.join("five");
+    let j = json_out(&relume([
+        "migrate".as_ref(),
+        old.as_os_str(),
+        "--out".as_ref(),
+        target.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(
+        (j["from"].clone(), j["to"].clone(), j["migrated"].clone()),
+        (json!(0), json!(1), json!(true))
+    );
+    assert_eq!(j["verification"]["ok"], true);
+    // The existing output is refused.
+    let o = relume([
+        "migrate".as_ref(),
+        old.as_os_str(),
+        "--out".as_ref(),
+        target.as_os_str(),
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+}
+
+#[test]
+fn migrate_in_place() {
+    let t = tempfile::tempdir().unwrap();
+    let old = v0_fixture(t.path());
+    let o = relume(["migrate".as_ref(), old.as_os_str(), "--in-place".as_ref()]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(code(&relume(["verify".as_ref(), old.as_os_str()])), 0);
+    let names: Vec<String> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["step-5"], "no temporary left behind");
+}
+
+#[test]
+fn plot_writes_png_of_requested_size() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir(t.path().join("logs")).unwrap();
+    std::fs::write(
+        t.path().join("logs/metrics.csv"),
+        "step,train_loss,val_loss\n1,2.0,\n2,1.5,1.8\n3,1.0,\n4,0.8,1.1\n",
+    )
+    .unwrap();
+    let png_path = t.path().join("curves.png");
+    let o = relume([
+        "plot".as_ref(),
+        t.path().as_os_str(),
+        "-o".as_ref(),
+        png_path.as_os_str(),
+        "--width".as_ref(),
+        "320".as_ref(),
+        "--height".as_ref(),
+        "240".as_ref(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let file = std::io::BufReader::new(std::fs::File::open(&png_path).unwrap());
+    let reader = png::Decoder::new(file).read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (320, 240));
+}
+
+#[test]
+fn missing_paths_exit_2() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("nope");
+    let m = missing.as_os_str();
+    for args in [
+        vec!["ls".as_ref(), m],
+        vec!["inspect".as_ref(), m],
+        vec!["verify".as_ref(), m],
+        vec!["diff".as_ref(), m, m],
+        vec!["migrate".as_ref(), m],
+        vec![
+            "plot".as_ref(),
+            m,
+            "-o".as_ref(),
+            t.path().join("x.png").as_os_str().to_owned().leak(),
+        ],
+    ] {
+        let o = relume(&args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("error: "),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    let o = relume(["ls".as_ref(), m]);
+    assert!(
+        stderr(&o).contains("no such file or directory"),
+        "{}",
+        stderr(&o)
+    );
+    // A directory that is neither a checkpoint nor a run directory.
+    let o = relume(["verify".as_ref(), t.path().as_os_str()]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("neither a checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let (_t, run) = run_dir();
+    let c = ckpt(&run, A);
+    for args in [
+        vec![],
+        vec!["frobnicate".as_ref()],
+        vec!["ls".as_ref()],
+        vec!["ls".as_ref(), run.as_os_str(), "--bogus".as_ref()],
+        vec![
+            "migrate".as_ref(),
+            c.as_os_str(),
+            "--out".as_ref(),
+            "x".as_ref(),
+            "--in-place".as_ref(),
+        ],
+        vec![
+            "migrate".as_ref(),
+            c.as_os_str(),
+            "--to".as_ref(),
+            "99".as_ref(),
+        ],
+        vec![
+            "diff".as_ref(),
+            c.as_os_str(),
+            c.as_os_str(),
+            "--tolerance".as_ref(),
+            "-1".as_ref(),
+        ],
+        vec![
+            "diff".as_ref(),
+            c.as_os_str(),
+            c.as_os_str(),
+            "--tolerance".as_ref(),
+            "NaN".as_ref(),
+        ],
+    ] {
+        let o = relume(&args);
+        assert_eq!(code(&o), 2, "{args:?}: {}{}", stdout(&o), stderr(&o));
+    }
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for cmd in ["ls", "inspect", "verify", "diff", "migrate", "plot"] {
+        let o = relume([cmd, "--help"]);
+        assert_eq!(code(&o), 0);
+        let out = stdout(&o);
+        assert!(out.contains("Example"), "{cmd}: {out}");
+        assert!(out.contains(&format!("relume {cmd} ")), "{cmd}: {out}");
+        if cmd != "plot" {
+            assert!(out.contains("--json"), "{cmd}: {out}");
+        }
+    }
+    let o = relume(["--help"]);
+    assert!(stdout(&o).contains("Exit status"), "{}", stdout(&o));
+}
