@@ -51,6 +51,8 @@ enum Command {
     Migrate(cmd::migrate::MigrateArgs),
     /// Draw training and validation curves from a run's metrics.csv.
     Plot(plot::PlotArgs),
+    // Lightning interop plugs in here: `mod lightning;` above, then
+    // `#[command(subcommand)] Lightning(lightning::LightningCommand),` and an arm in `run`.
 }
 
 /// Runs one parsed command.

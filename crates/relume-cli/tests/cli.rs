@@ -185,6 +185,31 @@ fn ls_marks_latest_best_and_stale_temporaries() {
 }
 
 #[test]
+fn ls_and_verify_run_beside_a_writer_and_flag_a_dangling_latest() {
+    let (_t, run) = run_dir();
+    // A live writer holds the lock; ls and verify neither need nor take it.
+    let writer = CheckpointDir::open(&run).unwrap();
+    assert_eq!(code(&relume(["ls".as_ref(), run.as_os_str()])), 0);
+    assert_eq!(code(&relume(["verify".as_ref(), run.as_os_str()])), 0);
+    drop(writer);
+    std::fs::write(run.join("checkpoints/latest"), "step=000099\n").unwrap();
+    let o = relume(["ls".as_ref(), run.as_os_str()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("problem:") && stdout(&o).contains("step=000099"),
+        "{}",
+        stdout(&o)
+    );
+    let o = relume(["verify".as_ref(), run.as_os_str()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("`latest` names \"step=000099\""),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
 fn ls_without_best_state_marks_none() {
     let t = tempfile::tempdir().unwrap();
     let mut c = checkpoint(5, 0.0, "");
@@ -627,4 +652,41 @@ fn every_command_has_help_with_an_example() {
     }
     let o = relume(["--help"]);
     assert!(stdout(&o).contains("Exit status"), "{}", stdout(&o));
+}
+
+/// Throughput of `relume verify` on a 512 MiB checkpoint against a plain read of
+/// the same files (page cache warm for both). Not run by default:
+/// `cargo test -p relume-cli --test cli -- --ignored --nocapture verify_throughput`.
+#[test]
+#[ignore]
+fn verify_throughput() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(t.path()).unwrap();
+    let mut c = checkpoint(1, 0.0, "");
+    let big: Vec<f32> = (0..(64usize << 20)).map(|i| i as f32).collect();
+    for k in ["big.a", "big.b"] {
+        c.components
+            .get_mut("model")
+            .unwrap()
+            .insert_tensor(k, TensorData::from_f32(vec![big.len()], &big).unwrap());
+    }
+    let p = dir.save("big", &c).unwrap();
+    let start = std::time::Instant::now();
+    let mut bytes = 0u64;
+    for e in std::fs::read_dir(&p).unwrap() {
+        bytes += std::fs::read(e.unwrap().path()).unwrap().len() as u64;
+    }
+    let read_gbps = bytes as f64 / start.elapsed().as_secs_f64() / 1e9;
+    let j = json_out(&relume([
+        "verify".as_ref(),
+        p.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(j["ok"], true);
+    let gbps = j["gb_per_s"].as_f64().unwrap();
+    println!(
+        "verify: {} bytes, {gbps:.2} GB/s; plain read {read_gbps:.2} GB/s; ratio {:.2}",
+        j["bytes_checked"],
+        gbps / read_gbps
+    );
 }

@@ -132,11 +132,17 @@ pub fn find_best(callbacks: &serde_json::Map<String, Value>) -> Option<Best> {
 }
 
 /// Reads the `callbacks` component of `ckpt`'s `state.json` (unverified: `ls`
-/// does not hash files) and finds the best checkpoint in it.
-fn best_from(ckpt: &Path) -> Option<Best> {
-    let bytes = std::fs::read(ckpt.join(STATE_FILE)).ok()?;
-    let state: Value = serde_json::from_slice(&bytes).ok()?;
-    find_best(state.get("callbacks")?.as_object()?)
+/// does not hash files) and finds the best checkpoint in it. A checkpoint without
+/// callback state has no best; an unreadable `state.json` is reported as a note.
+fn best_from(ckpt: &Path) -> Result<Option<Best>, String> {
+    let path = ckpt.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let state: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{}: not JSON ({e}); run `relume verify`", path.display()))?;
+    Ok(state
+        .get("callbacks")
+        .and_then(Value::as_object)
+        .and_then(find_best))
 }
 
 /// One checkpoint row.
@@ -170,6 +176,7 @@ struct Listing {
     best: Option<Best>,
     temporaries: Vec<String>,
     other: Vec<Other>,
+    notes: Vec<String>,
     problems: Vec<String>,
 }
 
@@ -230,7 +237,15 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
     let newest = latest
         .clone()
         .or_else(|| infos.last().map(|i| i.path.clone()));
-    let best = newest.as_deref().and_then(best_from);
+    let mut notes = Vec::new();
+    let best = match newest.as_deref().map(best_from) {
+        Some(Ok(b)) => b,
+        Some(Err(note)) => {
+            notes.push(note);
+            None
+        }
+        None => None,
+    };
     let best_name = best.as_ref().and_then(|b| {
         let p = Path::new(b.path.trim_end_matches('/'));
         let n = p.file_name()?.to_string_lossy().into_owned();
@@ -270,6 +285,7 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
         best,
         temporaries,
         other,
+        notes,
         problems,
     })
 }
@@ -353,6 +369,9 @@ fn render(l: &Listing) -> String {
         for o in &l.other {
             out.push_str(&format!("  {}  {}\n", o.name, o.reason));
         }
+    }
+    for n in &l.notes {
+        out.push_str(&format!("note: {n}\n"));
     }
     for p in &l.problems {
         out.push_str(&format!("problem: {p}\n"));
