@@ -71,7 +71,9 @@ fn main() -> ExitCode {
     // clap prints usage errors and exits with status 2 itself.
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELUME_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // `ls` and `verify` report unlistable checkpoints themselves; the listing's
+        // own warning would say it twice.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,relume_ckpt::dir=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -515,6 +515,27 @@ fn migrate_v0_then_verify_passes() {
 }
 
 #[test]
+fn old_format_in_a_run_dir_is_shown_not_listed() {
+    let (_t, run) = run_dir();
+    v0_fixture(&run.join("checkpoints"));
+    let o = relume(["ls".as_ref(), run.as_os_str()]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("step-5  format v0 (current v1): run `relume migrate`"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).is_empty(), "said twice: {}", stderr(&o));
+    let o = relume(["verify".as_ref(), run.as_os_str()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("3 checkpoints checked"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
 fn migrate_in_place() {
     let t = tempfile::tempdir().unwrap();
     let old = v0_fixture(t.path());

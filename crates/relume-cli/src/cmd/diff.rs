@@ -120,46 +120,28 @@ impl TensorDiff {
     }
 }
 
-/// Values as f64 (floats) or exact i64 (ints, bool).
-enum Values {
-    Float(Vec<f64>),
-    Int(Vec<i64>),
+/// How to read one element: as f64 (floats) or exactly as i64 (ints, bool).
+/// Elements are decoded one at a time, so a diff of two large tensors needs no
+/// extra memory.
+#[derive(Clone, Copy)]
+enum Decoder {
+    Float(fn(&[u8]) -> f64),
+    Int(fn(&[u8]) -> i64),
 }
 
-fn values(t: &TensorData) -> Values {
-    let b: &[u8] = t.bytes();
-    match t.dtype() {
-        DType::F32 => Values::Float(
-            b.chunks_exact(4)
-                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-        ),
-        DType::F64 => Values::Float(
-            b.chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-        ),
-        DType::F16 => Values::Float(
-            b.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
-        ),
-        DType::BF16 => Values::Float(
-            b.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
-        ),
-        DType::I64 => Values::Int(
-            b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-        ),
-        DType::I32 => Values::Int(
-            b.chunks_exact(4)
-                .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-        ),
-        DType::U8 | DType::Bool => Values::Int(b.iter().map(|&x| i64::from(x)).collect()),
+fn decoder(d: DType) -> Decoder {
+    match d {
+        DType::F32 => Decoder::Float(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        DType::F64 => {
+            Decoder::Float(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        }
+        DType::F16 => Decoder::Float(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()),
+        DType::BF16 => Decoder::Float(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()),
+        DType::I64 => {
+            Decoder::Int(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        }
+        DType::I32 => Decoder::Int(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        DType::U8 | DType::Bool => Decoder::Int(|c| i64::from(c[0])),
     }
 }
 
@@ -178,9 +160,14 @@ pub fn compare_tensors(a: &TensorData, b: &TensorData, tolerance: f64) -> Tensor
         };
     }
     let (mut differing, mut max_abs, mut max_rel) = (0usize, 0f64, 0f64);
-    let exact = match (values(a), values(b)) {
-        (Values::Float(x), Values::Float(y)) => {
-            for (p, q) in x.iter().zip(&y) {
+    let size = a.dtype().size_in_bytes();
+    let pairs = a
+        .bytes()
+        .chunks_exact(size)
+        .zip(b.bytes().chunks_exact(size));
+    let exact = match decoder(a.dtype()) {
+        Decoder::Float(dec) => {
+            for (p, q) in pairs.map(|(x, y)| (dec(x), dec(y))) {
                 if p == q || (p.is_nan() && q.is_nan()) {
                     continue;
                 }
@@ -197,11 +184,11 @@ pub fn compare_tensors(a: &TensorData, b: &TensorData, tolerance: f64) -> Tensor
             }
             false
         }
-        (Values::Int(x), Values::Int(y)) => {
-            for (p, q) in x.iter().zip(&y) {
+        Decoder::Int(dec) => {
+            for (p, q) in pairs.map(|(x, y)| (dec(x), dec(y))) {
                 if p != q {
                     differing += 1;
-                    let d = (i128::from(*p) - i128::from(*q)).unsigned_abs() as f64;
+                    let d = (i128::from(p) - i128::from(q)).unsigned_abs() as f64;
                     max_abs = max_abs.max(d);
                     let den = p.unsigned_abs().max(q.unsigned_abs()) as f64;
                     max_rel = max_rel.max(d / den);
@@ -209,8 +196,6 @@ pub fn compare_tensors(a: &TensorData, b: &TensorData, tolerance: f64) -> Tensor
             }
             true
         }
-        // Same dtype, so the kinds agree.
-        _ => true,
     };
     let beyond = if exact {
         differing > 0
