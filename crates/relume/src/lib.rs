@@ -14,7 +14,10 @@ pub mod params;
 pub mod progress;
 pub mod rng;
 pub mod sched;
+pub mod threads;
 
 pub use error::{Error, Result};
 pub use loggers::{CsvLogger, Logger, TensorBoardLogger};
 pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
+pub use optim::{Adam, AdamConfig, AdamW, Sgd, SgdConfig};
+pub use threads::set_cpu_threads;
