@@ -1,5 +1,5 @@
 //! The `relume` command-line tool: inspect, verify, diff, migrate and plot
-//! checkpoints.
+//! checkpoints; inspect and convert PyTorch Lightning `.ckpt` files.
 //!
 //! A thin binary: each subcommand's flags ([`clap`] derive) are turned into one
 //! validated options struct, then the `relume-ckpt` library does the work. Output
@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 mod cmd;
+mod lightning;
 // `plot::plot` (default size) is kept for callers and plot.rs's own tests.
 #[allow(dead_code)]
 mod plot;
@@ -29,7 +30,7 @@ use crate::cmd::Status;
     name = "relume",
     version,
     about = "Inspect, verify, diff, migrate and plot relume checkpoints",
-    after_help = "Examples:\n  relume ls runs/digits\n  relume inspect runs/digits/checkpoints/step=000120-epoch=2\n  relume verify runs/digits\n  relume diff runs/a/checkpoints/latest-ckpt runs/b/checkpoints/latest-ckpt --tolerance 1e-6\n  relume migrate old/step-5 --out new/step-5\n  relume plot runs/digits -o curves.png\n\nExit status: 0 ok, 1 problems found, 2 usage or I/O error."
+    after_help = "Examples:\n  relume ls runs/digits\n  relume inspect runs/digits/checkpoints/step=000120-epoch=2\n  relume verify runs/digits\n  relume diff runs/a/checkpoints/step=000100 runs/b/checkpoints/step=000100 --tolerance 1e-6\n  relume migrate old/step-5 --out new/step-5\n  relume plot runs/digits -o curves.png\n  relume lightning inspect epoch=3-step=120.ckpt\n  relume lightning convert epoch=3-step=120.ckpt runs/converted\n\nExit status: 0 ok, 1 problems found, 2 usage or I/O error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,8 +52,18 @@ enum Command {
     Migrate(cmd::migrate::MigrateArgs),
     /// Draw training and validation curves from a run's metrics.csv.
     Plot(plot::PlotArgs),
-    // Lightning interop plugs in here: `mod lightning;` above, then
-    // `#[command(subcommand)] Lightning(lightning::LightningCommand),` and an arm in `run`.
+    /// Read PyTorch Lightning `.ckpt` files safely (nothing in them is executed).
+    #[command(subcommand)]
+    Lightning(LightningCommand),
+}
+
+/// `relume lightning ...`: the reader's own subcommands plus `convert`.
+#[derive(Debug, Subcommand)]
+enum LightningCommand {
+    #[command(flatten)]
+    Read(lightning::LightningCommand),
+    /// Convert a Lightning `.ckpt` into a relume checkpoint plus a `model.safetensors`.
+    Convert(cmd::lightning_convert::ConvertArgs),
 }
 
 /// Runs one parsed command.
@@ -64,6 +75,10 @@ fn run(command: Command) -> anyhow::Result<Status> {
         Command::Diff(a) => cmd::diff::run(&a.validate()?),
         Command::Migrate(a) => cmd::migrate::run(&a.validate()?),
         Command::Plot(a) => plot::run(&a).map(|()| Status::Ok),
+        Command::Lightning(LightningCommand::Read(c)) => lightning::run(&c).map(Status::from_code),
+        Command::Lightning(LightningCommand::Convert(a)) => {
+            cmd::lightning_convert::run(&a.validate()?)
+        }
     }
 }
 

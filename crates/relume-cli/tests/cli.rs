@@ -671,6 +671,11 @@ fn every_command_has_help_with_an_example() {
             assert!(out.contains("--json"), "{cmd}: {out}");
         }
     }
+    for cmd in ["inspect", "convert"] {
+        let o = relume(["lightning", cmd, "--help"]);
+        assert_eq!(code(&o), 0);
+        assert!(stdout(&o).contains("Example"), "{cmd}: {}", stdout(&o));
+    }
     let o = relume(["--help"]);
     assert!(stdout(&o).contains("Exit status"), "{}", stdout(&o));
 }
@@ -710,4 +715,199 @@ fn verify_throughput() {
         j["bytes_checked"],
         gbps / read_gbps
     );
+}
+
+fn lightning_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../relume-ckpt/tests/data/lightning")
+        .join(name)
+}
+
+fn expected(name: &str) -> Value {
+    let p = lightning_fixture(&format!("{name}.expected.json"));
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn sum_f32(t: &TensorData) -> f64 {
+    t.to_f32_vec().unwrap().iter().map(|&x| f64::from(x)).sum()
+}
+
+#[test]
+fn lightning_inspect_is_wired_with_exit_codes() {
+    let o = relume([
+        "lightning".as_ref(),
+        "inspect".as_ref(),
+        lightning_fixture("adam_steplr_epoch_end.ckpt").as_os_str(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("global_step    20"), "{}", stdout(&o));
+    let o = relume([
+        "lightning".as_ref(),
+        "inspect".as_ref(),
+        lightning_fixture("weights_only.ckpt").as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert_eq!(json_out(&o)["resumable"], false);
+    let o = relume([
+        "lightning".as_ref(),
+        "inspect".as_ref(),
+        lightning_fixture("truncated.ckpt").as_os_str(),
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("truncated.ckpt"), "{}", stderr(&o));
+}
+
+#[test]
+fn lightning_convert_maps_optimizer_state_to_names() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("conv");
+    let src = lightning_fixture("adam_steplr_epoch_end.ckpt");
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        src.as_os_str(),
+        out.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let j = json_out(&o);
+    assert_eq!(j["verification"]["ok"], true);
+    assert_eq!(j["optimizer_params_mapped"], json!([4]));
+    let ck = out.join("checkpoints/step=000020-epoch=1");
+    assert_eq!(Path::new(j["checkpoint"].as_str().unwrap()), ck);
+    assert_eq!(code(&relume(["verify".as_ref(), out.as_os_str()])), 0);
+
+    let exp = expected("adam_steplr_epoch_end.ckpt");
+    let loaded = relume_ckpt::load(&ck).unwrap();
+    let model = &loaded.components["model"];
+    for (name, v) in exp["state_dict"].as_object().unwrap() {
+        let e = &v["__tensor__"];
+        let t = model.require_tensor(name).unwrap();
+        assert_eq!(json!(t.shape()), e["shape"], "{name}");
+        assert!(
+            (sum_f32(t) - e["sum"].as_f64().unwrap()).abs() < 1e-4,
+            "{name}"
+        );
+    }
+    // torch numbers parameters in registration order: weight before bias.
+    let order = [
+        "body.0.weight",
+        "body.0.bias",
+        "body.2.weight",
+        "body.2.bias",
+    ];
+    let opt = &loaded.components["optimizer.0"];
+    for (idx, state) in exp["optimizer_states"][0]["state"].as_object().unwrap() {
+        let name = order[idx.parse::<usize>().unwrap()];
+        for buf in ["exp_avg", "exp_avg_sq"] {
+            let t = opt.require_tensor(&format!("{name}/{buf}")).unwrap();
+            let e = state[buf]["__tensor__"]["sum"].as_f64().unwrap();
+            assert!((sum_f32(t) - e).abs() < 1e-6, "{name}/{buf}");
+        }
+        assert_eq!(
+            opt.require_json(&format!("{name}/step")).unwrap(),
+            &json!(20)
+        );
+    }
+    let groups = opt.require_json("param_groups").unwrap();
+    assert_eq!(groups[0]["params"], json!(order));
+    assert_eq!(
+        groups[0]["lr"],
+        exp["optimizer_states"][0]["param_groups"][0]["lr"]
+    );
+    assert!(loaded.components.contains_key("scheduler.0"));
+    assert!(loaded.components["lightning"]
+        .get_json("callbacks")
+        .is_some());
+
+    // The standalone weights file has the same tensors and loads in Python.
+    let weights = out.join("model.safetensors");
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        std::fs::read(ck.join("model.safetensors")).unwrap()
+    );
+    python_check(&weights, &exp["state_dict"]);
+
+    // A second conversion into the same OUT is refused before anything is written.
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        src.as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+}
+
+/// Loads `file` with Python's `safetensors` (numpy) and compares shapes and sums.
+/// Skipped with a note when Python lacks the packages, unless `CI` is set.
+fn python_check(file: &Path, expected: &Value) {
+    let script = "import json,sys\nfrom safetensors.numpy import load_file\nd=load_file(sys.argv[1])\nprint(json.dumps({k:{'shape':list(v.shape),'sum':float(v.astype('float64').sum())} for k,v in d.items()}))";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(file)
+        .output();
+    let ok = matches!(&out, Ok(o) if o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with safetensors and numpy is required in CI: {out:?}"
+        );
+        eprintln!(
+            "note: python3 with safetensors/numpy not available; skipping the Python load check"
+        );
+        return;
+    }
+    let got: Value = serde_json::from_slice(&out.unwrap().stdout).unwrap();
+    for (name, v) in expected.as_object().unwrap() {
+        let e = &v["__tensor__"];
+        assert_eq!(got[name]["shape"], e["shape"], "{name}");
+        assert!(
+            (got[name]["sum"].as_f64().unwrap() - e["sum"].as_f64().unwrap()).abs() < 1e-4,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn lightning_convert_weights_only_files() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("w");
+    let src = lightning_fixture("weights_only.ckpt");
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        src.as_os_str(),
+        out.as_os_str(),
+        "--name".as_ref(),
+        "pretrained".as_ref(),
+    ]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("weights for Python"), "{}", stdout(&o));
+    let loaded = relume_ckpt::load(out.join("checkpoints/pretrained")).unwrap();
+    let names: Vec<&String> = loaded.components.keys().collect();
+    assert_eq!(names, ["lightning", "model"]);
+    // Not resumable as a relume training state, and inspect says why.
+    let o = relume(["inspect".as_ref(), out.as_os_str()]);
+    assert_eq!(code(&o), 1);
+    assert!(stdout(&o).contains("resumable: NO"));
+    // Bad name and missing file are usage errors.
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        src.as_os_str(),
+        t.path().join("x").as_os_str(),
+        "--name".as_ref(),
+        "../up".as_ref(),
+    ]);
+    assert_eq!(code(&o), 2);
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        t.path().join("none.ckpt").as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code(&o), 2);
 }

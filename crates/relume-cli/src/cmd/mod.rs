@@ -3,6 +3,7 @@
 
 pub mod diff;
 pub mod inspect;
+pub mod lightning_convert;
 pub mod ls;
 pub mod migrate;
 pub mod verify;
@@ -29,6 +30,11 @@ impl Status {
             Status::Ok => 0,
             Status::Problems => 1,
         }
+    }
+
+    /// From an exit code returned by a library-style runner (`0` ok, else problems).
+    pub fn from_code(code: i32) -> Status {
+        Status::problems_if(code != 0)
     }
 
     /// `Problems` when `found`, else `Ok`.
