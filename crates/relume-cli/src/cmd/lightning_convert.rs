@@ -372,3 +372,111 @@ pub fn run(opts: &ConvertOpts) -> anyhow::Result<Status> {
     }
     Ok(Status::problems_if(!ok))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use relume_ckpt::lightning::{OptimizerSummary, TorchDType};
+
+    use super::*;
+
+    fn tensor(shape: &[usize], dtype: TorchDType) -> TorchTensor {
+        let n: usize = shape.iter().product::<usize>().max(1);
+        TorchTensor {
+            dtype,
+            shape: shape.to_vec(),
+            data: Arc::from(vec![0u8; n * dtype.size_in_bytes()]),
+            storage_key: "0".into(),
+            requires_grad: false,
+        }
+    }
+
+    fn s(x: &str) -> PyValue {
+        PyValue::Str(x.into())
+    }
+
+    /// An SGD state over parameter indices `params`, with a momentum buffer of
+    /// `shape` for index 0.
+    fn sgd(params: &[i64], shape: &[usize]) -> PyValue {
+        let group = PyValue::Dict(vec![
+            (s("lr"), PyValue::Float(0.1)),
+            (s("momentum"), PyValue::Float(0.9)),
+            (
+                s("params"),
+                PyValue::List(params.iter().map(|&p| PyValue::Int(p)).collect()),
+            ),
+        ]);
+        let st = PyValue::Dict(vec![(
+            PyValue::Int(0),
+            PyValue::Dict(vec![(
+                s("momentum_buffer"),
+                PyValue::Tensor(tensor(shape, TorchDType::F32)),
+            )]),
+        )]);
+        PyValue::Dict(vec![
+            (s("state"), st),
+            (s("param_groups"), PyValue::List(vec![group])),
+        ])
+    }
+
+    #[test]
+    fn buffers_are_not_parameters() {
+        let f = tensor(&[2], TorchDType::F32);
+        let i = tensor(&[], TorchDType::I64);
+        assert!(is_buffer("bn.running_mean", &f));
+        assert!(is_buffer("bn.num_batches_tracked", &i));
+        assert!(!is_buffer("bn.weight", &f));
+    }
+
+    #[test]
+    fn maps_index_to_name() {
+        let (w, b) = (
+            tensor(&[3, 2], TorchDType::F32),
+            tensor(&[3], TorchDType::F32),
+        );
+        let params = vec![("fc.weight".to_string(), &w), ("fc.bias".to_string(), &b)];
+        let v = sgd(&[0, 1], &[3, 2]);
+        let o = OptimizerSummary::from_value(&v).unwrap();
+        let (sd, n) = optimizer_component(0, &o, &params).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            sd.get_tensor("fc.weight/momentum_buffer").unwrap().shape(),
+            [3, 2]
+        );
+        assert_eq!(
+            sd.require_json("param_groups").unwrap()[0]["params"],
+            json!(["fc.weight", "fc.bias"])
+        );
+    }
+
+    #[test]
+    fn count_mismatch_is_refused() {
+        let w = tensor(&[3, 2], TorchDType::F32);
+        let params = vec![("fc.weight".to_string(), &w)];
+        let v = sgd(&[0, 1], &[3, 2]);
+        let o = OptimizerSummary::from_value(&v).unwrap();
+        let err = optimizer_component(0, &o, &params).unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .contains("2 parameters in its param groups but the state_dict has 1"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn shape_mismatch_is_refused() {
+        let (w, b) = (
+            tensor(&[3, 2], TorchDType::F32),
+            tensor(&[3], TorchDType::F32),
+        );
+        let params = vec![("fc.weight".to_string(), &w), ("fc.bias".to_string(), &b)];
+        let v = sgd(&[0, 1], &[3]);
+        let o = OptimizerSummary::from_value(&v).unwrap();
+        let err = optimizer_component(0, &o, &params).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("parameter order differs"),
+            "{err:#}"
+        );
+    }
+}
