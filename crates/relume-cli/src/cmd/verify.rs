@@ -231,6 +231,9 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
     }
     paths.sort();
     notes.sort();
+    if paths.is_empty() {
+        notes.push(format!("no checkpoints in {}", dir.path().display()));
+    }
     Ok((paths.iter().map(|p| check(p)).collect(), problems, notes))
 }
 
