@@ -18,6 +18,6 @@ pub mod threads;
 
 pub use error::{Error, Result};
 pub use loggers::{CsvLogger, Logger, TensorBoardLogger};
-pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
 pub use optim::{Adam, AdamConfig, AdamW, Sgd, SgdConfig};
+pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
 pub use threads::set_cpu_threads;
