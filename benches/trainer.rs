@@ -9,7 +9,8 @@
 //! (c) **resume latency**: process start → first resumed step, by re-executing this
 //!     binary in a child mode that resumes a prepared run.
 //!
-//! `cargo bench --bench trainer` (set `BENCH_EPOCHS` to change the epochs timed).
+//! `cargo bench --bench trainer` (set `BENCH_EPOCHS` to change the epochs timed,
+//! `RAYON_NUM_THREADS=1` for single-threaded candle kernels, `DIGITS_CSV` for the data).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -142,6 +143,11 @@ fn loaders() -> (Loader, Loader) {
 
 /// Seconds for `epochs` epochs of `Trainer::fit`.
 fn trainer_run(epochs: u64, full: bool, run_dir: &Path) -> f64 {
+    trainer_run_with(epochs, full, full, run_dir)
+}
+
+/// As [`trainer_run`], choosing validation and checkpointing separately.
+fn trainer_run_with(epochs: u64, validate: bool, checkpoint: bool, run_dir: &Path) -> f64 {
     let (mut train, val) = loaders();
     let spe = train.batches_per_epoch() as u64;
     let mut m = Module {
@@ -152,11 +158,11 @@ fn trainer_run(epochs: u64, full: bool, run_dir: &Path) -> f64 {
         .max_epochs(epochs)
         .default_root_dir(run_dir)
         .enable_progress_bar(false)
-        .enable_checkpointing(full)
+        .enable_checkpointing(checkpoint)
         .build()
         .unwrap();
     let start = Instant::now();
-    t.fit(&mut m, &mut train, if full { Some(&val) } else { None })
+    t.fit(&mut m, &mut train, if validate { Some(&val) } else { None })
         .unwrap();
     start.elapsed().as_secs_f64()
 }
@@ -320,14 +326,21 @@ fn main() {
         (a_tr / a_hand - 1.0) * 100.0
     );
 
-    let (b_nn, b_full) = {
+    let (b_nn, b_full, b_val) = {
         let mut h = f64::INFINITY;
         let mut t = f64::INFINITY;
+        let mut v = f64::INFINITY;
         for i in 0..3 {
             h = h.min(hand_candle_nn(epochs));
             t = t.min(trainer_run(epochs, true, &tmp.path().join(format!("b{i}"))));
+            v = v.min(trainer_run_with(
+                epochs,
+                true,
+                false,
+                &tmp.path().join(format!("v{i}")),
+            ));
         }
-        (h, t)
+        (h, t, v)
     };
     println!("(b) digits epoch time, best of 3:");
     println!(
@@ -339,6 +352,11 @@ fn main() {
         b_full / epochs as f64 * 1e3
     );
     println!("    ratio: {:.3}x (target <= 0.4x)", b_full / b_nn);
+    println!(
+        "    of which validation {:.1} ms/epoch, durable checkpoint {:.1} ms/epoch",
+        (b_val - a_tr) / epochs as f64 * 1e3,
+        (b_full - b_val) / epochs as f64 * 1e3
+    );
 
     let run = tmp.path().join("resume");
     trainer_run(2, true, &run);

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
+use relume::loggers::CsvLogger;
 use relume::nn::{dropout, Linear};
 use relume::optim::{AdamConfig, AdamW};
 use relume::params::ParamStore;
@@ -228,9 +229,10 @@ fn run() -> Result<i32> {
     let val = DataLoader::new(val_set, TensorCollate::default(), LoaderConfig::new(256))?;
     let steps_per_epoch = train.batches_per_epoch() as u64;
     println!(
-        "digits: {n_train} train / {n_val} val examples, {steps_per_epoch} steps per epoch, {} epochs; checkpoints in {}",
+        "digits: {n_train} train / {n_val} val examples, {steps_per_epoch} steps per epoch, {} epochs; checkpoints in {}, metrics in {}",
         args.max_epochs,
-        ckpt_dir.display()
+        ckpt_dir.display(),
+        args.run_dir.join("logs/metrics.csv").display()
     );
 
     let mut module = Mlp::new(args.seed, steps_per_epoch, args.max_epochs)?;
@@ -241,6 +243,7 @@ fn run() -> Result<i32> {
         .checkpoint_every_n_epochs(1)
         .resume(ResumePolicy::IfExists(Source::Last))
         .interrupt_flag(interrupt)
+        .logger(Box::new(CsvLogger::new(args.run_dir.join("logs"))))
         .build()?;
     let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;
     let s = outcome.summary();

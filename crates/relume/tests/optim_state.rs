@@ -345,8 +345,8 @@ fn other_bad_hyper_parameters_rejected() {
 fn param_groups_have_their_own_lr_and_restore_them() {
     let s = store(SHAPES);
     let vars = s.named_vars();
-    let (g0, g1): (Vec<(String, Var)>, Vec<(String, Var)>) =
-        vars.into_iter().partition(|(n, _)| n.starts_with("a."));
+    type Named = Vec<(String, Var)>;
+    let (g0, g1): (Named, Named) = vars.into_iter().partition(|(n, _)| n.starts_with("a."));
     let groups = vec![
         ParamGroup {
             params: g0.clone(),
