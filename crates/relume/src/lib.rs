@@ -11,10 +11,12 @@ pub mod loggers;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod preempt;
 pub mod progress;
 pub mod rng;
 pub mod sched;
 
 pub use error::{Error, Result};
 pub use loggers::{CsvLogger, Logger, TensorBoardLogger};
+pub use preempt::{Preemption, PreemptionBuilder, Trigger, PREEMPTED_EXIT_CODE};
 pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
