@@ -20,10 +20,13 @@ fn name(step: u64) -> String {
     format!("step={step:06}")
 }
 
+/// Called with each file path before the file is created; an error fails the create.
+type Hook = Box<dyn Fn(&Path) -> io::Result<()> + Send + Sync>;
+
 /// A storage that calls `hook` with each file path before creating it.
 struct Hooked {
     inner: Arc<dyn Storage>,
-    hook: Box<dyn Fn(&Path) -> io::Result<()> + Send + Sync>,
+    hook: Hook,
 }
 
 impl std::fmt::Debug for Hooked {
