@@ -284,6 +284,19 @@ mod tests {
     }
 
     #[test]
+    fn signal_handler_error_names_the_signal_and_keeps_the_cause() {
+        // sigaction does not fail for SIGTERM/SIGUSR1/SIGINT, so the variant is built
+        // here as `install` builds it.
+        let e = Error::SignalHandler {
+            signal: Trigger::Signal(SIGUSR1).to_string(),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        assert!(e.to_string().contains("SIGUSR1"), "{e}");
+        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+        assert!(cause.is_some_and(|c| c.contains("Invalid argument")));
+    }
+
+    #[test]
     fn preemption_is_send_and_sync() {
         fn ok<T: Send + Sync>() {}
         ok::<Preemption>();
