@@ -264,6 +264,15 @@ pub enum Error {
         /// Key of the live callback.
         live_key: String,
     },
+    /// A preemption signal handler could not be registered.
+    #[error("cannot install the {signal} handler for preemption; signals cannot be caught, run without preemption support")]
+    SignalHandler {
+        /// The signal (`"SIGTERM"`, ...).
+        signal: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Shorthand for results of this crate.
