@@ -64,6 +64,10 @@ struct Spec {
     interrupt: Option<Interrupt>,
     extra_callback: bool,
     resume: bool,
+    /// Allow-listed key prefixes.
+    allow: Vec<String>,
+    /// Config keys allowed to change.
+    overrides: Vec<String>,
 }
 
 impl Spec {
@@ -79,6 +83,8 @@ impl Spec {
             interrupt: None,
             extra_callback: false,
             resume: true,
+            allow: Vec::new(),
+            overrides: Vec::new(),
         }
     }
 }
@@ -318,6 +324,14 @@ fn run(spec: &Spec, run_dir: &Path) -> Result<FitOutcome> {
     }
     if spec.extra_callback {
         b = b.callback(Box::new(Extra));
+    }
+    let mut allow = relume_ckpt::AllowList::none();
+    for a in &spec.allow {
+        allow = allow.prefix(a.clone());
+    }
+    b = b.allow(allow);
+    for o in &spec.overrides {
+        b = b.override_config(o.clone());
     }
     let mut trainer = b.build()?;
     let mut module = Tiny::new(spec)?;
@@ -598,6 +612,36 @@ fn missing_callback_state_is_an_error() {
         panic!("{e}")
     };
     assert_eq!(missing, &vec!["callbacks/extra".to_string()]);
+}
+
+#[test]
+fn swapping_the_optimizer_needs_explicit_allow_and_override() {
+    let dir = trained(Opt::AdamW);
+    let swapped = Spec::new(Opt::SgdNesterov);
+    // Refused by default: the optimizer spec is part of the config.
+    let e = resume_err(dir.path(), swapped.clone());
+    assert!(
+        matches!(&e, Error::ConfigChanged { key, .. } if key.starts_with("optimizers.0")),
+        "{e}"
+    );
+    // Overriding the config alone is not enough: the AdamW state cannot go into SGD.
+    let over = Spec {
+        overrides: vec!["optimizers".into(), "schedulers".into()],
+        ..swapped.clone()
+    };
+    let e = resume_err(dir.path(), over.clone());
+    assert!(matches!(e, Error::RestoreIncomplete { .. }), "{e}");
+    // With the optimizer and scheduler allow-listed, the rest is restored and verified.
+    let ok = Spec {
+        allow: vec!["optimizer.0".into(), "scheduler.0".into()],
+        max_epochs: 2,
+        ..over
+    };
+    let out = run(&ok, dir.path()).unwrap();
+    assert!(
+        matches!(out, FitOutcome::Completed(ref s) if s.global_step == 16),
+        "{out:?}"
+    );
 }
 
 #[test]
