@@ -74,6 +74,12 @@ pub struct TrainerConfig {
     pub config_overrides: Vec<String>,
     /// Print progress lines.
     pub enable_progress_bar: bool,
+    /// Commit checkpoints on a background writer thread.
+    pub async_checkpointing: bool,
+    /// Async saves queued or in flight at once (>= 1).
+    pub max_in_flight: usize,
+    /// Storage the checkpoints are written through (None: the local filesystem).
+    pub checkpoint_storage: Option<Arc<dyn relume_ckpt::Storage>>,
 }
 
 impl Default for TrainerConfig {
@@ -98,6 +104,9 @@ impl Default for TrainerConfig {
             allow: AllowList::none(),
             config_overrides: Vec::new(),
             enable_progress_bar: true,
+            async_checkpointing: false,
+            max_in_flight: relume_ckpt::DEFAULT_MAX_IN_FLIGHT,
+            checkpoint_storage: None,
         }
     }
 }
@@ -119,6 +128,7 @@ pub struct Trainer {
     pub(crate) loggers: Vec<Box<dyn Logger>>,
     pub(crate) callbacks: Vec<Box<dyn Callback>>,
     pub(crate) interrupt: Option<Arc<AtomicBool>>,
+    pub(crate) preemption: Option<Arc<crate::preempt::Preemption>>,
 }
 
 impl Trainer {
@@ -150,6 +160,7 @@ pub struct TrainerBuilder {
     loggers: Vec<Box<dyn Logger>>,
     callbacks: Vec<Box<dyn Callback>>,
     interrupt: Option<Arc<AtomicBool>>,
+    preemption: Option<Arc<crate::preempt::Preemption>>,
 }
 
 impl TrainerBuilder {
@@ -283,6 +294,37 @@ impl TrainerBuilder {
         self
     }
 
+    /// Checks `preemption` (SIGTERM/SIGUSR1) at every optimizer-step boundary: when
+    /// it is requested, `fit` saves a checkpoint there, flushes the loggers and the
+    /// async saves, and returns `FitOutcome::Interrupted`; exit with
+    /// [`FitOutcome::exit_code`](super::FitOutcome::exit_code)
+    /// (= [`crate::PREEMPTED_EXIT_CODE`]) so a requeue script reruns the job.
+    /// Default: none.
+    pub fn preemption(mut self, preemption: Arc<crate::preempt::Preemption>) -> Self {
+        self.preemption = Some(preemption);
+        self
+    }
+    /// Commit checkpoints on a background writer thread (the training thread only
+    /// copies the state). A failed write surfaces at the next step boundary as an
+    /// error naming the checkpoint; every save is awaited at the end of `fit`, on
+    /// a stop and on preemption. Default false.
+    pub fn async_checkpointing(mut self, on: bool) -> Self {
+        self.cfg.async_checkpointing = on;
+        self
+    }
+    /// Async saves queued or in flight at once (each holds a copy of the state).
+    /// Default 1 ([`relume_ckpt::DEFAULT_MAX_IN_FLIGHT`]).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.cfg.max_in_flight = n;
+        self
+    }
+    /// Writes checkpoints through `storage` (e.g. a [`relume_ckpt::FaultyStorage`]
+    /// in failure-injection tests). Default: the local filesystem.
+    pub fn checkpoint_storage(mut self, storage: Arc<dyn relume_ckpt::Storage>) -> Self {
+        self.cfg.checkpoint_storage = Some(storage);
+        self
+    }
+
     /// Validates and builds.
     ///
     /// # Errors
@@ -295,6 +337,7 @@ impl TrainerBuilder {
             ("check_val_every_n_epoch", c.check_val_every_n_epoch),
             ("accumulate_grad_batches", c.accumulate_grad_batches),
             ("log_every_n_steps", c.log_every_n_steps),
+            ("max_in_flight", c.max_in_flight as u64),
             (
                 "checkpoint_every_n_steps",
                 c.checkpoint_every_n_steps.unwrap_or(1),
@@ -335,6 +378,7 @@ impl TrainerBuilder {
             loggers: self.loggers,
             callbacks: self.callbacks,
             interrupt: self.interrupt,
+            preemption: self.preemption,
         })
     }
 }

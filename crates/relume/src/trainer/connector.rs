@@ -150,7 +150,8 @@ pub struct Restored {
 /// Owns the run directory's checkpoint handle.
 pub(crate) struct Connector {
     run_dir: PathBuf,
-    dir: Option<CheckpointDir>,
+    dir: Option<std::sync::Arc<CheckpointDir>>,
+    storage: Option<std::sync::Arc<dyn relume_ckpt::Storage>>,
 }
 
 impl Connector {
@@ -158,13 +159,32 @@ impl Connector {
         Connector {
             run_dir: run_dir.to_path_buf(),
             dir: None,
+            storage: None,
         }
+    }
+
+    /// Writes through `storage` instead of the local filesystem (failure injection).
+    pub(crate) fn with_storage(
+        mut self,
+        storage: Option<std::sync::Arc<dyn relume_ckpt::Storage>>,
+    ) -> Self {
+        self.storage = storage;
+        self
     }
 
     /// The checkpoint directory, opened (and locked) on first use.
     pub(crate) fn dir(&mut self) -> Result<&CheckpointDir> {
+        Ok(self.shared_dir()?.as_ref())
+    }
+
+    /// The checkpoint directory as a shared handle (for the async writer).
+    pub(crate) fn shared_dir(&mut self) -> Result<&std::sync::Arc<CheckpointDir>> {
         if self.dir.is_none() {
-            self.dir = Some(CheckpointDir::open(&self.run_dir)?);
+            let d = match &self.storage {
+                Some(s) => CheckpointDir::open_with_storage(&self.run_dir, std::sync::Arc::clone(s))?,
+                None => CheckpointDir::open(&self.run_dir)?,
+            };
+            self.dir = Some(std::sync::Arc::new(d));
         }
         match &self.dir {
             Some(d) => Ok(d),

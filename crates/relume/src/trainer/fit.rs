@@ -32,6 +32,7 @@ use crate::data::{Cursor, DataLoader};
 use crate::error::{Error, Result};
 use crate::optim::{Grads, Optimizer};
 use crate::rng::RngStreams;
+use crate::trainer::async_saves::AsyncSaves;
 use crate::trainer::builder::{ClipAlgorithm, Trainer, TrainerConfig, ValCheck};
 use crate::trainer::connector::{restore, Connector, Live, View};
 use crate::trainer::context::{Stage, StepCtx};
@@ -51,8 +52,10 @@ pub enum FitOutcome {
         /// The reason the callback gave.
         reason: String,
     },
-    /// The interrupt flag was set (SIGINT/SIGTERM); a checkpoint was saved at the
-    /// next step boundary. Run again with `ResumePolicy` to continue.
+    /// The interrupt flag or the [`Preemption`](crate::preempt::Preemption) was set
+    /// (SIGTERM/SIGUSR1); a checkpoint was committed at the next step boundary, the
+    /// loggers and async saves flushed. Exit with [`FitOutcome::exit_code`]
+    /// ([`crate::PREEMPTED_EXIT_CODE`]) and run again with a `ResumePolicy` to continue.
     Interrupted(FitSummary),
     /// The checkpoint resumed from had already reached `max_epochs`/`max_steps`;
     /// nothing was trained. Raise them to continue.
@@ -60,6 +63,15 @@ pub enum FitOutcome {
 }
 
 impl FitOutcome {
+    /// The process exit code for this outcome: [`crate::PREEMPTED_EXIT_CODE`] (75)
+    /// for `Interrupted`, so a requeue script can rerun the job; 0 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            FitOutcome::Interrupted(_) => crate::preempt::PREEMPTED_EXIT_CODE,
+            _ => 0,
+        }
+    }
+
     /// The summary, whatever the outcome.
     pub fn summary(&self) -> &FitSummary {
         match self {
@@ -161,6 +173,8 @@ impl Trainer {
             callbacks: &mut self.callbacks,
             loggers: &mut self.loggers,
             interrupt: self.interrupt.clone(),
+            preemption: self.preemption.clone(),
+            async_saves: None,
             module,
             val,
             optimizers,
@@ -170,7 +184,8 @@ impl Trainer {
                 callbacks: keys,
                 ..LoopState::default()
             },
-            connector: Connector::new(&self.cfg.default_root_dir),
+            connector: Connector::new(&self.cfg.default_root_dir)
+                .with_storage(self.cfg.checkpoint_storage.clone()),
             requests: Vec::new(),
             resumed_from: None,
             last_checkpoint: None,
@@ -252,6 +267,8 @@ struct FitRun<'t, M: TrainModule> {
     callbacks: &'t mut Vec<Box<dyn crate::callbacks::Callback>>,
     loggers: &'t mut Vec<Box<dyn crate::loggers::Logger>>,
     interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    preemption: Option<std::sync::Arc<crate::preempt::Preemption>>,
+    async_saves: Option<AsyncSaves>,
     module: &'t mut M,
     val: Option<&'t DataLoader<M::Batch>>,
     optimizers: Vec<Box<dyn Optimizer>>,
@@ -643,8 +660,12 @@ where
         let interrupted = self
             .interrupt
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst));
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+            || self.preemption.as_ref().is_some_and(|p| p.is_requested());
         let requests = std::mem::take(&mut self.requests);
+        // Async saves reported since the last boundary: hooks, then their retention;
+        // a failed one is an error here, naming it.
+        self.collect_async(false)?;
         let stop = requests.iter().find_map(|r| match r {
             Request::Stop { reason } => Some(reason.clone()),
             _ => None,
@@ -700,6 +721,14 @@ where
         }
         if !saves.is_empty() {
             self.save_all(train, saves, &mut deletes)?;
+            if let Some(a) = self.async_saves.as_mut() {
+                // Retention waits for this boundary's saves to commit.
+                deletes = a.defer_deletes(deletes);
+            }
+        }
+        if stop.is_some() || interrupted || finished {
+            // The final flush: every async save is awaited before fit returns.
+            self.collect_async(true)?;
         }
         for name in deletes {
             let keep = self.resumed_from.clone();
@@ -749,6 +778,9 @@ where
             callbacks: self.callbacks,
             loggers: self.loggers,
         };
+        if self.cfg.async_checkpointing {
+            return self.submit_all(train, saves);
+        }
         let components = view.components(self.module.on_save_checkpoint()?)?;
         let progress = self.state.progress_json();
         for (name, extra) in saves {
@@ -780,6 +812,98 @@ where
             match r {
                 Request::Delete { name } => deletes.push(name),
                 other => self.requests.push(other),
+            }
+        }
+        Ok(())
+    }
+
+    /// The async half of [`Self::save_all`]: waits for a free slot, reports any
+    /// earlier outcome (so a failure surfaces before a snapshot that may name the
+    /// failed checkpoint), snapshots once and submits every save of the boundary.
+    fn submit_all(
+        &mut self,
+        train: &DataLoader<M::Batch>,
+        saves: Vec<(String, BTreeMap<String, f64>)>,
+    ) -> Result<()> {
+        if self.async_saves.is_none() {
+            let dir = std::sync::Arc::clone(self.connector.shared_dir()?);
+            self.async_saves = Some(AsyncSaves::new(dir, self.cfg.max_in_flight)?);
+        }
+        if let Some(a) = self.async_saves.as_mut() {
+            a.wait_for_slot()?;
+        }
+        let pending = std::mem::take(&mut self.requests);
+        let collected = self.collect_async(false);
+        self.requests.extend(pending);
+        collected?;
+        let view = View {
+            params: self.module.params(),
+            optimizers: &self.optimizers,
+            schedulers: &self.schedulers,
+            rng: &self.rng,
+            loader: train,
+            state: &self.state,
+            callbacks: self.callbacks,
+            loggers: self.loggers,
+        };
+        let components = view.components(self.module.on_save_checkpoint()?)?;
+        let progress = self.state.progress_json();
+        let Some(a) = self.async_saves.as_mut() else {
+            unreachable!("created above")
+        };
+        for (name, extra) in saves {
+            let mut metrics = self.state.metrics.latest().clone();
+            metrics.extend(extra);
+            metrics.retain(|_, v| v.is_finite());
+            let ckpt = relume_ckpt::Checkpoint {
+                components: components.clone(),
+                progress: progress.clone(),
+                config: self.config.clone(),
+                metrics: metrics.clone(),
+            };
+            a.submit(&name, ckpt, self.state.progress(), metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Handles the async saves reported so far (all of them, waiting, with
+    /// `wait`): for each commit, `on_save_checkpoint`, then the deletions of its
+    /// boundary and those the hooks requested. Requests other than deletions stay
+    /// queued.
+    fn collect_async(&mut self, wait: bool) -> Result<()> {
+        let Some(a) = self.async_saves.as_mut() else {
+            return Ok(());
+        };
+        if !wait && a.is_idle() {
+            return Ok(());
+        }
+        let done = a.collect(wait)?;
+        for (c, p) in done {
+            tracing::debug!(
+                "async save committed {} in {:.1} ms",
+                c.path.display(),
+                c.write_time.as_secs_f64() * 1e3
+            );
+            self.last_checkpoint = Some(c.path.clone());
+            let saved = SavedCheckpoint {
+                name: p.name,
+                path: c.path,
+                progress: p.progress,
+                metrics: p.metrics,
+            };
+            let before = self.requests.len();
+            hook!(self, |cb, ctx| cb.on_save_checkpoint(&mut ctx, &saved));
+            let mut deletes = p.deletes;
+            let new: Vec<Request> = self.requests.drain(before..).collect();
+            for r in new {
+                match r {
+                    Request::Delete { name } => deletes.push(name),
+                    other => self.requests.push(other),
+                }
+            }
+            for name in deletes {
+                let keep = self.resumed_from.clone();
+                self.connector.delete(&name, keep.as_deref())?;
             }
         }
         Ok(())

@@ -16,6 +16,7 @@
 //! [`resume`] (policy), [`loop_state`] (counters), [`connector`] (save/restore),
 //! [`fit`] and [`loops`] (the loops).
 
+pub mod async_saves;
 pub mod builder;
 pub mod connector;
 pub mod context;

@@ -1,0 +1,148 @@
+//! The trainer side of asynchronous checkpointing (invariant 10).
+//!
+//! With `Trainer::builder().async_checkpointing(true)`, a step boundary's saves
+//! are snapshotted on the training thread (the components are owned copies of
+//! every tensor) and committed by [`relume_ckpt::AsyncCheckpointer`]'s writer
+//! thread. This module keeps what the trainer must do once each save is
+//! reported:
+//!
+//! - at every step boundary the trainer **polls** first: each reported commit
+//!   runs its `on_save_checkpoint` hooks and then the deletions requested at the
+//!   boundary that saved it (retention strictly after the commit); the first
+//!   failure is returned as an error naming the checkpoint, so retention for a
+//!   failed save never runs and the previous checkpoint survives;
+//! - before taking a new snapshot the trainer waits for a free slot and polls
+//!   again, so (with the default `max_in_flight` of 1) a failed save is always
+//!   reported before a later snapshot, whose callback state might name it, is
+//!   submitted. With `max_in_flight > 1` a save queued behind a failed one may
+//!   still commit; fit stops at the failure all the same;
+//! - at the end of fit, on a stop and on preemption the trainer **flushes**:
+//!   it waits for every save in flight and handles their outcomes as above.
+//!
+//! A checkpoint written asynchronously holds exactly the bytes a synchronous
+//! save of the same boundary would (the snapshot is the same `components` map),
+//! so resuming from either is byte-identical.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use relume_ckpt::{AsyncCheckpointer, Checkpoint, CheckpointDir, Committed};
+
+use crate::callbacks::Progress;
+use crate::error::Result;
+
+/// A submitted save, waiting for its outcome.
+#[derive(Debug)]
+pub(crate) struct PendingSave {
+    /// Submission number.
+    pub seq: u64,
+    /// Checkpoint name.
+    pub name: String,
+    /// Loop position it holds.
+    pub progress: Progress,
+    /// Metrics recorded in its manifest.
+    pub metrics: BTreeMap<String, f64>,
+    /// Deletions to carry out once this save (the last of its boundary) committed.
+    pub deletes: Vec<String>,
+}
+
+/// The async writer plus what to do when each of its saves is reported.
+pub(crate) struct AsyncSaves {
+    writer: AsyncCheckpointer,
+    pending: VecDeque<PendingSave>,
+}
+
+impl AsyncSaves {
+    /// A writer committing into `dir`, with at most `max_in_flight` saves queued.
+    ///
+    /// # Errors
+    /// relume-ckpt errors (a read-only directory, a thread that cannot start).
+    pub(crate) fn new(dir: Arc<CheckpointDir>, max_in_flight: usize) -> Result<Self> {
+        let n = NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN);
+        Ok(AsyncSaves {
+            writer: AsyncCheckpointer::with_max_in_flight(dir, n)?,
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// Waits until a snapshot may be taken.
+    ///
+    /// # Errors
+    /// The writer thread is gone.
+    pub(crate) fn wait_for_slot(&mut self) -> Result<()> {
+        Ok(self.writer.wait_for_slot()?)
+    }
+
+    /// Submits a snapshot.
+    ///
+    /// # Errors
+    /// A bad name, or the writer thread is gone.
+    pub(crate) fn submit(
+        &mut self,
+        name: &str,
+        ckpt: Checkpoint,
+        progress: Progress,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<()> {
+        let ticket = self.writer.submit(name, ckpt)?;
+        self.pending.push_back(PendingSave {
+            seq: ticket.seq(),
+            name: name.to_string(),
+            progress,
+            metrics,
+            deletes: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Attaches `deletes` to the newest submitted save (they run once it commits).
+    /// Returns them back when nothing is pending (the caller runs them now).
+    pub(crate) fn defer_deletes(&mut self, deletes: Vec<String>) -> Vec<String> {
+        match self.pending.back_mut() {
+            Some(p) => {
+                p.deletes.extend(deletes);
+                Vec::new()
+            }
+            None => deletes,
+        }
+    }
+
+    /// The saves reported committed (non-blocking, or waiting for all with
+    /// `wait`), each with its pending record.
+    ///
+    /// # Errors
+    /// [`relume_ckpt::Error::AsyncSaveFailed`] naming the first failed save.
+    pub(crate) fn collect(&mut self, wait: bool) -> Result<Vec<(Committed, PendingSave)>> {
+        let done = if wait {
+            self.writer.flush()
+        } else {
+            self.writer.poll()
+        };
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                if let relume_ckpt::Error::AsyncSaveFailed { checkpoint, .. } = &e {
+                    // Its deletions (and those of later saves) never run.
+                    self.pending.retain(|p| &p.name != checkpoint);
+                }
+                return Err(e.into());
+            }
+        };
+        let mut out = Vec::new();
+        for c in done {
+            while let Some(p) = self.pending.pop_front() {
+                if p.seq == c.seq {
+                    out.push((c.clone(), p));
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when nothing is in flight or unreported.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.writer.is_idle()
+    }
+}
