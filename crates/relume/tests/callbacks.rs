@@ -44,13 +44,25 @@ acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
 acc.Reload()
 print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
 "#;
-    let out = Command::new("python3").arg("-c").arg(SCRIPT).arg(dir).output().ok()?;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(dir)
+        .output()
+        .ok()?;
     if out.status.code() == Some(3) {
-        assert!(std::env::var_os("CI").is_none(), "CI must install tensorboard");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install tensorboard"
+        );
         eprintln!("note: tensorboard not installed; skipping the reader check");
         return None;
     }
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
@@ -76,7 +88,11 @@ fn top_k_and_logs_survive_sigkill_and_resume() {
     );
     assert_eq!(code, -libc::SIGKILL);
     let resumed_from = ckdir(dir.path()).latest().unwrap().unwrap();
-    let resumed_name = resumed_from.file_name().unwrap().to_string_lossy().into_owned();
+    let resumed_name = resumed_from
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let (code, outcome) = spawn(&top_k_spec(), dir.path());
     assert_eq!((code, outcome.as_str()), (0, "completed@48"));
 
@@ -200,7 +216,10 @@ fn changed_identity_setting_is_a_clear_error() {
     assert!(saved_key.contains("monitor=val_loss"), "{e}");
     assert!(live_key.contains("monitor=train_loss"), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("unexpected") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("unexpected") && msg.contains("missing"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -181,7 +181,9 @@ impl Connector {
     pub(crate) fn shared_dir(&mut self) -> Result<&std::sync::Arc<CheckpointDir>> {
         if self.dir.is_none() {
             let d = match &self.storage {
-                Some(s) => CheckpointDir::open_with_storage(&self.run_dir, std::sync::Arc::clone(s))?,
+                Some(s) => {
+                    CheckpointDir::open_with_storage(&self.run_dir, std::sync::Arc::clone(s))?
+                }
                 None => CheckpointDir::open(&self.run_dir)?,
             };
             self.dir = Some(std::sync::Arc::new(d));

@@ -11,18 +11,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use relume::callbacks::{Callback, EarlyStopping, HookCtx, LearningRateMonitor, Mode, ModelCheckpoint};
+use relume::callbacks::{
+    Callback, EarlyStopping, HookCtx, LearningRateMonitor, Mode, ModelCheckpoint,
+};
 use relume::data::{DataLoader, LoaderConfig, TensorCollate, TensorDataset};
 use relume::nn::{dropout, Linear};
 use relume::optim::{AdamConfig, AdamW, ParamGroup};
 use relume::params::ParamStore;
+use relume::preempt::Preemption;
 use relume::rng::Rng;
 use relume::sched::{CosineAnnealingLR, LinearLR, SequentialLR};
 use relume::trainer::{
     FitOutcome, LogOpts, OptimizerConfig, ResumePolicy, SchedulerConfig, Source, StepCtx,
-    TrainModule, Trainer, ValCheck,
+    TrainModule, Trainer, TrainerBuilder, ValCheck,
 };
-use relume::preempt::Preemption;
 use relume::{CsvLogger, Result, TensorBoardLogger};
 use relume_ckpt::StateDict;
 use serde::{Deserialize, Serialize};
@@ -133,8 +135,11 @@ impl TrainModule for Tiny {
         let warm = LinearLR::new(vec![0.05], 0.2, 1.0, 3)?;
         let cos = CosineAnnealingLR::new(vec![0.05], 60, 1e-3)?;
         let sched = SequentialLR::new(vec![Box::new(warm), Box::new(cos)], vec![3])?;
-        Ok(vec![OptimizerConfig::new(AdamW::new(vec![group], AdamConfig::adamw())?)
-            .with_scheduler(SchedulerConfig::per_step(sched))])
+        Ok(vec![OptimizerConfig::new(AdamW::new(
+            vec![group],
+            AdamConfig::adamw(),
+        )?)
+        .with_scheduler(SchedulerConfig::per_step(sched))])
     }
 }
 
@@ -193,12 +198,18 @@ fn data(n: usize, seed: u64) -> TensorDataset {
 pub fn loaders() -> (DataLoader<(Tensor, Tensor)>, DataLoader<(Tensor, Tensor)>) {
     let cfg = LoaderConfig::new(5).shuffle(true).seed(3);
     let train = DataLoader::new(data(40, 1), TensorCollate::default(), cfg).unwrap();
-    let val = DataLoader::new(data(30, 2), TensorCollate::default(), LoaderConfig::new(10)).unwrap();
+    let val =
+        DataLoader::new(data(30, 2), TensorCollate::default(), LoaderConfig::new(10)).unwrap();
     (train, val)
 }
 
 /// Builds the trainer for `spec` in `run_dir`.
 pub fn trainer(spec: &Spec, run_dir: &Path, preempt: Arc<Preemption>) -> Result<Trainer> {
+    builder(spec, run_dir, preempt)?.build()
+}
+
+/// The builder of [`trainer`], to add more.
+pub fn builder(spec: &Spec, run_dir: &Path, preempt: Arc<Preemption>) -> Result<TrainerBuilder> {
     let mut b = Trainer::builder()
         .max_epochs(spec.max_epochs)
         .seed(11)
@@ -243,13 +254,11 @@ pub fn trainer(spec: &Spec, run_dir: &Path, preempt: Arc<Preemption>) -> Result<
     }
     if spec.loggers {
         let logs = run_dir.join("logs");
-        b = b
-            .logger(Box::new(CsvLogger::new(&logs)))
-            .logger(Box::new(
-                TensorBoardLogger::new(&logs).with_file_name("events.out.tfevents.test")?,
-            ));
+        b = b.logger(Box::new(CsvLogger::new(&logs))).logger(Box::new(
+            TensorBoardLogger::new(&logs).with_file_name("events.out.tfevents.test")?,
+        ));
     }
-    b.build()
+    Ok(b)
 }
 
 /// Runs `spec` in `run_dir` in this process, with a preemption flag that only
@@ -341,7 +350,10 @@ pub fn checkpoint_names(run_dir: &Path) -> Vec<String> {
 }
 
 pub fn final_components(run_dir: &Path) -> BTreeMap<String, StateDict> {
-    let latest = ckdir(run_dir).latest().unwrap().expect("a final checkpoint");
+    let latest = ckdir(run_dir)
+        .latest()
+        .unwrap()
+        .expect("a final checkpoint");
     relume_ckpt::load(&latest).unwrap().components
 }
 
@@ -373,6 +385,8 @@ pub fn mc_state(run_dir: &Path) -> StateDict {
 /// `best` as `Source::Best` resolves it: the best entry of the saved top k.
 pub fn best_name(run_dir: &Path) -> String {
     let mc = ModelCheckpoint::new().monitor("val_loss", Mode::Min);
-    let p = mc.best_checkpoint(&mc_state(run_dir)).expect("a best checkpoint");
+    let p = mc
+        .best_checkpoint(&mc_state(run_dir))
+        .expect("a best checkpoint");
     p.to_string_lossy().into_owned()
 }
