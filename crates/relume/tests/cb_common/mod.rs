@@ -195,7 +195,10 @@ fn data(n: usize, seed: u64) -> TensorDataset {
     TensorDataset::new(xs, 4, ys).unwrap()
 }
 
-pub fn loaders() -> (DataLoader<(Tensor, Tensor)>, DataLoader<(Tensor, Tensor)>) {
+/// A loader of `(x, y)` batches.
+pub type Loader = DataLoader<(Tensor, Tensor)>;
+
+pub fn loaders() -> (Loader, Loader) {
     let cfg = LoaderConfig::new(5).shuffle(true).seed(3);
     let train = DataLoader::new(data(40, 1), TensorCollate::default(), cfg).unwrap();
     let val =
