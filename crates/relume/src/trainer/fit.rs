@@ -31,6 +31,7 @@ use crate::callbacks::{HookCtx, Request, SavedCheckpoint};
 use crate::data::{Cursor, DataLoader};
 use crate::error::{Error, Result};
 use crate::optim::{Grads, Optimizer};
+use crate::progress::{ProgressBar, ProgressConfig};
 use crate::rng::RngStreams;
 use crate::trainer::async_saves::AsyncSaves;
 use crate::trainer::builder::{ClipAlgorithm, Trainer, TrainerConfig, ValCheck};
@@ -190,6 +191,11 @@ impl Trainer {
             resumed_from: None,
             last_checkpoint: None,
             config,
+            progress: if self.cfg.enable_progress_bar {
+                ProgressBar::new(ProgressConfig::new().every_n_steps(self.cfg.log_every_n_steps))
+            } else {
+                ProgressBar::disabled()
+            },
         };
         run.state.loggers = run.loggers.iter().map(|l| l.name().to_string()).collect();
         run.run(train)
@@ -280,6 +286,7 @@ struct FitRun<'t, M: TrainModule> {
     resumed_from: Option<PathBuf>,
     last_checkpoint: Option<PathBuf>,
     config: Value,
+    progress: ProgressBar,
 }
 
 /// Calls `hook` on every callback with a fresh [`HookCtx`].
@@ -412,9 +419,7 @@ where
                 self.cfg.max_steps,
             );
             tracing::info!("{msg}");
-            if self.cfg.enable_progress_bar {
-                println!("{msg}");
-            }
+            self.progress.println(&msg);
             return Ok(FitOutcome::AlreadyFinished(self.summary()));
         }
         if !resumed {
@@ -449,7 +454,7 @@ where
             ValCheck::Fraction(f) => ((f * steps_per_epoch as f64).round() as u64).max(1),
         };
         while !self.done() {
-            let epoch_started = Instant::now();
+            self.progress.start_epoch(self.state.epoch, steps_per_epoch);
             if self.state.batch_in_epoch == 0 {
                 hook!(self, |cb, ctx| cb.on_train_epoch_start(&mut ctx));
             }
@@ -490,6 +495,9 @@ where
                 let boundary = self.state.accumulation_position >= accum || last;
                 if boundary {
                     self.optimizer_step(grads.take().unwrap_or_default())?;
+                    let shown = self.state.metrics.prog_bar();
+                    self.progress
+                        .update(self.state.batch_in_epoch.div_ceil(accum), &shown);
                 }
                 hook!(self, |cb, ctx| cb.on_train_batch_end(&mut ctx, boundary));
                 if boundary && !last {
@@ -533,31 +541,13 @@ where
             self.state.logger_step = step;
             let saved_before = self.last_checkpoint.clone();
             let out = self.boundary(train, true)?;
-            if self.cfg.enable_progress_bar {
-                let shown: Vec<String> = self
-                    .state
-                    .metrics
-                    .prog_bar()
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v:.4}"))
-                    .collect();
-                let saved = match &self.last_checkpoint {
-                    Some(p) if self.last_checkpoint != saved_before => {
-                        format!(
-                            " -> {}",
-                            p.file_name().map_or(p.as_os_str(), |n| n).to_string_lossy()
-                        )
-                    }
-                    _ => String::new(),
-                };
-                println!(
-                    "epoch {}/{} step {} {} ({:.0} ms){saved}",
-                    self.state.epoch,
-                    self.cfg.max_epochs,
-                    step,
-                    shown.join(" "),
-                    epoch_started.elapsed().as_secs_f64() * 1e3
-                );
+            let shown = self.state.metrics.prog_bar();
+            self.progress.finish_epoch(&shown);
+            if let Some(p) = &self.last_checkpoint {
+                if self.last_checkpoint != saved_before {
+                    self.progress
+                        .println(&format!("checkpoint {}", p.display()));
+                }
             }
             if let Some(out) = out {
                 return Ok(out);
@@ -631,6 +621,9 @@ where
     /// Runs validation now and records its metrics.
     fn validate_now(&mut self) -> Result<()> {
         let Some(val) = self.val else { return Ok(()) };
+        let n = val.batches_per_epoch() as u64;
+        let n = self.cfg.limit_val_batches.map_or(n, |l| l.min(n));
+        self.progress.start_validation(n);
         let m = run_eval(
             self.module,
             val,
@@ -641,6 +634,8 @@ where
             self.state.epoch,
         )?;
         let m = self.state.metrics.absorb_eval(m);
+        self.progress.update_validation(n);
+        self.progress.finish_validation(&m);
         let step = self.state.global_step;
         for l in self.loggers.iter_mut() {
             l.log_metrics(step, &m)?;
