@@ -81,3 +81,5 @@ pub use read::{load, verify, LoadedCheckpoint, VerifyReport};
 pub use state::{join_key, Leaf, StateDict, TensorBytes, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, Mismatch, RestoreReport, Stateful};
 pub use storage::{FaultyStorage, LocalStorage, Storage, StorageFile};
+pub mod lightning;
+pub use lightning::{LightningCheckpoint, PyValue, TorchTensor};

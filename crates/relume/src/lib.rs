@@ -15,8 +15,11 @@ pub mod preempt;
 pub mod progress;
 pub mod rng;
 pub mod sched;
+pub mod threads;
 
 pub use error::{Error, Result};
 pub use loggers::{CsvLogger, Logger, TensorBoardLogger};
+pub use optim::{Adam, AdamConfig, AdamW, Sgd, SgdConfig};
 pub use preempt::{Preemption, PreemptionBuilder, Trigger, PREEMPTED_EXIT_CODE};
 pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
+pub use threads::set_cpu_threads;

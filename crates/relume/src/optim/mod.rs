@@ -3,6 +3,16 @@
 //! State is keyed by parameter **name**, with a per-parameter step counter, and
 //! updates reproduce PyTorch's rules exactly (checked against torch's own values).
 
+mod adam;
+pub mod clip;
+mod sgd;
+mod state;
+
+pub use self::adam::{Adam, AdamConfig, AdamW};
+pub use self::clip::{clip_grad_norm, clip_grad_value, total_norm};
+pub use self::sgd::{Sgd, SgdConfig};
+pub use self::state::report_to_error;
+
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;

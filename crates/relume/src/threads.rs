@@ -1,0 +1,51 @@
+//! How many CPU threads candle's kernels use.
+//!
+//! candle 0.11 reads its thread count from the environment:
+//! `candle_core::utils::get_num_threads()` returns `RAYON_NUM_THREADS` when set to a
+//! positive integer, and otherwise the number of *physical* cores the process may
+//! run on (its affinity mask), not hyper-threads. Matrix multiplications read it on
+//! every call; candle's worker pools (rayon pool, barrier pool for element-wise
+//! kernels, which also honour `CANDLE_NUM_THREADS`) read it once, at first use.
+//!
+//! **Default:** relume keeps candle's default (physical cores). It is the right
+//! choice for one training process per machine. When several processes share a
+//! machine (data-parallel workers, CI runners, benchmarks), give each
+//! `cores / processes` threads with [`set_cpu_threads`]; oversubscription makes
+//! every matmul slower. relume's own fused optimizer kernels are single-threaded
+//! and memory-bound, so they are unaffected.
+
+/// Sets the number of CPU threads candle uses, by setting `RAYON_NUM_THREADS` and
+/// `CANDLE_NUM_THREADS`.
+///
+/// Call it at program start, before any tensor operation and before other threads
+/// are spawned: environment writes race with concurrent reads on some platforms, and
+/// candle's pools keep the size they had when first used (matmuls follow the new
+/// value immediately). `n = 0` is treated as 1.
+pub fn set_cpu_threads(n: usize) {
+    let n = n.max(1).to_string();
+    std::env::set_var("RAYON_NUM_THREADS", &n);
+    std::env::set_var("CANDLE_NUM_THREADS", &n);
+}
+
+/// The number of CPU threads candle's matmuls use now.
+pub fn cpu_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setting_threads_changes_candle_thread_count() {
+        let before = std::env::var("RAYON_NUM_THREADS").ok();
+        set_cpu_threads(3);
+        assert_eq!(cpu_threads(), 3);
+        set_cpu_threads(0);
+        assert_eq!(cpu_threads(), 1);
+        match before {
+            Some(v) => std::env::set_var("RAYON_NUM_THREADS", v),
+            None => std::env::remove_var("RAYON_NUM_THREADS"),
+        }
+    }
+}
