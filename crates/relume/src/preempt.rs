@@ -296,6 +296,113 @@ mod tests {
         assert!(cause.is_some_and(|c| c.contains("Invalid argument")));
     }
 
+    /// Set in the child process of `sigterm_storm_during_the_final_save_*`.
+    const CHILD_ENV: &str = "RELUME_PREEMPT_CHILD_RUN_DIR";
+
+    /// A state of `mib` MiB whose bytes and progress depend on `step`.
+    fn state(step: u64, mib: usize) -> relume_ckpt::Checkpoint {
+        let mut model = relume_ckpt::StateDict::new();
+        let bytes: Vec<u8> = (0..mib << 20).map(|i| (i as u64 ^ step) as u8).collect();
+        let t = relume_ckpt::TensorData::new(
+            relume_ckpt::DType::U8,
+            vec![bytes.len()],
+            relume_ckpt::TensorBytes::owned(bytes),
+        )
+        .unwrap();
+        model.insert_tensor("w", t);
+        let mut c = relume_ckpt::Checkpoint::default();
+        c.components.insert("model".into(), model);
+        c.progress = serde_json::json!({ "step": step });
+        c
+    }
+
+    /// The child: a fake training loop that saves asynchronously every 10 steps and,
+    /// once preempted, submits a final save, flushes it and exits with the code.
+    #[test]
+    fn preempt_child_entry() {
+        let Some(run) = std::env::var_os(CHILD_ENV) else {
+            return; // not the child: nothing to do
+        };
+        let p = Preemption::install().unwrap();
+        let dir = Arc::new(relume_ckpt::CheckpointDir::open(&run).unwrap());
+        let mut saver = relume_ckpt::AsyncCheckpointer::new(dir).unwrap();
+        println!("ready");
+        for step in 1u64.. {
+            std::thread::sleep(std::time::Duration::from_millis(2)); // "a training step"
+            let _committed = saver.poll().unwrap();
+            if p.is_requested() {
+                let _t = saver
+                    .submit(&format!("step={step:06}"), state(step, 64))
+                    .unwrap();
+                let _committed = saver.flush().unwrap();
+                std::process::exit(PREEMPTED_EXIT_CODE);
+            }
+            if step % 10 == 0 {
+                let _t = saver
+                    .submit(&format!("step={step:06}"), state(step, 1))
+                    .unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn sigterm_storm_during_the_final_save_exits_preempted_with_a_committed_checkpoint() {
+        use std::io::BufRead;
+        let run = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "preempt::tests::preempt_child_entry",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, run.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        assert!(
+            lines.any(|l| l.is_ok_and(|l| l.trim() == "ready")),
+            "child never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50)); // a few periodic saves
+        let pid = i32::try_from(child.id()).unwrap();
+        // SIGTERM, then keep sending SIGTERM (and SIGUSR1) while the final save runs.
+        let mut sent = 0u32;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            let sig = if sent % 2 == 0 { SIGTERM } else { SIGUSR1 };
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, sig) };
+            sent += 1;
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        };
+        assert_eq!(
+            status.code(),
+            Some(PREEMPTED_EXIT_CODE),
+            "{status:?} after {sent} signals"
+        );
+        assert!(sent > 1, "the storm overlapped the save");
+        let dir = relume_ckpt::CheckpointDir::open(run.path()).unwrap();
+        let latest = dir.latest().unwrap().expect("a committed checkpoint");
+        let report = relume_ckpt::verify(&latest);
+        assert!(report.is_ok(), "{:?}", report.problems);
+        let loaded = relume_ckpt::load(&latest).unwrap();
+        let step = loaded.manifest.progress["step"].as_u64().unwrap();
+        assert_eq!(
+            latest.file_name().unwrap().to_string_lossy(),
+            format!("step={step:06}")
+        );
+        assert_eq!(
+            loaded.components,
+            state(step, 64).components,
+            "the final save, intact"
+        );
+    }
+
     #[test]
     fn preemption_is_send_and_sync() {
         fn ok<T: Send + Sync>() {}
