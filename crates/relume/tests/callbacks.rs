@@ -240,3 +240,40 @@ fn a_missing_monitored_metric_is_an_error_naming_it() {
         "{e}"
     );
 }
+
+#[test]
+fn timer_stops_and_lr_monitor_logs_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = builder(
+        &Spec {
+            loggers: true,
+            lr_monitor: true,
+            resume: false,
+            ..Spec::default()
+        },
+        dir.path(),
+        std::sync::Arc::new(relume::preempt::Preemption::manual()),
+    )
+    .unwrap()
+    .callback(Box::new(relume::Timer::new(std::time::Duration::ZERO)))
+    .build()
+    .unwrap();
+    let mut module = Tiny::new().unwrap();
+    let (mut train, val) = loaders();
+    let out = t.fit(&mut module, &mut train, Some(&val)).unwrap();
+    let FitOutcome::Stopped { summary, reason } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(summary.global_step, 1);
+    assert!(reason.starts_with("Timer: max_time"), "{reason}");
+    // the stop committed a checkpoint holding the Timer's elapsed time
+    let c = final_components(dir.path());
+    let timer = c["callbacks"].sub("Timer");
+    assert!(timer.require_value::<f64>("elapsed").unwrap() >= 0.0);
+    let csv = std::fs::read_to_string(dir.path().join("logs/metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "lr-AdamW").unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    // the first step used the warm-up's starting rate 0.05 * 0.2
+    assert_eq!(row[col].parse::<f64>().unwrap(), 0.05 * 0.2);
+}

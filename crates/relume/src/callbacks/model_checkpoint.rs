@@ -434,3 +434,161 @@ impl Callback for ModelCheckpoint {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::callbacks::{Progress, Request};
+    use std::path::Path;
+
+    /// Runs the epoch-end hook at `step` with `val_loss`; returns the requests.
+    fn epoch_end(
+        mc: &mut ModelCheckpoint,
+        epoch: u64,
+        val_loss: f64,
+        resumed: Option<&Path>,
+    ) -> Vec<Request> {
+        let metrics: BTreeMap<String, f64> = [("val_loss".to_string(), val_loss)].into();
+        let progress = Progress {
+            global_step: (epoch + 1) * 10,
+            epoch,
+            batch_in_epoch: 10,
+        };
+        let run = Path::new("/nonexistent-relume-run");
+        let mut reqs = Vec::new();
+        let mut ctx = HookCtx::new(progress, &metrics, run, resumed, &mut reqs);
+        mc.on_train_epoch_end(&mut ctx).unwrap();
+        reqs
+    }
+
+    fn names(reqs: &[Request]) -> (Vec<String>, Vec<String>) {
+        let mut saves = Vec::new();
+        let mut deletes = Vec::new();
+        for r in reqs {
+            match r {
+                Request::Save { name, .. } => saves.push(name.clone()),
+                Request::Delete { name } => deletes.push(name.clone()),
+                _ => {}
+            }
+        }
+        (saves, deletes)
+    }
+
+    #[test]
+    fn top_two_saves_then_evicts_after_requesting_the_new_save() {
+        let mut mc = ModelCheckpoint::new()
+            .monitor("val_loss", Mode::Min)
+            .save_top_k(2)
+            .filename("s{step}");
+        assert_eq!(names(&epoch_end(&mut mc, 0, 0.5, None)), (vec!["s10".into()], vec![]));
+        assert_eq!(names(&epoch_end(&mut mc, 1, 0.7, None)), (vec!["s20".into()], vec![]));
+        assert_eq!(names(&epoch_end(&mut mc, 2, 0.9, None)), (vec![], vec![]));
+        let reqs = epoch_end(&mut mc, 3, 0.6, None);
+        // the save is requested before the deletion (the trainer deletes after commit)
+        assert!(matches!(&reqs[0], Request::Save { name, .. } if name == "s40"));
+        assert_eq!(names(&reqs), (vec!["s40".into()], vec!["s20".into()]));
+        assert_eq!(mc.best_name(), Some("s10"));
+        // the state already holds the new checkpoint and the pending deletion
+        let sd = mc.state_dict().unwrap();
+        let mut back = ModelCheckpoint::new()
+            .monitor("val_loss", Mode::Min)
+            .save_top_k(2);
+        assert!(back.load_state_dict(&sd).unwrap().is_clean());
+        assert_eq!(back.best_k(), mc.best_k());
+        assert_eq!(back.state_dict().unwrap(), sd);
+        assert_eq!(
+            back.best_checkpoint(&sd),
+            Some(PathBuf::from("s10")),
+            "Source::Best resolves through the saved state"
+        );
+    }
+
+    #[test]
+    fn never_deletes_the_resume_source() {
+        let mut mc = ModelCheckpoint::new()
+            .monitor("val_loss", Mode::Min)
+            .save_top_k(1)
+            .filename("s{step}");
+        epoch_end(&mut mc, 0, 0.5, None);
+        let src = Path::new("/nonexistent-relume-run/checkpoints/s10");
+        let reqs = epoch_end(&mut mc, 1, 0.4, Some(src));
+        assert_eq!(names(&reqs), (vec!["s20".into()], vec![]));
+        assert_eq!(mc.best_name(), Some("s20"));
+    }
+
+    #[test]
+    fn save_last_keeps_a_separate_last_when_not_top_k() {
+        let mut mc = ModelCheckpoint::new()
+            .monitor("val_loss", Mode::Min)
+            .save_top_k(1)
+            .save_last(true)
+            .filename("s{step}");
+        assert_eq!(names(&epoch_end(&mut mc, 0, 0.5, None)).0, vec!["s10"]);
+        assert_eq!(names(&epoch_end(&mut mc, 1, 0.9, None)).0, vec!["last-s20"]);
+        assert_eq!(mc.last_name(), Some("last-s20"));
+        let (saves, deletes) = names(&epoch_end(&mut mc, 2, 0.95, None));
+        assert_eq!((saves, deletes), (vec!["last-s30".into()], vec!["last-s20".into()]));
+        let (saves, deletes) = names(&epoch_end(&mut mc, 3, 0.1, None));
+        assert_eq!(saves, vec!["s40"]);
+        assert_eq!(deletes, vec!["last-s30", "s10"]);
+        assert_eq!(mc.tracked().into_iter().collect::<Vec<_>>(), vec!["s40"]);
+    }
+
+    #[test]
+    fn identity_settings_are_in_the_state_key() {
+        let a = ModelCheckpoint::new().monitor("val_loss", Mode::Min);
+        let b = ModelCheckpoint::new().monitor("val_loss", Mode::Max);
+        let c = ModelCheckpoint::new()
+            .monitor("val_loss", Mode::Min)
+            .every_n_train_steps(100);
+        let d = a.clone().save_top_k(5).filename("x{step}");
+        assert_ne!(a.state_key(), b.state_key());
+        assert_ne!(a.state_key(), c.state_key());
+        assert_eq!(a.state_key(), d.state_key(), "top-k and filename are not identity");
+        assert!(!a.state_key().contains('/'));
+        // time is only saved when a time interval is set
+        assert!(a.state_dict().unwrap().get("train_time").is_none());
+        let t = ModelCheckpoint::new().train_time_interval(Duration::from_secs(60));
+        assert!(t.state_dict().unwrap().get("train_time").is_some());
+    }
+
+    #[test]
+    fn deletions_pending_at_a_kill_are_carried_out_after_resume() {
+        let run = tempfile::tempdir().unwrap();
+        for n in ["old", "kept"] {
+            let d = run.path().join("checkpoints").join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), b"{}").unwrap();
+        }
+        let mut mc = ModelCheckpoint::new().monitor("val_loss", Mode::Min);
+        mc.best_k.insert("kept".into(), 0.1);
+        mc.pending_deletes = vec!["old".into(), "gone".into()];
+        let sd = mc.state_dict().unwrap();
+        let mut back = ModelCheckpoint::new().monitor("val_loss", Mode::Min);
+        back.load_state_dict(&sd).unwrap();
+        let metrics = BTreeMap::new();
+        let mut reqs = Vec::new();
+        let mut ctx = HookCtx::new(Progress::default(), &metrics, run.path(), None, &mut reqs);
+        back.on_load_checkpoint(&mut ctx, Path::new("x")).unwrap();
+        assert_eq!(names(&reqs), (vec![], vec!["old".to_string()]));
+        // the state is unchanged, so the next checkpoint's bytes match an uninterrupted run's
+        assert_eq!(back.state_dict().unwrap(), sd);
+    }
+
+    #[test]
+    fn a_missing_monitor_after_validation_is_an_error() {
+        let mut mc = ModelCheckpoint::new().monitor("val_acc", Mode::Max);
+        mc.validated = true;
+        let metrics = BTreeMap::new();
+        let mut reqs = Vec::new();
+        let mut ctx = HookCtx::new(
+            Progress::default(),
+            &metrics,
+            Path::new("/nonexistent"),
+            None,
+            &mut reqs,
+        );
+        let e = mc.on_train_epoch_end(&mut ctx).unwrap_err();
+        assert!(matches!(e, Error::MetricNotLogged { ref metric, .. } if metric == "val_acc"));
+    }
+}
