@@ -6,10 +6,14 @@
 //! carries the requests out at the next optimizer-step boundary, in a fixed order:
 //!
 //! 1. every requested save is committed (through the connector's single save
-//!    function, so a future async writer sees them all);
-//! 2. `on_save_checkpoint` is called on every callback for every commit;
+//!    function), or, with `async_checkpointing`, snapshotted and handed to the
+//!    writer thread;
+//! 2. `on_save_checkpoint` is called on every callback for every commit (for an
+//!    async save: when the writer reports the commit, at a later step boundary or
+//!    the final flush);
 //! 3. only then are requested deletions carried out (never the checkpoint the run
-//!    resumed from, never outside the run directory);
+//!    resumed from, never outside the run directory); a save that failed never
+//!    gets its deletions;
 //! 4. a stop request saves a checkpoint at the boundary (if none was saved there)
 //!    and ends `fit` with `FitOutcome::Stopped`.
 //!
@@ -280,7 +284,9 @@ pub trait Callback: Send {
     }
 
     /// Called after a checkpoint has **committed** (so retention requested here
-    /// runs strictly after the commit).
+    /// runs strictly after the commit). With async checkpointing it runs when the
+    /// writer reports the commit; `ctx.progress` is then the loop's current
+    /// position and `saved.progress` the checkpoint's.
     ///
     /// # Errors
     /// Aborts `fit`.

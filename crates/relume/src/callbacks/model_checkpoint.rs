@@ -480,8 +480,14 @@ mod tests {
             .monitor("val_loss", Mode::Min)
             .save_top_k(2)
             .filename("s{step}");
-        assert_eq!(names(&epoch_end(&mut mc, 0, 0.5, None)), (vec!["s10".into()], vec![]));
-        assert_eq!(names(&epoch_end(&mut mc, 1, 0.7, None)), (vec!["s20".into()], vec![]));
+        assert_eq!(
+            names(&epoch_end(&mut mc, 0, 0.5, None)),
+            (vec!["s10".into()], vec![])
+        );
+        assert_eq!(
+            names(&epoch_end(&mut mc, 1, 0.7, None)),
+            (vec!["s20".into()], vec![])
+        );
         assert_eq!(names(&epoch_end(&mut mc, 2, 0.9, None)), (vec![], vec![]));
         let reqs = epoch_end(&mut mc, 3, 0.6, None);
         // the save is requested before the deletion (the trainer deletes after commit)
@@ -527,7 +533,10 @@ mod tests {
         assert_eq!(names(&epoch_end(&mut mc, 1, 0.9, None)).0, vec!["last-s20"]);
         assert_eq!(mc.last_name(), Some("last-s20"));
         let (saves, deletes) = names(&epoch_end(&mut mc, 2, 0.95, None));
-        assert_eq!((saves, deletes), (vec!["last-s30".into()], vec!["last-s20".into()]));
+        assert_eq!(
+            (saves, deletes),
+            (vec!["last-s30".into()], vec!["last-s20".into()])
+        );
         let (saves, deletes) = names(&epoch_end(&mut mc, 3, 0.1, None));
         assert_eq!(saves, vec!["s40"]);
         assert_eq!(deletes, vec!["last-s30", "s10"]);
@@ -544,7 +553,11 @@ mod tests {
         let d = a.clone().save_top_k(5).filename("x{step}");
         assert_ne!(a.state_key(), b.state_key());
         assert_ne!(a.state_key(), c.state_key());
-        assert_eq!(a.state_key(), d.state_key(), "top-k and filename are not identity");
+        assert_eq!(
+            a.state_key(),
+            d.state_key(),
+            "top-k and filename are not identity"
+        );
         assert!(!a.state_key().contains('/'));
         // time is only saved when a time interval is set
         assert!(a.state_dict().unwrap().get("train_time").is_none());

@@ -32,8 +32,9 @@
 //!    must equal the manifest's ([`Error::FingerprintMismatch`]).
 //!
 //! ## Saving
-//! Every save goes through [`Connector::save`], the single point where a future
-//! async writer snapshots the components and commits them in the background.
+//! A synchronous save goes through `Connector::save`; with async checkpointing
+//! the same components are snapshotted and committed by the writer thread of
+//! [`super::async_saves`], into the same directory handle.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -194,9 +195,9 @@ impl Connector {
         }
     }
 
-    /// The single save path: commits `components` as checkpoint `name` and points
-    /// `latest` at it. (Async saving hooks in here: snapshot, then commit on a
-    /// writer thread; errors surface at the next call.)
+    /// The synchronous save path: commits `components` as checkpoint `name` and
+    /// points `latest` at it. (Async saves go through
+    /// [`super::async_saves::AsyncSaves`] on the same directory handle.)
     ///
     /// # Errors
     /// relume-ckpt errors (I/O, an existing name).

@@ -19,6 +19,14 @@
 //!
 //! Nothing is saved anywhere else, so a checkpoint always holds accumulation
 //! position 0 (see [`super::loop_state`]).
+//!
+//! ## Preemption and async saves
+//! The preemption flag ([`crate::preempt::Preemption`], or `interrupt_flag`) is
+//! read only in step 3. With `async_checkpointing`, step 4 snapshots the state
+//! and submits it to the writer thread, step 5 happens when the commit is
+//! reported (polled at the start of every boundary), and a stop, an interrupt or
+//! the end of training waits for every save in flight before `fit` returns (see
+//! [`super::async_saves`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
