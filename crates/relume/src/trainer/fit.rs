@@ -854,12 +854,20 @@ where
         let Some(a) = self.async_saves.as_mut() else {
             unreachable!("created above")
         };
-        for (name, extra) in saves {
+        let n = saves.len();
+        let mut components = Some(components);
+        for (i, (name, extra)) in saves.into_iter().enumerate() {
             let mut metrics = self.state.metrics.latest().clone();
             metrics.extend(extra);
             metrics.retain(|_, v| v.is_finite());
+            // The last save of the boundary takes the snapshot itself (no copy).
+            let components = if i + 1 == n {
+                components.take().unwrap_or_default()
+            } else {
+                components.clone().unwrap_or_default()
+            };
             let ckpt = relume_ckpt::Checkpoint {
-                components: components.clone(),
+                components,
                 progress: progress.clone(),
                 config: self.config.clone(),
                 metrics: metrics.clone(),
