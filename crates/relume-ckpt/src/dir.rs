@@ -142,7 +142,7 @@ impl CheckpointDir {
         &self.dir
     }
 
-    fn require_writer(&self) -> Result<()> {
+    pub(crate) fn require_writer(&self) -> Result<()> {
         if self.lock.is_none() {
             return Err(Error::ReadOnly {
                 path: self.dir.clone(),

@@ -372,6 +372,22 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A save handed to the [`crate::AsyncCheckpointer`] failed on the writer thread; it
+    /// was not committed, and `latest` and the earlier checkpoints are untouched.
+    #[error("async save of checkpoint {checkpoint:?} failed; it was not committed and `latest` still names the previous checkpoint")]
+    AsyncSaveFailed {
+        /// The name of the checkpoint that failed.
+        checkpoint: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The async checkpoint writer thread panicked or is gone.
+    #[error("the async checkpoint writer {reason}; this is a bug in relume, please report it")]
+    AsyncWriter {
+        /// What happened to it.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -53,6 +53,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod async_writer;
 pub mod commit;
 pub mod dir;
 pub mod dtype;
@@ -66,6 +67,9 @@ pub mod stateful;
 pub mod storage;
 pub mod tensor_file;
 
+pub use async_writer::{
+    snapshot_copy, AsyncCheckpointer, Committed, SaveTicket, DEFAULT_MAX_IN_FLIGHT,
+};
 pub use commit::{write_checkpoint, write_latest, Checkpoint};
 pub use dir::{CheckpointDir, CheckpointInfo};
 pub use dtype::DType;

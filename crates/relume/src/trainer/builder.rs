@@ -9,6 +9,7 @@ use relume_ckpt::AllowList;
 use crate::callbacks::Callback;
 use crate::error::{Error, Result};
 use crate::loggers::Logger;
+use crate::preempt::Preemption;
 use crate::trainer::resume::ResumePolicy;
 
 /// When validation runs inside an epoch.
@@ -118,7 +119,26 @@ pub struct Trainer {
     pub(crate) cfg: TrainerConfig,
     pub(crate) loggers: Vec<Box<dyn Logger>>,
     pub(crate) callbacks: Vec<Box<dyn Callback>>,
-    pub(crate) interrupt: Option<Arc<AtomicBool>>,
+    pub(crate) interrupt: Vec<Interrupt>,
+}
+
+/// A source of "save and stop now" requests, read at every step boundary.
+#[derive(Clone, Debug)]
+pub(crate) enum Interrupt {
+    /// A plain flag (set by the caller's own signal handler).
+    Flag(Arc<AtomicBool>),
+    /// relume's preemption handler (SIGTERM/SIGUSR1, optionally SIGINT).
+    Preempt(Arc<Preemption>),
+}
+
+impl Interrupt {
+    /// True when a stop was requested.
+    pub(crate) fn is_set(&self) -> bool {
+        match self {
+            Interrupt::Flag(f) => f.load(std::sync::atomic::Ordering::SeqCst),
+            Interrupt::Preempt(p) => p.is_requested(),
+        }
+    }
 }
 
 impl Trainer {
@@ -149,7 +169,7 @@ pub struct TrainerBuilder {
     cfg: TrainerConfig,
     loggers: Vec<Box<dyn Logger>>,
     callbacks: Vec<Box<dyn Callback>>,
-    interrupt: Option<Arc<AtomicBool>>,
+    interrupt: Vec<Interrupt>,
 }
 
 impl TrainerBuilder {
@@ -279,7 +299,15 @@ impl TrainerBuilder {
     /// when set, `fit` saves a checkpoint there and returns
     /// `FitOutcome::Interrupted`. Default: none.
     pub fn interrupt_flag(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.interrupt = Some(flag);
+        self.interrupt.push(Interrupt::Flag(flag));
+        self
+    }
+    /// relume's preemption handler, checked at every optimizer-step boundary
+    /// exactly like [`TrainerBuilder::interrupt_flag`]: when a signal arrived,
+    /// `fit` saves there and returns `FitOutcome::Interrupted`; exit with
+    /// [`crate::preempt::PREEMPTED_EXIT_CODE`]. Default: none.
+    pub fn preemption(mut self, preemption: Arc<Preemption>) -> Self {
+        self.interrupt.push(Interrupt::Preempt(preemption));
         self
     }
 

@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -33,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::optim::{Grads, Optimizer};
 use crate::progress::{ProgressBar, ProgressConfig};
 use crate::rng::RngStreams;
-use crate::trainer::builder::{ClipAlgorithm, Trainer, TrainerConfig, ValCheck};
+use crate::trainer::builder::{ClipAlgorithm, Interrupt, Trainer, TrainerConfig, ValCheck};
 use crate::trainer::connector::{restore, Connector, Live, View};
 use crate::trainer::context::{Stage, StepCtx};
 use crate::trainer::loop_state::LoopState;
@@ -257,7 +256,7 @@ struct FitRun<'t, M: TrainModule> {
     cfg: &'t TrainerConfig,
     callbacks: &'t mut Vec<Box<dyn crate::callbacks::Callback>>,
     loggers: &'t mut Vec<Box<dyn crate::loggers::Logger>>,
-    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    interrupt: Vec<Interrupt>,
     module: &'t mut M,
     val: Option<&'t DataLoader<M::Batch>>,
     optimizers: Vec<Box<dyn Optimizer>>,
@@ -629,10 +628,7 @@ where
         epoch_end: bool,
     ) -> Result<Option<FitOutcome>> {
         // Preemption hook point: a flag set by a signal handler is read here only.
-        let interrupted = self
-            .interrupt
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst));
+        let interrupted = self.interrupt.iter().any(Interrupt::is_set);
         let requests = std::mem::take(&mut self.requests);
         let stop = requests.iter().find_map(|r| match r {
             Request::Stop { reason } => Some(reason.clone()),
