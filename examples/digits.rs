@@ -12,14 +12,14 @@
 //! cargo run --release --example digits -- --max-epochs 40 --seed 1 --run-dir runs/d2 --data FILE
 //! ```
 //!
-//! Ctrl-C (SIGINT) or SIGTERM only sets a flag; the trainer sees it at the next
-//! optimizer step, saves a checkpoint there and the program exits with code
-//! **75** (`EX_TEMPFAIL`: "interrupted, checkpoint saved, run again to resume").
-//! A second Ctrl-C exits at once (code 1); the checkpoint commit is atomic, so the
-//! previous checkpoint stays valid. Exit 0: finished; exit 1: an error.
+//! Ctrl-C (SIGINT), SIGTERM or SIGUSR1 only sets a flag ([`relume::preempt`]); the
+//! trainer sees it at the next optimizer step, saves a checkpoint there and the
+//! program exits with code **75** (`PREEMPTED_EXIT_CODE`, `EX_TEMPFAIL`:
+//! "interrupted, checkpoint saved, run again to resume"). Further signals during the
+//! save change nothing; SIGKILL stops at once and the previous checkpoint stays
+//! valid (the commit is atomic). Exit 0: finished; exit 1: an error.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -36,8 +36,7 @@ use relume::trainer::{
     TrainModule, Trainer,
 };
 
-/// Exit code after an interrupt that saved a checkpoint (requeue and rerun).
-const EXIT_INTERRUPTED: i32 = 75;
+use relume::preempt::{Preemption, PREEMPTED_EXIT_CODE};
 
 struct Args {
     data: PathBuf,
@@ -205,15 +204,8 @@ fn run() -> Result<i32> {
             .with_context(|| format!("removing {}", ckpt_dir.display()))?;
     }
 
-    // Signals only set a flag; the trainer checks it at step boundaries. A second
-    // signal exits immediately (the checkpoint commit is atomic).
-    let interrupt = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 1, interrupt.clone())
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(sig, interrupt.clone())
-            .context("installing the signal handler")?;
-    }
+    // Signals only set a flag; the trainer checks it at step boundaries.
+    let preemption = Arc::new(Preemption::builder().sigint(true).install()?);
 
     let data = CsvDataset::from_path(&args.data, 0)
         .with_context(|| format!("loading {}", args.data.display()))?
@@ -242,7 +234,7 @@ fn run() -> Result<i32> {
         .default_root_dir(&args.run_dir)
         .checkpoint_every_n_epochs(1)
         .resume(ResumePolicy::IfExists(Source::Last))
-        .interrupt_flag(interrupt)
+        .preemption(preemption)
         .logger(Box::new(CsvLogger::new(args.run_dir.join("logs"))))
         .build()?;
     let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;
@@ -255,10 +247,10 @@ fn run() -> Result<i32> {
     match &outcome {
         FitOutcome::Interrupted(_) => {
             println!(
-                "interrupted at step {}; checkpoint saved: {last}\nrun the same command to resume (exit code {EXIT_INTERRUPTED})",
+                "interrupted at step {}; checkpoint saved: {last}\nrun the same command to resume (exit code {PREEMPTED_EXIT_CODE})",
                 s.global_step
             );
-            return Ok(EXIT_INTERRUPTED);
+            return Ok(PREEMPTED_EXIT_CODE);
         }
         FitOutcome::AlreadyFinished(_) => {
             println!("already finished: val_acc={acc:.4}; use --fresh to start over or --max-epochs to train longer");

@@ -25,6 +25,17 @@ pub fn ckpt_dtype(d: CDType) -> Option<DType> {
 /// [`Error::StateMismatch`] for a dtype relume cannot store; candle errors.
 pub fn tensor_to_data(t: &Tensor, name: &str) -> Result<TensorData> {
     let shape = t.dims().to_vec();
+    if let Some(bytes) = contiguous_cpu_bytes(t)? {
+        let dtype = ckpt_dtype(t.dtype()).ok_or_else(|| Error::StateMismatch {
+            component: name.to_string(),
+            problems: vec![format!(
+                "dtype {:?} cannot be stored in a checkpoint",
+                t.dtype()
+            )],
+        })?;
+        return Ok(TensorData::new(dtype, shape, TensorBytes::owned(bytes))
+            .map_err(|e| e.with_key(name))?);
+    }
     let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
     let bytes: Vec<u8> = match t.dtype() {
         CDType::F32 => le_bytes(&flat.to_vec1::<f32>()?, |v| v.to_le_bytes()),
@@ -48,6 +59,39 @@ pub fn tensor_to_data(t: &Tensor, name: &str) -> Result<TensorData> {
         )],
     })?;
     Ok(TensorData::new(dtype, shape, TensorBytes::owned(bytes)).map_err(|e| e.with_key(name))?)
+}
+
+/// The bytes of a contiguous f32/f64/f16/bf16/i64/u8 CPU tensor, copied with one
+/// `memcpy` (on little-endian hosts the in-memory bytes are the checkpoint's bytes).
+/// `None` for other layouts, devices or dtypes, which take the element-wise path.
+fn contiguous_cpu_bytes(t: &Tensor) -> Result<Option<Vec<u8>>> {
+    if cfg!(target_endian = "big") || ckpt_dtype(t.dtype()).is_none() {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    fn copy<T: candle_core::WithDType + bytemuck::Pod>(
+        cpu: &candle_core::CpuStorage,
+        start: usize,
+        end: usize,
+    ) -> Result<Option<Vec<u8>>> {
+        let all = cpu.as_slice::<T>()?;
+        Ok(all
+            .get(start..end)
+            .map(|s| bytemuck::cast_slice::<T, u8>(s).to_vec()))
+    }
+    match t.dtype() {
+        CDType::F32 => copy::<f32>(cpu, start, end),
+        CDType::F64 => copy::<f64>(cpu, start, end),
+        CDType::I64 => copy::<i64>(cpu, start, end),
+        CDType::U8 => copy::<u8>(cpu, start, end),
+        _ => Ok(None),
+    }
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
@@ -101,6 +145,25 @@ pub fn describe(dtype: DType, shape: &[usize]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contiguous_fast_path_matches_element_wise() {
+        let t = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let narrow = t.narrow(0, 1, 2).unwrap(); // contiguous with a storage offset
+        let d = tensor_to_data(&narrow, "n").unwrap();
+        assert_eq!(
+            d.to_f32_vec().unwrap(),
+            (4..12).map(|v| v as f32).collect::<Vec<_>>()
+        );
+        let i = Tensor::new(&[1i64, -2, 3], &Device::Cpu).unwrap();
+        assert_eq!(
+            tensor_to_data(&i, "i").unwrap().to_i64_vec().unwrap(),
+            vec![1, -2, 3]
+        );
+    }
 
     #[test]
     fn round_trip_f32_and_transposed() {

@@ -156,6 +156,15 @@ pub enum Error {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// A preemption signal handler could not be registered.
+    #[error("cannot install the {signal} handler for preemption; signals cannot be caught, run without preemption support")]
+    SignalHandler {
+        /// The signal (`"SIGTERM"`, ...).
+        signal: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// `ResumePolicy::Required` found nothing to resume from.
     #[error("no checkpoint to resume from in {dir} ({source_desc}); train without `Required`, or point it at an existing checkpoint")]
     NoCheckpoint {
@@ -263,15 +272,6 @@ pub enum Error {
         saved_key: String,
         /// Key of the live callback.
         live_key: String,
-    },
-    /// A preemption signal handler could not be registered.
-    #[error("cannot install the {signal} handler for preemption; signals cannot be caught, run without preemption support")]
-    SignalHandler {
-        /// The signal (`"SIGTERM"`, ...).
-        signal: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
     },
 }
 

@@ -817,3 +817,72 @@ fn a_monitored_metric_that_was_never_logged_is_an_error() {
         "{e}"
     );
 }
+
+// ---- callback requests: save, retention after commit, stop ----
+
+/// Requests a named save at step 3, deletes the step-2 built-in checkpoint once a
+/// later one has committed, and stops at step 5.
+struct Requester {
+    saved: Vec<String>,
+}
+
+impl Callback for Requester {
+    fn state_key(&self) -> String {
+        "requester".into()
+    }
+    fn on_train_batch_end(&mut self, ctx: &mut HookCtx<'_>, boundary: bool) -> Result<()> {
+        match (boundary, ctx.progress.global_step) {
+            (true, 3) => ctx.save_checkpoint("named-at-3", BTreeMap::from([("score".into(), 0.5)])),
+            (true, 5) => ctx.stop("enough"),
+            _ => {}
+        }
+        Ok(())
+    }
+    fn on_save_checkpoint(
+        &mut self,
+        ctx: &mut HookCtx<'_>,
+        saved: &relume::callbacks::SavedCheckpoint,
+    ) -> Result<()> {
+        // Retention: the step-2 checkpoint must still exist here (deletions run
+        // only after this commit), and is deleted once "named-at-3" committed.
+        self.saved.push(saved.name.clone());
+        if saved.name == "named-at-3" {
+            assert!(ctx.run_dir.join("checkpoints/step=000002-epoch=0").is_dir());
+            ctx.delete_checkpoint("step=000002-epoch=0");
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn callbacks_request_saves_deletions_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::new(Opt::AdamW);
+    let (mut train, val) = loaders(&spec);
+    let mut t = Trainer::builder()
+        .max_epochs(3)
+        .checkpoint_every_n_steps(2)
+        .default_root_dir(dir.path())
+        .enable_progress_bar(false)
+        .callback(Box::new(Requester { saved: Vec::new() }))
+        .build()
+        .unwrap();
+    let out = t
+        .fit(&mut Tiny::new(&spec).unwrap(), &mut train, Some(&val))
+        .unwrap();
+    let FitOutcome::Stopped { summary, reason } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!((summary.global_step, reason.as_str()), (5, "enough"));
+    let ck = dir.path().join("checkpoints");
+    assert!(!ck.join("step=000002-epoch=0").exists(), "retention ran");
+    let named = relume_ckpt::load(ck.join("named-at-3")).unwrap();
+    assert_eq!(named.manifest.metrics.get("score"), Some(&0.5));
+    assert!(ck.join("step=000004-epoch=0").is_dir());
+    // The stop saved at its own step boundary, and `latest` points there.
+    let latest = relume_ckpt::CheckpointDir::open_read_only(dir.path())
+        .unwrap()
+        .latest()
+        .unwrap();
+    assert_eq!(latest, Some(ck.join("step=000005-epoch=0")));
+}

@@ -589,6 +589,48 @@ mod tests {
     }
 
     #[test]
+    fn step_and_time_triggers_save_once_per_boundary() {
+        let run = Path::new("/nonexistent-relume-run");
+        let batch_end = |mc: &mut ModelCheckpoint, step: u64, boundary: bool| {
+            let metrics = BTreeMap::new();
+            let p = Progress {
+                global_step: step,
+                epoch: 0,
+                batch_in_epoch: step,
+            };
+            let mut reqs = Vec::new();
+            let mut ctx = HookCtx::new(p, &metrics, run, None, &mut reqs);
+            mc.on_train_batch_end(&mut ctx, boundary).unwrap();
+            mc.on_train_epoch_end(&mut ctx).unwrap();
+            names(&reqs).0
+        };
+        // every 5 steps, most recent 1 (no monitor); epoch end at the same step
+        // does not save twice (every_n_epochs is off when steps are set)
+        let mut mc = ModelCheckpoint::new()
+            .every_n_train_steps(5)
+            .filename("s{step}");
+        assert!(batch_end(&mut mc, 4, true).is_empty());
+        assert_eq!(batch_end(&mut mc, 5, true), vec!["s5"]);
+        assert!(batch_end(&mut mc, 5, false).is_empty());
+        let mut mc = ModelCheckpoint::new()
+            .every_n_train_steps(5)
+            .every_n_epochs(1)
+            .filename("s{step}");
+        assert_eq!(
+            batch_end(&mut mc, 5, true),
+            vec!["s5"],
+            "one save per boundary"
+        );
+        // a zero interval fires at every boundary
+        let mut mc = ModelCheckpoint::new()
+            .train_time_interval(Duration::ZERO)
+            .filename("s{step}");
+        mc.started = Some(Instant::now());
+        assert_eq!(batch_end(&mut mc, 1, true), vec!["s1"]);
+        assert_eq!(batch_end(&mut mc, 2, true), vec!["s2"]);
+    }
+
+    #[test]
     fn a_missing_monitor_after_validation_is_an_error() {
         let mut mc = ModelCheckpoint::new().monitor("val_acc", Mode::Max);
         mc.validated = true;

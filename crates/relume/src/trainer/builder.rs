@@ -9,6 +9,7 @@ use relume_ckpt::AllowList;
 use crate::callbacks::Callback;
 use crate::error::{Error, Result};
 use crate::loggers::Logger;
+use crate::preempt::Preemption;
 use crate::trainer::resume::ResumePolicy;
 
 /// When validation runs inside an epoch.
@@ -127,8 +128,26 @@ pub struct Trainer {
     pub(crate) cfg: TrainerConfig,
     pub(crate) loggers: Vec<Box<dyn Logger>>,
     pub(crate) callbacks: Vec<Box<dyn Callback>>,
-    pub(crate) interrupt: Option<Arc<AtomicBool>>,
-    pub(crate) preemption: Option<Arc<crate::preempt::Preemption>>,
+    pub(crate) interrupt: Vec<Interrupt>,
+}
+
+/// A source of "save and stop now" requests, read at every step boundary.
+#[derive(Clone, Debug)]
+pub(crate) enum Interrupt {
+    /// A plain flag (set by the caller's own signal handler).
+    Flag(Arc<AtomicBool>),
+    /// relume's preemption handler (SIGTERM/SIGUSR1, optionally SIGINT).
+    Preempt(Arc<Preemption>),
+}
+
+impl Interrupt {
+    /// True when a stop was requested.
+    pub(crate) fn is_set(&self) -> bool {
+        match self {
+            Interrupt::Flag(f) => f.load(std::sync::atomic::Ordering::SeqCst),
+            Interrupt::Preempt(p) => p.is_requested(),
+        }
+    }
 }
 
 impl Trainer {
@@ -159,8 +178,7 @@ pub struct TrainerBuilder {
     cfg: TrainerConfig,
     loggers: Vec<Box<dyn Logger>>,
     callbacks: Vec<Box<dyn Callback>>,
-    interrupt: Option<Arc<AtomicBool>>,
-    preemption: Option<Arc<crate::preempt::Preemption>>,
+    interrupt: Vec<Interrupt>,
 }
 
 impl TrainerBuilder {
@@ -290,20 +308,18 @@ impl TrainerBuilder {
     /// when set, `fit` saves a checkpoint there and returns
     /// `FitOutcome::Interrupted`. Default: none.
     pub fn interrupt_flag(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.interrupt = Some(flag);
+        self.interrupt.push(Interrupt::Flag(flag));
+        self
+    }
+    /// relume's preemption handler, checked at every optimizer-step boundary
+    /// exactly like [`TrainerBuilder::interrupt_flag`]: when a signal arrived,
+    /// `fit` saves there and returns `FitOutcome::Interrupted`; exit with
+    /// [`crate::preempt::PREEMPTED_EXIT_CODE`]. Default: none.
+    pub fn preemption(mut self, preemption: Arc<Preemption>) -> Self {
+        self.interrupt.push(Interrupt::Preempt(preemption));
         self
     }
 
-    /// Checks `preemption` (SIGTERM/SIGUSR1) at every optimizer-step boundary: when
-    /// it is requested, `fit` saves a checkpoint there, flushes the loggers and the
-    /// async saves, and returns `FitOutcome::Interrupted`; exit with
-    /// [`FitOutcome::exit_code`](super::FitOutcome::exit_code)
-    /// (= [`crate::PREEMPTED_EXIT_CODE`]) so a requeue script reruns the job.
-    /// Default: none.
-    pub fn preemption(mut self, preemption: Arc<crate::preempt::Preemption>) -> Self {
-        self.preemption = Some(preemption);
-        self
-    }
     /// Commit checkpoints on a background writer thread (the training thread only
     /// copies the state). A failed write surfaces at the next step boundary as an
     /// error naming the checkpoint; every save is awaited at the end of `fit`, on
@@ -378,7 +394,6 @@ impl TrainerBuilder {
             loggers: self.loggers,
             callbacks: self.callbacks,
             interrupt: self.interrupt,
-            preemption: self.preemption,
         })
     }
 }

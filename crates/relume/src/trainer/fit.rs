@@ -30,7 +30,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -42,7 +41,7 @@ use crate::optim::{Grads, Optimizer};
 use crate::progress::{ProgressBar, ProgressConfig};
 use crate::rng::RngStreams;
 use crate::trainer::async_saves::AsyncSaves;
-use crate::trainer::builder::{ClipAlgorithm, Trainer, TrainerConfig, ValCheck};
+use crate::trainer::builder::{ClipAlgorithm, Interrupt, Trainer, TrainerConfig, ValCheck};
 use crate::trainer::connector::{restore, Connector, Live, View};
 use crate::trainer::context::{Stage, StepCtx};
 use crate::trainer::loop_state::LoopState;
@@ -182,7 +181,6 @@ impl Trainer {
             callbacks: &mut self.callbacks,
             loggers: &mut self.loggers,
             interrupt: self.interrupt.clone(),
-            preemption: self.preemption.clone(),
             async_saves: None,
             module,
             val,
@@ -280,8 +278,7 @@ struct FitRun<'t, M: TrainModule> {
     cfg: &'t TrainerConfig,
     callbacks: &'t mut Vec<Box<dyn crate::callbacks::Callback>>,
     loggers: &'t mut Vec<Box<dyn crate::loggers::Logger>>,
-    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    preemption: Option<std::sync::Arc<crate::preempt::Preemption>>,
+    interrupt: Vec<Interrupt>,
     async_saves: Option<AsyncSaves>,
     module: &'t mut M,
     val: Option<&'t DataLoader<M::Batch>>,
@@ -660,11 +657,7 @@ where
         epoch_end: bool,
     ) -> Result<Option<FitOutcome>> {
         // Preemption hook point: a flag set by a signal handler is read here only.
-        let interrupted = self
-            .interrupt
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst))
-            || self.preemption.as_ref().is_some_and(|p| p.is_requested());
+        let interrupted = self.interrupt.iter().any(Interrupt::is_set);
         let requests = std::mem::take(&mut self.requests);
         // Async saves reported since the last boundary: hooks, then their retention;
         // a failed one is an error here, naming it.
