@@ -68,6 +68,7 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
 
 #[test]
 fn top_k_and_logs_survive_sigkill_and_resume() {
+    let _serial = serial();
     let reference = tempfile::tempdir().unwrap();
     let spec = Spec {
         resume: false,
@@ -126,6 +127,7 @@ fn top_k_and_logs_survive_sigkill_and_resume() {
 
 #[test]
 fn source_best_resumes_from_the_best_checkpoint() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let spec = Spec {
         max_epochs: 3,
@@ -148,6 +150,7 @@ fn source_best_resumes_from_the_best_checkpoint() {
 
 #[test]
 fn early_stopping_stops_at_the_same_step_after_preemption() {
+    let _serial = serial();
     let es = Spec {
         early_stop: Some((2, 0.01)),
         val_steps: Some(2),
@@ -187,6 +190,7 @@ fn early_stopping_stops_at_the_same_step_after_preemption() {
 
 #[test]
 fn changed_identity_setting_is_a_clear_error() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     run(
         &Spec {
@@ -224,6 +228,7 @@ fn changed_identity_setting_is_a_clear_error() {
 
 #[test]
 fn a_missing_monitored_metric_is_an_error_naming_it() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let e = run(
         &Spec {
@@ -243,6 +248,7 @@ fn a_missing_monitored_metric_is_an_error_naming_it() {
 
 #[test]
 fn timer_stops_and_lr_monitor_logs_every_step() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut t = builder(
         &Spec {

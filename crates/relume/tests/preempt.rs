@@ -42,6 +42,7 @@ fn latest_progress(dir: &std::path::Path) -> (u64, u64) {
 
 #[test]
 fn sigterm_mid_epoch_exits_75_and_resumes_byte_identical() {
+    let _serial = serial();
     let reference = tempfile::tempdir().unwrap();
     let spec = Spec::default();
     run(
@@ -92,6 +93,7 @@ fn sigterm_mid_epoch_exits_75_and_resumes_byte_identical() {
 
 #[test]
 fn async_and_sync_saves_hold_the_same_state_and_resume_identically() {
+    let _serial = serial();
     let reference = tempfile::tempdir().unwrap();
     let spec = Spec::default();
     run(
@@ -157,6 +159,7 @@ impl Callback for FailAfterFirstSave {
 
 #[test]
 fn async_write_failure_names_the_checkpoint_and_keeps_the_previous() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let storage = FaultyStorage::new(LocalStorage);
     let spec = Spec {

@@ -29,6 +29,15 @@ use relume::{CsvLogger, Result, TensorBoardLogger};
 use relume_ckpt::StateDict;
 use serde::{Deserialize, Serialize};
 
+/// Serialises the tests of one binary. A child spawned by one test (fork, then
+/// exec) briefly shares every open file description of this process, including
+/// another test's checkpoint-directory lock, which then looks held; running the
+/// tests one at a time avoids that race.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Exit code of a preempted child (the documented `PREEMPTED_EXIT_CODE`).
 pub const PREEMPTED: i32 = relume::PREEMPTED_EXIT_CODE;
 
