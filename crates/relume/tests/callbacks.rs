@@ -138,7 +138,7 @@ fn source_best_resumes_from_the_best_checkpoint() {
     assert!(relume_ckpt::verify(&best).is_ok());
     let out = run(
         &Spec {
-            max_epochs: 4,
+            max_epochs: 8,
             resume_best: true,
             ..top_k_spec()
         },

@@ -228,6 +228,14 @@ impl Connector {
             tracing::info!("retention: keeping {name}, the checkpoint this run resumed from");
             return Ok(false);
         }
+        if relume_ckpt::commit::check_name(name).is_ok()
+            && !dir.path().join(name).join("manifest.json").exists()
+        {
+            // Already gone: a run resumed from an older checkpoint (`Source::Best`,
+            // a path) tracks checkpoints that the original run deleted later.
+            tracing::info!("retention: {name} is already deleted");
+            return Ok(false);
+        }
         dir.delete(name)?;
         Ok(true)
     }
