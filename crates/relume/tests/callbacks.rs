@@ -283,3 +283,37 @@ fn timer_stops_and_lr_monitor_logs_every_step() {
     // the first step used the warm-up's starting rate 0.05 * 0.2
     assert_eq!(row[col].parse::<f64>().unwrap(), 0.05 * 0.2);
 }
+
+/// Requests the deletion of a checkpoint that does not exist.
+struct DeleteGhost;
+
+impl relume::Callback for DeleteGhost {
+    fn state_key(&self) -> String {
+        "delete_ghost".into()
+    }
+    fn on_fit_start(&mut self, ctx: &mut relume::HookCtx<'_>) -> relume::Result<()> {
+        ctx.delete_checkpoint("epoch=9-step=999-val_loss=0.1");
+        Ok(())
+    }
+}
+
+#[test]
+fn deleting_an_already_deleted_checkpoint_is_a_no_op() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = builder(
+        &Spec {
+            max_epochs: 1,
+            ..Spec::default()
+        },
+        dir.path(),
+        std::sync::Arc::new(relume::preempt::Preemption::manual()),
+    )
+    .unwrap()
+    .callback(Box::new(DeleteGhost))
+    .build()
+    .unwrap();
+    let (mut train, val) = loaders();
+    let out = t.fit(&mut Tiny::new().unwrap(), &mut train, Some(&val)).unwrap();
+    assert_eq!(describe(&out), "completed@8");
+}
