@@ -314,6 +314,8 @@ fn deleting_an_already_deleted_checkpoint_is_a_no_op() {
     .build()
     .unwrap();
     let (mut train, val) = loaders();
-    let out = t.fit(&mut Tiny::new().unwrap(), &mut train, Some(&val)).unwrap();
+    let out = t
+        .fit(&mut Tiny::new().unwrap(), &mut train, Some(&val))
+        .unwrap();
     assert_eq!(describe(&out), "completed@8");
 }
