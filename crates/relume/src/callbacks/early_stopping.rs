@@ -10,6 +10,10 @@
 //!
 //! The wait count, the best score and the step it stopped at are saved and
 //! strictly restored, so an interrupted and resumed run stops at the same step.
+//! A run that was stopped and is resumed again keeps checking with the restored
+//! wait count (as Lightning does): it stops at the next check that does not
+//! improve.
+//!
 //! A monitored metric that is missing when checked (e.g. no longer logged after a
 //! resume) is [`Error::MetricNotLogged`] naming it, never a silent no-op.
 
@@ -151,9 +155,6 @@ impl EarlyStopping {
     }
 
     fn check(&mut self, ctx: &mut HookCtx<'_>) -> Result<()> {
-        if self.stopped_step.is_some() {
-            return Ok(());
-        }
         let current = *ctx
             .metrics
             .get(&self.monitor)
