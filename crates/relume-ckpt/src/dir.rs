@@ -63,13 +63,20 @@ pub struct CheckpointDir {
     lock: Option<File>,
 }
 
+/// How long [`CheckpointDir::open`] waits for a held writer lock before returning
+/// [`Error::Locked`]. Long enough for a holder that is exiting (or a forked child that
+/// briefly inherited the lock descriptor before `exec`) to let go; short enough that a
+/// real second writer gets its error at once.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl CheckpointDir {
     /// Opens `run_dir` for writing on the local filesystem: creates
     /// `run_dir/checkpoints`, takes the exclusive writer lock and removes stale
     /// temporaries.
     ///
     /// # Errors
-    /// [`Error::Locked`] when another handle or process holds the lock,
+    /// [`Error::Locked`] when another handle or process holds the lock (after waiting
+    /// up to [`LOCK_WAIT`] for it to be released),
     /// [`Error::Io`] when the directory cannot be created or cleaned.
     pub fn open(run_dir: impl AsRef<Path>) -> Result<Self> {
         Self::open_with_storage(run_dir, Arc::new(LocalStorage))
@@ -91,10 +98,20 @@ impl CheckpointDir {
             .write(true)
             .open(&lock_path)
             .map_err(io_err("open", &lock_path))?;
-        match fs4::FileExt::try_lock(&lock) {
-            Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
-            Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match fs4::FileExt::try_lock(&lock) {
+                Ok(()) => break,
+                // A holder that is exiting, or a forked child between fork and exec
+                // (which briefly inherits the descriptor), releases it within moments.
+                Err(fs4::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs4::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked { path: lock_path })
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+            }
         }
         let me = CheckpointDir {
             dir,

@@ -71,7 +71,7 @@ pub use async_writer::{
     snapshot_copy, AsyncCheckpointer, Committed, SaveTicket, DEFAULT_MAX_IN_FLIGHT,
 };
 pub use commit::{write_checkpoint, write_latest, Checkpoint};
-pub use dir::{CheckpointDir, CheckpointInfo};
+pub use dir::{CheckpointDir, CheckpointInfo, LOCK_WAIT};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
