@@ -134,11 +134,7 @@ impl TensorData {
     /// # Errors
     /// [`Error::TensorByteLength`] when `values.len()` is not the product of `shape`.
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Result<Self, Error> {
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        TensorData::new(DType::F32, shape, TensorBytes::owned(bytes))
+        TensorData::new(DType::F32, shape, TensorBytes::owned(le_bytes(values)))
     }
 
     /// A f64 tensor from values.
@@ -146,11 +142,7 @@ impl TensorData {
     /// # Errors
     /// [`Error::TensorByteLength`] when `values.len()` is not the product of `shape`.
     pub fn from_f64(shape: Vec<usize>, values: &[f64]) -> Result<Self, Error> {
-        let mut bytes = Vec::with_capacity(values.len() * 8);
-        for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        TensorData::new(DType::F64, shape, TensorBytes::owned(bytes))
+        TensorData::new(DType::F64, shape, TensorBytes::owned(le_bytes(values)))
     }
 
     /// A i64 tensor from values.
@@ -158,11 +150,7 @@ impl TensorData {
     /// # Errors
     /// [`Error::TensorByteLength`] when `values.len()` is not the product of `shape`.
     pub fn from_i64(shape: Vec<usize>, values: &[i64]) -> Result<Self, Error> {
-        let mut bytes = Vec::with_capacity(values.len() * 8);
-        for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        TensorData::new(DType::I64, shape, TensorBytes::owned(bytes))
+        TensorData::new(DType::I64, shape, TensorBytes::owned(le_bytes(values)))
     }
 
     /// The element type.
@@ -234,6 +222,38 @@ impl TensorData {
                 got: self.dtype,
             })
         }
+    }
+}
+
+/// The little-endian bytes of `values`: one `memcpy` on little-endian hosts.
+fn le_bytes<T: bytemuck::Pod + ToLeBytes>(values: &[T]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice::<T, u8>(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_vec()).collect()
+    }
+}
+
+/// Element types that can be written little-endian.
+trait ToLeBytes {
+    fn to_le_vec(&self) -> Vec<u8>;
+}
+
+impl ToLeBytes for f32 {
+    fn to_le_vec(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+impl ToLeBytes for f64 {
+    fn to_le_vec(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+impl ToLeBytes for i64 {
+    fn to_le_vec(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
     }
 }
 
