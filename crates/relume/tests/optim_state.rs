@@ -176,6 +176,58 @@ fn state_layout_uses_parameter_names() {
     assert_eq!(groups[0]["betas"][1], 0.999);
 }
 
+/// After one real gradient the moments decay geometrically (β1 = 0.9 per step for
+/// `exp_avg`, the momentum for SGD). Without the flush they reach the subnormal
+/// range (~4e-43 after 900 steps), where every CPU operation on them is slow; the
+/// fused kernels store them as zero instead, and never as a subnormal.
+#[test]
+fn decaying_buffers_never_become_subnormal() {
+    let shapes: &[(&str, &[usize])] = &[("w", &[3])];
+    let s = store(shapes);
+    let mut adam = AdamW::from_store(&s, AdamConfig::adamw()).unwrap();
+    let s2 = store(shapes);
+    let mut sgd = Sgd::from_store(&s2, SgdConfig::default().with_momentum(0.9)).unwrap();
+    let grad = |v: f32| {
+        let mut g = Grads::new();
+        g.insert("w", Tensor::new(&[v, -v, 0.5 * v], &Device::Cpu).unwrap());
+        g
+    };
+    adam.step(&grad(0.1)).unwrap();
+    sgd.step(&grad(0.1)).unwrap();
+    for _ in 0..900 {
+        adam.step(&grad(0.0)).unwrap();
+        sgd.step(&grad(0.0)).unwrap();
+    }
+    let a = adam.state_dict().unwrap();
+    let b = sgd.state_dict().unwrap();
+    for (sd, key) in [
+        (&a, "w/exp_avg"),
+        (&a, "w/exp_avg_sq"),
+        (&b, "w/momentum_buffer"),
+    ] {
+        let vals = sd.get_tensor(key).unwrap().to_f32_vec().unwrap();
+        assert!(
+            vals.iter().all(|v| *v == 0.0 || v.is_normal()),
+            "{key} holds a subnormal: {vals:?}"
+        );
+    }
+    // exp_avg went 0.1·0.9^900 ≈ 4e-43 → flushed; exp_avg_sq (β2 = 0.999) is still normal.
+    assert!(a
+        .get_tensor("w/exp_avg")
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+        .iter()
+        .all(|v| *v == 0.0));
+    assert!(a
+        .get_tensor("w/exp_avg_sq")
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_normal()));
+}
+
 #[test]
 fn other_kind_of_state_is_a_state_kind_error() {
     let s = store(SHAPES);

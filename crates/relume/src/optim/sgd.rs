@@ -19,8 +19,8 @@ use relume_ckpt::{RestoreReport, StateDict, Stateful};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    check_group, check_groups, check_range, fusable, fused_update, load_state, save_state,
-    single_group, store_params, Buf, ParamState,
+    check_group, check_groups, check_range, flush_subnormal, fusable, fused_update, load_state,
+    save_state, single_group, store_params, Buf, ParamState,
 };
 use super::{check_lr, Grads, Optimizer, ParamGroup};
 use crate::error::{Error, Result};
@@ -223,8 +223,15 @@ impl Sgd {
 }
 
 /// One pass: weight decay, momentum buffer and the update. Multiply-adds are
-/// fused where PyTorch's `add(alpha)` kernel fuses them.
+/// fused where PyTorch's `add(alpha)` kernel fuses them. A subnormal momentum
+/// value is stored as zero (see the `adam` module docs).
 fn sgd_kernel(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { sgd_kernel_avx2(p, g, buf, first, c) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports FMA (checked just above).
@@ -235,34 +242,52 @@ fn sgd_kernel(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs)
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sgd_kernel_avx2(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
+    sgd_kernel_body(p, g, buf, first, c)
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
 unsafe fn sgd_kernel_fma(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
     sgd_kernel_body(p, g, buf, first, c)
 }
 
+/// One element: `buf` is the momentum buffer entry when momentum is on.
+#[inline(always)]
+fn sgd_element(p: &mut f32, g: f32, buf: Option<&mut f32>, first: bool, c: &Coeffs) {
+    let mut gi = if c.maximize { -g } else { g };
+    if c.use_wd {
+        gi = c.wd.mul_add(*p, gi);
+    }
+    if let Some(buf) = buf {
+        let b = if first {
+            gi
+        } else {
+            c.one_minus_dampening.mul_add(gi, *buf * c.momentum)
+        };
+        *buf = flush_subnormal(b);
+        gi = if c.nesterov {
+            c.momentum.mul_add(b, gi)
+        } else {
+            b
+        };
+    }
+    *p = c.neg_lr.mul_add(gi, *p);
+}
+
+/// The loop, over zipped slices so that no index is bounds-checked.
 #[inline(always)]
 fn sgd_kernel_body(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
-    let n = p.len();
-    let g = &g[..n];
-    for i in 0..n {
-        let mut gi = if c.maximize { -g[i] } else { g[i] };
-        if c.use_wd {
-            gi = c.wd.mul_add(p[i], gi);
+    debug_assert!(g.len() == p.len() && (!c.use_momentum || buf.len() == p.len()));
+    if c.use_momentum {
+        for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
+            sgd_element(p, g, Some(b), first, &c);
         }
-        if c.use_momentum {
-            let b = if first {
-                gi
-            } else {
-                c.one_minus_dampening.mul_add(gi, buf[i] * c.momentum)
-            };
-            buf[i] = b;
-            gi = if c.nesterov {
-                c.momentum.mul_add(b, gi)
-            } else {
-                b
-            };
+    } else {
+        for (p, &g) in p.iter_mut().zip(g) {
+            sgd_element(p, g, None, first, &c);
         }
-        p[i] = c.neg_lr.mul_add(gi, p[i]);
     }
 }
 

@@ -86,6 +86,17 @@ pub(crate) fn fusable(param: &Tensor, grad: &Tensor) -> bool {
         && param.shape() == grad.shape()
 }
 
+/// `x`, or zero when `x` is subnormal (`|x| < f32::MIN_POSITIVE`). The fused
+/// kernels store optimizer buffers through it; see the module docs of `adam`.
+#[inline(always)]
+pub(crate) fn flush_subnormal(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE {
+        0.0
+    } else {
+        x
+    }
+}
+
 /// Runs `f(param_values, grad_values)` in place on the storage of `param`, in one
 /// pass, without allocating.
 ///
