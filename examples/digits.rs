@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
 use relume::loggers::CsvLogger;
-use relume::nn::{dropout, Linear};
+use relume::nn::{cross_entropy, dropout, Linear};
 use relume::optim::{AdamConfig, AdamW};
 use relume::params::ParamStore;
 use relume::rng::Rng;
@@ -102,9 +102,9 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, ctx: &mut StepCtx<'_>) -> relume::Result<Tensor> {
         let train = ctx.training();
-        let h = self.l1.forward(x)?.relu()?;
+        let h = self.l1.forward_relu(x)?;
         let h = dropout(&h, 0.1, ctx.rng("dropout"), train)?;
-        let h = self.l2.forward(&h)?.relu()?;
+        let h = self.l2.forward_relu(&h)?;
         let h = dropout(&h, 0.1, ctx.rng("dropout"), train)?;
         self.l3.forward(&h)
     }
@@ -123,7 +123,7 @@ impl TrainModule for Mlp {
         ctx: &mut StepCtx<'_>,
     ) -> relume::Result<Tensor> {
         let logits = self.forward(&x, ctx)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let loss = cross_entropy(&logits, &y)?;
         ctx.log_tensor(
             "train_loss",
             &loss,
@@ -142,7 +142,7 @@ impl TrainModule for Mlp {
         ctx: &mut StepCtx<'_>,
     ) -> relume::Result<()> {
         let logits = self.forward(&x, ctx)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let loss = cross_entropy(&logits, &y)?;
         let acc = logits
             .argmax(D::Minus1)?
             .eq(&y)?

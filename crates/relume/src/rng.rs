@@ -119,6 +119,17 @@ impl Rng {
         self.inner.next_u32()
     }
 
+    /// Fills `out` with the next `out.len()` 32-bit words: the same values, in the
+    /// same order, as that many calls of [`Rng::next_u32`], generated in bulk.
+    pub fn fill_u32(&mut self, out: &mut [u32]) {
+        self.inner.fill_bytes(bytemuck::cast_slice_mut(out));
+        if cfg!(target_endian = "big") {
+            for v in out.iter_mut() {
+                *v = u32::from_le(*v);
+            }
+        }
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.inner.next_u64()
@@ -232,8 +243,20 @@ impl Rng {
         }
         let shape: Shape = shape.into();
         let scale = 1.0 / (1.0 - p);
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| if self.uniform_f32() < p { 0.0 } else { scale })
+        // One word per element, dropped when `uniform_f32() < p` would be: the same
+        // stream and the same decisions as drawing the words one by one.
+        let mut words = vec![0u32; shape.elem_count()];
+        self.fill_u32(&mut words);
+        let unit = 1.0 / (1u32 << 24) as f32;
+        let v: Vec<f32> = words
+            .iter()
+            .map(|&w| {
+                if ((w >> 8) as f32 * unit) < p {
+                    0.0
+                } else {
+                    scale
+                }
+            })
             .collect();
         Ok(Tensor::from_vec(v, shape, device)?)
     }
@@ -496,5 +519,30 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert!(m.iter().all(|&x| x == 0.0 || x == 2.0));
+    }
+
+    #[test]
+    fn bulk_words_and_masks_follow_the_word_stream() {
+        let mut a = Rng::new(9, "d");
+        let mut b = Rng::new(9, "d");
+        a.next_u32(); // an odd word offset must not matter
+        b.next_u32();
+        let mut words = [0u32; 37];
+        a.fill_u32(&mut words);
+        for w in words {
+            assert_eq!(w, b.next_u32());
+        }
+        assert_eq!(a.word_pos(), b.word_pos());
+        let mask = a
+            .dropout_mask(1000, 0.3, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let scale = 1.0 / (1.0 - 0.3f32);
+        for m in mask {
+            let want = if b.uniform_f32() < 0.3 { 0.0 } else { scale };
+            assert_eq!(m, want);
+        }
+        assert_eq!(a.word_pos(), b.word_pos());
     }
 }
