@@ -6,9 +6,11 @@
 //!    so the final rename is atomic);
 //! 2. write each component's tensors to `<component>.safetensors` and the JSON leaves
 //!    to `state.json`, hashing the bytes (BLAKE3, on a second thread) while they are
-//!    written, and fsync every file;
+//!    written;
 //! 3. write `manifest.json` last (with every file's size and checksum and
-//!    `complete: true`) and fsync it, then fsync the temporary directory;
+//!    `complete: true`), fsync every file, the manifest included, concurrently (one
+//!    thread per file, so the device sees one batch rather than a queue of flushes),
+//!    and only when all have succeeded fsync the temporary directory;
 //! 4. rename the directory to its final name and fsync the parent directory.
 //!
 //! [`write_latest`] then replaces the `latest` pointer atomically (temporary file,
@@ -87,15 +89,49 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Writes `chunks` to a new file, hashing them on a second thread, and fsyncs it.
-/// Returns the file entry and the CRC32 of each chunk whose index is in `crc_of`.
+/// A written file whose fsync is still due.
+struct Unsynced {
+    path: PathBuf,
+    file: Box<dyn crate::storage::StorageFile>,
+}
+
+/// fsyncs every file, concurrently when there are several. Returns the error of
+/// the first failing file in `files` order, so the message does not depend on
+/// thread timing.
+fn sync_all(files: Vec<Unsynced>) -> Result<()> {
+    if files.len() <= 1 {
+        for mut u in files {
+            u.file.sync().map_err(io_err("fsync", &u.path))?;
+        }
+        return Ok(());
+    }
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .into_iter()
+            .map(|mut u| s.spawn(move || u.file.sync().map_err(io_err("fsync", &u.path))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(r) => r,
+                // A panic in an fsync thread is a bug; propagate it.
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Writes `chunks` to a new file, hashing them on a second thread. The file is
+/// returned open, not yet synced. Returns the file entry and the CRC32 of each
+/// chunk from index `crc_from` on.
 fn write_hashed(
     storage: &dyn Storage,
     dir: &Path,
     rel: &str,
     chunks: &[&[u8]],
     crc_from: usize,
-) -> Result<(FileEntry, Vec<u32>)> {
+) -> Result<(FileEntry, Vec<u32>, Unsynced)> {
     let path = dir.join(rel);
     let mut file = storage
         .create_file(&path)
@@ -130,7 +166,6 @@ fn write_hashed(
         (h, crcs, written)
     });
     let bytes = written.map_err(io_err("write", &path))?;
-    file.sync().map_err(io_err("fsync", &path))?;
     Ok((
         FileEntry {
             path: rel.to_string(),
@@ -138,6 +173,7 @@ fn write_hashed(
             blake3: hash.to_hex().to_string(),
         },
         crcs,
+        Unsynced { path, file },
     ))
 }
 
@@ -207,6 +243,7 @@ pub(crate) fn write_temporary(
 
 fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Result<()> {
     let mut files = Vec::new();
+    let mut unsynced = Vec::new();
     let mut components = BTreeMap::new();
     let mut state = serde_json::Map::new();
     for (name, sd) in &ckpt.components {
@@ -223,7 +260,8 @@ fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Resul
             let mut chunks: Vec<&[u8]> = Vec::with_capacity(tensors.len() + 1);
             chunks.push(&header);
             chunks.extend(tensors.iter().map(|(_, t)| &t.bytes()[..]));
-            let (fe, crcs) = write_hashed(storage, tmp, &rel, &chunks, 1)?;
+            let (fe, crcs, u) = write_hashed(storage, tmp, &rel, &chunks, 1)?;
+            unsynced.push(u);
             entry.tensor_crc32 = tensors
                 .iter()
                 .map(|(k, _)| k.to_string())
@@ -243,7 +281,8 @@ fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Resul
         key: STATE_FILE.into(),
         reason: e.to_string(),
     })?;
-    let (fe, _) = write_hashed(storage, tmp, STATE_FILE, &[&state_bytes], 1)?;
+    let (fe, _, u) = write_hashed(storage, tmp, STATE_FILE, &[&state_bytes], 1)?;
+    unsynced.push(u);
     files.push(fe);
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -267,8 +306,11 @@ fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Resul
         .create_file(&mpath)
         .map_err(io_err("create", &mpath))?;
     f.write_all(&bytes).map_err(io_err("write", &mpath))?;
-    f.sync().map_err(io_err("fsync", &mpath))?;
-    drop(f);
+    unsynced.push(Unsynced {
+        path: mpath,
+        file: f,
+    });
+    sync_all(unsynced)?;
     storage
         .sync_dir(tmp)
         .map_err(io_err("fsync directory", tmp))?;

@@ -321,6 +321,36 @@ fn failed_write_keeps_previous_checkpoint() {
     dir.save("step=2", &sample(2)).unwrap();
 }
 
+/// Every byte (data files and manifest) is written, then the concurrent fsyncs
+/// fail: the error names the fsync and a file of the temporary, and nothing of the
+/// failed save remains.
+#[test]
+fn failed_fsync_keeps_previous_checkpoint() {
+    use relume_ckpt::{FaultyStorage, LocalStorage};
+    use std::sync::Arc;
+    let scratch = tempfile::tempdir().unwrap();
+    let probe = CheckpointDir::open(scratch.path()).unwrap();
+    let probe_path = probe.save("step=2", &sample(2)).unwrap();
+    let all_bytes: u64 = std::fs::read_dir(&probe_path)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+
+    let run = tempfile::tempdir().unwrap();
+    let storage = FaultyStorage::new(LocalStorage);
+    let dir = CheckpointDir::open_with_storage(run.path(), Arc::new(storage.clone())).unwrap();
+    let first = dir.save("step=1", &sample(1)).unwrap();
+    storage.fail_after_bytes(all_bytes);
+    let err = dir.save("step=2", &sample(2)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(msg.contains("fsync") && msg.contains(".tmp-step=2"), "{msg}");
+    assert_eq!(dir.latest().unwrap(), Some(first.clone()));
+    assert!(verify(&first).is_ok());
+    assert!(dir.temporaries().unwrap().is_empty());
+    assert_eq!(dir.list().unwrap().len(), 1);
+}
+
 #[test]
 fn malformed_safetensors_header() {
     let (_run, p) = saved();
