@@ -4,12 +4,14 @@
 //!     hand-written loop doing the same steps with the same fused AdamW, scheduler,
 //!     loader and loss read-back. Target ≤ 3%.
 //! (b) **epoch time**: the full trainer (validation + a durable checkpoint every
-//!     epoch) against a hand-written candle loop with candle-nn's AdamW. Target
-//!     ≤ 0.4×.
+//!     epoch, relume's fused layers) against a hand-written candle loop as a candle
+//!     user writes it: candle-nn's Linear, dropout, cross-entropy and AdamW, default
+//!     candle threading. Target ≤ 0.4×.
 //! (c) **resume latency**: process start → first resumed step, by re-executing this
 //!     binary in a child mode that resumes a prepared run.
 //!
-//! `cargo bench --bench trainer` (set `BENCH_EPOCHS` to change the epochs timed,
+//! `cargo bench --bench trainer` (set `BENCH_EPOCHS` to change the epochs timed, default 30
+//! as in the digits job,
 //! `RAYON_NUM_THREADS=1` for single-threaded candle kernels, `DIGITS_CSV` for the data).
 
 use std::io::{BufRead, BufReader};
@@ -54,9 +56,9 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor, rng: &mut Rng, train: bool) -> Result<Tensor> {
-        let h = self.l1.forward(x)?.relu()?;
+        let h = self.l1.forward_relu(x)?;
         let h = dropout(&h, 0.1, rng, train)?;
-        let h = self.l2.forward(&h)?.relu()?;
+        let h = self.l2.forward_relu(&h)?;
         let h = dropout(&h, 0.1, rng, train)?;
         self.l3.forward(&h)
     }
@@ -88,7 +90,7 @@ impl TrainModule for Module {
     }
     fn training_step(&mut self, (x, y): Self::Batch, ctx: &mut StepCtx<'_>) -> Result<Tensor> {
         let logits = self.mlp.forward(&x, ctx.rng("dropout"), true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let loss = relume::nn::cross_entropy(&logits, &y)?;
         ctx.log_tensor(
             "train_loss",
             &loss,
@@ -188,7 +190,7 @@ fn hand_fused(epochs: u64) -> f64 {
         for batch in train.epoch_iter().unwrap() {
             let (x, y) = batch.unwrap();
             let logits = mlp.forward(&x, &mut rng, true).unwrap();
-            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            let loss = relume::nn::cross_entropy(&logits, &y).unwrap();
             sum += loss
                 .to_dtype(DType::F64)
                 .unwrap()
@@ -203,30 +205,66 @@ fn hand_fused(epochs: u64) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// Seconds for `epochs` epochs of a hand-written loop with candle-nn's AdamW.
+/// The same MLP written the way a candle user would: candle-nn's `Linear`, ReLU,
+/// dropout and cross-entropy, starting from the same initial weights.
+struct CandleMlp {
+    l1: candle_nn::Linear,
+    l2: candle_nn::Linear,
+    l3: candle_nn::Linear,
+    vars: Vec<candle_core::Var>,
+}
+
+impl CandleMlp {
+    fn new() -> CandleMlp {
+        let init = Mlp::new(1).unwrap();
+        let vars: Vec<candle_core::Var> = init
+            .params
+            .named_vars()
+            .into_iter()
+            .map(|(_, v)| candle_core::Var::from_tensor(v.as_tensor()).unwrap())
+            .collect();
+        // named_vars is sorted: l1.bias, l1.weight, l2.bias, ...
+        let lin = |i: usize| {
+            candle_nn::Linear::new(
+                vars[2 * i + 1].as_tensor().clone(),
+                Some(vars[2 * i].as_tensor().clone()),
+            )
+        };
+        CandleMlp {
+            l1: lin(0),
+            l2: lin(1),
+            l3: lin(2),
+            vars,
+        }
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use candle_core::Module as _;
+        let h = self.l1.forward(x)?.relu()?;
+        let h = candle_nn::ops::dropout(&h, 0.1)?;
+        let h = self.l2.forward(&h)?.relu()?;
+        let h = candle_nn::ops::dropout(&h, 0.1)?;
+        self.l3.forward(&h)
+    }
+}
+
+/// Seconds for `epochs` epochs of a hand-written candle loop: candle-nn layers,
+/// loss and AdamW, over the same batches.
 fn hand_candle_nn(epochs: u64) -> f64 {
     let (train, _) = loaders();
-    let mlp = Mlp::new(train.batches_per_epoch() as u64).unwrap();
-    let vars = mlp
-        .params
-        .named_vars()
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect();
+    let mlp = CandleMlp::new();
     let mut opt = candle_nn::AdamW::new(
-        vars,
+        mlp.vars.clone(),
         candle_nn::ParamsAdamW {
             lr: LR,
             ..Default::default()
         },
     )
     .unwrap();
-    let mut rng = Rng::new(0, "dropout");
     let start = Instant::now();
     for _ in 0..epochs {
         for batch in train.epoch_iter().unwrap() {
             let (x, y) = batch.unwrap();
-            let logits = mlp.forward(&x, &mut rng, true).unwrap();
+            let logits = mlp.forward(&x).unwrap();
             let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
             opt.backward_step(&loss).unwrap();
         }
@@ -300,7 +338,7 @@ fn main() {
     let epochs: u64 = std::env::var("BENCH_EPOCHS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(30);
     let tmp = tempfile::tempdir().unwrap();
     // warm-up
     hand_fused(1);
