@@ -7,6 +7,12 @@
 //! every call; candle's worker pools (rayon pool, barrier pool for element-wise
 //! kernels, which also honour `CANDLE_NUM_THREADS`) read it once, at first use.
 //!
+//! Without `RAYON_NUM_THREADS`, that default is computed by parsing `/proc/cpuinfo`
+//! on Linux, **on every matmul call**: on the digits MLP this alone made candle's
+//! training step about 1.5× slower. Calling [`set_cpu_threads`] once at start-up
+//! removes it. relume's fused layers ([`crate::nn`]) do not ask for a thread count
+//! below 4M multiply-adds per product, and run such products on the calling thread.
+//!
 //! **Default:** relume keeps candle's default (physical cores). It is the right
 //! choice for one training process per machine. When several processes share a
 //! machine (data-parallel workers, CI runners, benchmarks), give each
