@@ -344,7 +344,10 @@ fn failed_fsync_keeps_previous_checkpoint() {
     let err = dir.save("step=2", &sample(2)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Io { .. }), "{err}");
-    assert!(msg.contains("fsync") && msg.contains(".tmp-step=2"), "{msg}");
+    assert!(
+        msg.contains("fsync") && msg.contains(".tmp-step=2"),
+        "{msg}"
+    );
     assert_eq!(dir.latest().unwrap(), Some(first.clone()));
     assert!(verify(&first).is_ok());
     assert!(dir.temporaries().unwrap().is_empty());

@@ -254,14 +254,7 @@ impl CustomOp2 for Backward {
                 if nw != n {
                     bail!("linear backward: gradient has {n} columns, weight has {nw} rows");
                 }
-                let mut out = vec![0.0; m * k];
-                matmul_into(
-                    &mut out,
-                    Mat::row_major(g, m, n),
-                    Mat::row_major(w, n, k),
-                    false,
-                )?;
-                Ok((CpuStorage::F32(out), Shape::from((m, k))))
+                product(Mat::row_major(g, m, n), Mat::row_major(w, n, k))
             }
             Backward::Weight => {
                 let (mx, k) = dims2(l2, "linear input")?;
@@ -269,17 +262,17 @@ impl CustomOp2 for Backward {
                 if mx != m {
                     bail!("linear backward: gradient has {m} rows, input has {mx}");
                 }
-                let mut out = vec![0.0; n * k];
-                matmul_into(
-                    &mut out,
-                    Mat::row_major(g, m, n).t(),
-                    Mat::row_major(x, m, k),
-                    false,
-                )?;
-                Ok((CpuStorage::F32(out), Shape::from((n, k))))
+                product(Mat::row_major(g, m, n).t(), Mat::row_major(x, m, k))
             }
         }
     }
+}
+
+/// A new `a · b` as storage and shape.
+fn product(a: Mat<'_>, b: Mat<'_>) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut out = vec![0.0; a.rows * b.cols];
+    matmul_into(&mut out, a, b, false)?;
+    Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))
 }
 
 /// `[M, N]` → `[N]`: the bias gradient, summing rows in order.

@@ -63,6 +63,19 @@ fn targets(
         .collect()
 }
 
+/// `(N, C, logits, targets)`, checked.
+fn logits_and_targets<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(usize, usize, &'a [f32], Vec<usize>)> {
+    let (n, c) = dims2(l1, "cross_entropy logits")?;
+    let x = f32_slice(s1, l1, "cross_entropy logits")?;
+    let t = targets(s2, l2, n, c)?;
+    Ok((n, c, x, t))
+}
+
 /// The max and `ln Σ exp(v − max)` of one row; NaN anywhere gives NaN.
 fn row_lse(row: &[f32]) -> (f32, f32) {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -85,9 +98,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1, "cross_entropy logits")?;
-        let x = f32_slice(s1, l1, "cross_entropy logits")?;
-        let t = targets(s2, l2, n, c)?;
+        let (n, c, x, t) = logits_and_targets(s1, l1, s2, l2)?;
         let mut total = 0.0f64;
         for (row, &ti) in x.chunks_exact(c.max(1)).zip(&t) {
             let (m, lse) = row_lse(row);
@@ -130,9 +141,7 @@ impl CustomOp3 for CrossEntropyGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1, "cross_entropy logits")?;
-        let x = f32_slice(s1, l1, "cross_entropy logits")?;
-        let t = targets(s2, l2, n, c)?;
+        let (n, c, x, t) = logits_and_targets(s1, l1, s2, l2)?;
         let g = match f32_slice(s3, l3, "cross_entropy output gradient")? {
             [g] => *g,
             other => bail!(

@@ -399,40 +399,16 @@ fn adam_kernel(
         unsafe { adam_kernel_avx2(p, g, m, v, mx, c, ams, maximize, l2, decoupled) };
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA (checked just above).
-        unsafe { adam_kernel_fma(p, g, m, v, mx, c, ams, maximize, l2, decoupled) };
-        return;
-    }
     adam_kernel_body(p, g, m, v, mx, c, ams, maximize, l2, decoupled)
 }
 
 /// The kernel compiled for 8-wide AVX2 vectors with FMA. Element-wise IEEE
 /// arithmetic rounds the same at any vector width, so results are bit-identical
-/// to the scalar build.
+/// to the portable build (where `mul_add` is a correctly rounded, slower libm call).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn adam_kernel_avx2(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    mx: &mut [f32],
-    c: Coeffs,
-    ams: bool,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
-) {
-    adam_kernel_body(p, g, m, v, mx, c, ams, maximize, l2, decoupled)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn adam_kernel_fma(
     p: &mut [f32],
     g: &[f32],
     m: &mut [f32],

@@ -232,24 +232,12 @@ fn sgd_kernel(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs)
         unsafe { sgd_kernel_avx2(p, g, buf, first, c) };
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA (checked just above).
-        unsafe { sgd_kernel_fma(p, g, buf, first, c) };
-        return;
-    }
     sgd_kernel_body(p, g, buf, first, c)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sgd_kernel_avx2(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
-    sgd_kernel_body(p, g, buf, first, c)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn sgd_kernel_fma(p: &mut [f32], g: &[f32], buf: &mut [f32], first: bool, c: Coeffs) {
     sgd_kernel_body(p, g, buf, first, c)
 }
 
