@@ -348,6 +348,12 @@ impl RngStreams {
 impl Stateful for RngStreams {
     type Error = Error;
 
+    /// A copy of the streams' words; the JSON is built when the snapshot resolves.
+    fn snapshot(&self, _pool: &relume_ckpt::BufferPool) -> Result<relume_ckpt::Snapshot<Error>> {
+        let copy = self.clone();
+        Ok(relume_ckpt::Snapshot::deferred(move || copy.state_dict()))
+    }
+
     /// Keys: `seed`, and `streams/<name>` holding each stream's [`RngState`].
     fn state_dict(&self) -> Result<StateDict> {
         let mut sd = StateDict::new();
