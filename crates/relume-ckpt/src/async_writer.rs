@@ -9,13 +9,23 @@
 //! parent, then `latest`). Saves are committed one at a time, in submission order, so
 //! `latest` always ends on the newest successful save.
 //!
+//! [`AsyncCheckpointer::submit_deferred`] goes further: it takes a closure over the
+//! snapshot (see [`crate::Snapshot`]) that the writer runs to build the
+//! [`Checkpoint`] (JSON leaves, keys) before committing it, and a
+//! [`crate::BufferPool`] that gets the tensor buffers back after the commit. Then the
+//! training thread only copies tensor bytes and small plain data.
+//!
+//! A submit never wakes the writer: the idle writer polls its queue every
+//! [`WRITER_POLL`], and is woken whenever the training thread blocks on it.
+//!
 //! ```text
 //! training thread                      writer thread
 //! ---------------                      -------------
 //! poll()?  -> Vec<Committed>           (retention runs only for these)
 //! snapshot = copy tensors
-//! submit(name, snapshot) --job-->      dir.save(name, snapshot)   (durable commit)
-//!   blocks while max_in_flight         drop(snapshot)             (memory freed first)
+//! submit(name, snapshot) --job-->      [build(snapshot)]          (deferred only)
+//!   (no wake-up; polled)               dir.save(name, snapshot)   (durable commit)
+//!   blocks while max_in_flight         drop or recycle(snapshot)  (memory freed first)
 //!   saves are queued or writing  <--outcome-- Ok(path) | Err(e)
 //! ...
 //! flush()? at end of fit / on preemption
@@ -24,7 +34,9 @@
 //! ## Bounded memory
 //! At most `max_in_flight` (default [`DEFAULT_MAX_IN_FLIGHT`] = 1) saves are queued or
 //! being written; `submit` blocks until one of them finishes. The writer drops a
-//! snapshot *before* it reports the outcome, so a free slot means freed memory. A caller
+//! snapshot (or gives its buffers to the pool, which holds at most
+//! [`crate::BufferPool::max_held`] bytes) *before* it reports the outcome, so a free
+//! slot means freed memory. A caller
 //! that wants at most `max_in_flight` snapshots alive *including* the one it is about to
 //! take calls [`AsyncCheckpointer::wait_for_slot`] before copying the tensors.
 //!

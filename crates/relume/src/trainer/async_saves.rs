@@ -1,10 +1,15 @@
 //! The trainer side of asynchronous checkpointing (invariant 10).
 //!
 //! With `Trainer::builder().async_checkpointing(true)`, a step boundary's saves
-//! are snapshotted on the training thread (the components are owned copies of
-//! every tensor) and committed by [`relume_ckpt::AsyncCheckpointer`]'s writer
-//! thread. This module keeps what the trainer must do once each save is
-//! reported:
+//! are snapshotted on the training thread and committed by
+//! [`relume_ckpt::AsyncCheckpointer`]'s writer thread. The snapshot
+//! ([`relume_ckpt::Stateful::snapshot`] of every component) is the only work on
+//! the training thread: one copy of every tensor (large ones into buffers the
+//! writer recycles, see [`relume_ckpt::BufferPool`]) and plain copies of the
+//! small state. The writer resolves it into the components map (JSON leaves,
+//! keys), then builds the manifest, fingerprint and checksums while it commits;
+//! the saves of one boundary share one snapshot ([`SharedSnapshot`]). This module
+//! keeps what the trainer must do once each save is reported:
 //!
 //! - at every step boundary the trainer **polls** first: each reported commit
 //!   runs its `on_save_checkpoint` hooks and then the deletions requested at the
@@ -20,8 +25,11 @@
 //!   it waits for every save in flight and handles their outcomes as above.
 //!
 //! A checkpoint written asynchronously holds exactly the bytes a synchronous
-//! save of the same boundary would (the snapshot is the same `components` map),
-//! so resuming from either is byte-identical.
+//! save of the same boundary would (a snapshot resolves to the same
+//! `components` map; the synchronous path builds it through the same
+//! snapshots), so resuming from either is byte-identical. A snapshot that fails
+//! to resolve on the writer is reported like a failed write, naming the
+//! checkpoint.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroUsize;

@@ -866,8 +866,8 @@ where
             callbacks: self.callbacks,
             loggers: self.loggers,
         };
-        // The only work on the training thread: tensor bytes copied into recycled
-        // buffers and plain copies of the small state. JSON, the manifest and the
+        // The only work on the training thread: tensor bytes copied (large ones
+        // into recycled buffers) and plain copies of the small state. JSON, the manifest and the
         // fingerprint are built by the writer thread.
         let snapshot = view.snapshot(self.module.on_save_checkpoint()?, &pool)?;
         let shared = Arc::new(SharedSnapshot::new(snapshot, saves.len()));
