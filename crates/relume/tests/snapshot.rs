@@ -90,8 +90,9 @@ fn rng_and_loop_state_snapshot_as_their_state_dict() {
     r.stream("data").uniform_f32();
     r.stream("dropout");
     check(&r);
-    let mut st = LoopState::default();
-    st.global_step = 12;
-    st.callbacks = vec!["cb".into()];
-    check(&st);
+    check(&LoopState {
+        global_step: 12,
+        callbacks: vec!["cb".into()],
+        ..LoopState::default()
+    });
 }
