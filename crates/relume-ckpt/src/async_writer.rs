@@ -496,25 +496,6 @@ fn writer_gone() -> Error {
     }
 }
 
-/// Marks the calling thread as a background batch thread (Linux `SCHED_BATCH`):
-/// it still gets its fair share of CPU, but waking it (a submitted save) does not
-/// preempt the training thread that woke it. Elsewhere, or if refused, a no-op.
-fn deprioritise_current_thread() {
-    #[cfg(target_os = "linux")]
-    {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `sched_setscheduler` with pid 0 changes only the calling thread's
-        // policy and reads `param`, a valid local.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-        if rc != 0 {
-            tracing::debug!(
-                "could not set SCHED_BATCH on the checkpoint writer thread: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
 /// The next job, polling the queue every [`WRITER_POLL`] (the training thread
 /// unparks the writer whenever it blocks on it, and when it hangs up); `None` once
 /// the queue is closed and empty.
@@ -529,7 +510,6 @@ fn next_job(jobs: &Receiver<Job>) -> Option<Job> {
 }
 
 fn writer_loop(dir: &CheckpointDir, jobs: &Receiver<Job>, outcomes: &Sender<Outcome>) {
-    deprioritise_current_thread();
     while let Some(Job {
         seq,
         name,
