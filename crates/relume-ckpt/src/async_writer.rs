@@ -9,13 +9,23 @@
 //! parent, then `latest`). Saves are committed one at a time, in submission order, so
 //! `latest` always ends on the newest successful save.
 //!
+//! [`AsyncCheckpointer::submit_deferred`] goes further: it takes a closure over the
+//! snapshot (see [`crate::Snapshot`]) that the writer runs to build the
+//! [`Checkpoint`] (JSON leaves, keys) before committing it, and a
+//! [`crate::BufferPool`] that gets the tensor buffers back after the commit. Then the
+//! training thread only copies tensor bytes and small plain data.
+//!
+//! A submit never wakes the writer: the idle writer polls its queue every
+//! [`WRITER_POLL`], and is woken whenever the training thread blocks on it.
+//!
 //! ```text
 //! training thread                      writer thread
 //! ---------------                      -------------
 //! poll()?  -> Vec<Committed>           (retention runs only for these)
 //! snapshot = copy tensors
-//! submit(name, snapshot) --job-->      dir.save(name, snapshot)   (durable commit)
-//!   blocks while max_in_flight         drop(snapshot)             (memory freed first)
+//! submit(name, snapshot) --job-->      [build(snapshot)]          (deferred only)
+//!   (no wake-up; polled)               dir.save(name, snapshot)   (durable commit)
+//!   blocks while max_in_flight         drop or recycle(snapshot)  (memory freed first)
 //!   saves are queued or writing  <--outcome-- Ok(path) | Err(e)
 //! ...
 //! flush()? at end of fit / on preemption
@@ -24,7 +34,9 @@
 //! ## Bounded memory
 //! At most `max_in_flight` (default [`DEFAULT_MAX_IN_FLIGHT`] = 1) saves are queued or
 //! being written; `submit` blocks until one of them finishes. The writer drops a
-//! snapshot *before* it reports the outcome, so a free slot means freed memory. A caller
+//! snapshot (or gives its buffers to the pool, which holds at most
+//! [`crate::BufferPool::max_held`] bytes) *before* it reports the outcome, so a free
+//! slot means freed memory. A caller
 //! that wants at most `max_in_flight` snapshots alive *including* the one it is about to
 //! take calls [`AsyncCheckpointer::wait_for_slot`] before copying the tensors.
 //!
@@ -95,12 +107,24 @@ use crossbeam_channel::{Receiver, RecvError, Sender, TryRecvError};
 use crate::commit::{check_name, Checkpoint};
 use crate::dir::CheckpointDir;
 use crate::error::{Error, Result};
+use crate::snapshot::BufferPool;
 
 /// Saves queued or being written at once, unless set otherwise.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
 
 /// Name of the writer thread.
 pub const WRITER_THREAD_NAME: &str = "relume-ckpt-writer";
+
+/// How often an idle writer thread looks for a submitted save.
+///
+/// [`AsyncCheckpointer::submit`] never wakes the writer: waking a sleeping thread
+/// is a system call and, in a VM, a cross-CPU interrupt, measured at 5–25 µs on
+/// the training thread, more than the rest of a small snapshot. The writer instead
+/// polls its queue every `WRITER_POLL` (a few microseconds of the writer's own CPU
+/// time, 200 times a second), so a save starts at most this late. Whenever the
+/// training thread blocks on the writer (`wait_for_slot`, `flush`, drop) it wakes
+/// it at once.
+pub const WRITER_POLL: Duration = Duration::from_millis(5);
 
 /// The receipt for a submitted save; its outcome comes later from
 /// [`AsyncCheckpointer::poll`] or [`AsyncCheckpointer::flush`] with the same `seq`.
@@ -137,10 +161,19 @@ pub struct Committed {
     pub write_time: Duration,
 }
 
+/// What the writer builds a checkpoint from.
+type DeferredBuild = Box<dyn FnOnce() -> Result<Checkpoint> + Send>;
+
+enum Source {
+    Ready(Checkpoint),
+    Deferred(DeferredBuild),
+}
+
 struct Job {
     seq: u64,
     name: String,
-    ckpt: Checkpoint,
+    source: Source,
+    recycle: Option<BufferPool>,
 }
 
 struct Outcome {
@@ -253,6 +286,36 @@ impl AsyncCheckpointer {
     /// queued); [`Error::AsyncWriter`] when the writer thread is gone. A failure of the
     /// write itself is never returned here: it comes from `poll`/`flush`.
     pub fn submit(&mut self, name: &str, ckpt: Checkpoint) -> Result<SaveTicket> {
+        self.send(name, Source::Ready(ckpt), None)
+    }
+
+    /// As [`AsyncCheckpointer::submit`], but the writer thread first builds the
+    /// checkpoint with `build` (so building the JSON leaves, the manifest blocks and
+    /// anything else not yet copied happens off the training thread), and after the
+    /// commit gives the checkpoint's tensor buffers back to `recycle` (see
+    /// [`BufferPool::recycle`]) instead of freeing them.
+    ///
+    /// `build` must own a snapshot: copies of every tensor and of the small state,
+    /// taken before this call returns. An error from `build` is reported, like a
+    /// write failure, by `poll`/`flush` as [`Error::AsyncSaveFailed`] naming `name`.
+    ///
+    /// # Errors
+    /// As [`AsyncCheckpointer::submit`].
+    pub fn submit_deferred(
+        &mut self,
+        name: &str,
+        build: impl FnOnce() -> Result<Checkpoint> + Send + 'static,
+        recycle: Option<BufferPool>,
+    ) -> Result<SaveTicket> {
+        self.send(name, Source::Deferred(Box::new(build)), recycle)
+    }
+
+    fn send(
+        &mut self,
+        name: &str,
+        source: Source,
+        recycle: Option<BufferPool>,
+    ) -> Result<SaveTicket> {
         check_name(name)?;
         self.wait_for_slot()?;
         let seq = self.next_seq;
@@ -260,7 +323,8 @@ impl AsyncCheckpointer {
         jobs.send(Job {
             seq,
             name: name.to_string(),
-            ckpt,
+            source,
+            recycle,
         })
         .map_err(|_| writer_gone())?;
         self.next_seq += 1;
@@ -322,12 +386,20 @@ impl AsyncCheckpointer {
     }
 
     fn receive_blocking(&mut self) -> Result<()> {
+        // About to block anyway: wake the writer now rather than at its next poll.
+        self.wake_writer();
         match self.outcomes.recv() {
             Ok(o) => {
                 self.accept(o);
                 Ok(())
             }
             Err(RecvError) => Err(self.lose_in_flight()),
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = &self.writer {
+            w.thread().unpark();
         }
     }
 
@@ -379,6 +451,7 @@ impl Drop for AsyncCheckpointer {
     fn drop(&mut self) {
         // Closing the queue lets the writer finish what was submitted, then exit.
         drop(self.jobs.take());
+        self.wake_writer();
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
                 tracing::error!(
@@ -423,17 +496,48 @@ fn writer_gone() -> Error {
     }
 }
 
+/// The next job, polling the queue every [`WRITER_POLL`] (the training thread
+/// unparks the writer whenever it blocks on it, and when it hangs up); `None` once
+/// the queue is closed and empty.
+fn next_job(jobs: &Receiver<Job>) -> Option<Job> {
+    loop {
+        match jobs.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => std::thread::park_timeout(WRITER_POLL),
+        }
+    }
+}
+
 fn writer_loop(dir: &CheckpointDir, jobs: &Receiver<Job>, outcomes: &Sender<Outcome>) {
-    for Job { seq, name, ckpt } in jobs.iter() {
+    while let Some(Job {
+        seq,
+        name,
+        source,
+        recycle,
+    }) = next_job(jobs)
+    {
         let start = Instant::now();
-        let result =
-            catch_unwind(AssertUnwindSafe(|| dir.save(&name, &ckpt))).unwrap_or_else(|payload| {
-                Err(Error::AsyncWriter {
-                    reason: format!("panicked: {}", panic_message(payload.as_ref())),
-                })
-            });
-        // Free the snapshot before reporting: a free slot means freed memory.
-        drop(ckpt);
+        let mut built = None;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let ckpt = match source {
+                Source::Ready(c) => c,
+                Source::Deferred(build) => build()?,
+            };
+            let ckpt = built.insert(ckpt);
+            dir.save(&name, ckpt)
+        }))
+        .unwrap_or_else(|payload| {
+            Err(Error::AsyncWriter {
+                reason: format!("panicked: {}", panic_message(payload.as_ref())),
+            })
+        });
+        // Free (or recycle, bounded by the pool) the snapshot before reporting: a
+        // free slot means freed memory.
+        match (built, recycle) {
+            (Some(ckpt), Some(pool)) => pool.recycle(ckpt),
+            (ckpt, _) => drop(ckpt),
+        }
         let write_time = start.elapsed();
         match &result {
             Ok(path) => tracing::debug!(

@@ -388,6 +388,16 @@ pub enum Error {
         /// What happened to it.
         reason: String,
     },
+    /// A deferred snapshot (see [`crate::Snapshot`]) could not be turned into a
+    /// checkpoint on the writer thread; nothing was written.
+    #[error("could not build the snapshot of component {component:?} for saving")]
+    SnapshotBuild {
+        /// The component whose state failed.
+        component: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {

@@ -65,6 +65,16 @@ impl TensorBytes {
     pub fn is_mapped(&self) -> bool {
         matches!(self.0, Repr::Mapped { .. })
     }
+
+    /// The owned buffer back, when these bytes own it and no clone shares it
+    /// (used to recycle snapshot buffers, see [`crate::BufferPool`]); `None` for a
+    /// mapped view or a shared buffer.
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        match self.0 {
+            Repr::Owned(v) => Arc::try_unwrap(v).ok(),
+            Repr::Mapped { .. } => None,
+        }
+    }
 }
 
 impl Deref for TensorBytes {
@@ -127,6 +137,11 @@ impl TensorData {
             shape,
             bytes,
         })
+    }
+
+    /// The bytes, giving up the dtype and shape.
+    pub fn into_bytes(self) -> TensorBytes {
+        self.bytes
     }
 
     /// A f32 tensor from values.

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::error::Error;
+use crate::snapshot::{BufferPool, Snapshot};
 use crate::state::{join_key, StateDict};
 
 /// A component whose whole state can be exported and restored exactly.
@@ -29,6 +30,22 @@ pub trait Stateful {
     /// # Errors
     /// When the state cannot be applied at all.
     fn load_state_dict(&mut self, state: &StateDict) -> Result<RestoreReport, Self::Error>;
+
+    /// The state for an asynchronous save, taken with as little work as possible
+    /// on the calling (training) thread: tensor bytes copied into buffers from
+    /// `pool`, small state captured as plain data and turned into JSON leaves
+    /// later by [`Snapshot::resolve`] on the writer thread.
+    ///
+    /// The resolved state dict must equal what [`Stateful::state_dict`] returns
+    /// now. The default is exactly that: a ready `state_dict()`, which is always
+    /// correct; components on the hot path (parameters, optimizers, RNG streams,
+    /// loop counters) override it.
+    ///
+    /// # Errors
+    /// As [`Stateful::state_dict`].
+    fn snapshot(&self, _pool: &BufferPool) -> Result<Snapshot<Self::Error>, Self::Error> {
+        Ok(Snapshot::ready(self.state_dict()?))
+    }
 }
 
 /// A key whose saved and live shape or dtype disagree.

@@ -494,3 +494,62 @@ fn drop_while_a_save_is_stuck_waits_for_it_without_panicking() {
     opener.join().unwrap();
     assert_eq!(dir.latest().unwrap(), Some(dir.path().join(name(1))));
 }
+
+#[test]
+fn a_deferred_snapshot_commits_the_same_checkpoint_and_recycles_its_buffers() {
+    let ckpt = common::sample(9);
+    let tensor_bytes: u64 = ckpt.components.values().map(|sd| sd.tensor_bytes()).sum();
+    assert!(tensor_bytes > 0);
+    let run = tempfile::tempdir().unwrap();
+    let dir = Arc::new(CheckpointDir::open(run.path()).unwrap());
+    let mut saver = AsyncCheckpointer::new(Arc::clone(&dir)).unwrap();
+    let pool = relume_ckpt::BufferPool::with_min_pooled(0);
+    let built = ckpt.clone();
+    let _t = saver
+        .submit_deferred(&name(9), move || Ok(built), Some(pool.clone()))
+        .unwrap();
+    let done = saver.flush().unwrap();
+    assert_eq!(done.len(), 1);
+    let loaded = load(&done[0].path).unwrap();
+    assert_eq!(loaded.components, ckpt.components);
+    // `ckpt` still shares the buffers the writer saved, so none came back ...
+    assert_eq!(pool.held(), 0);
+    // ... while a snapshot owned by the writer alone is recycled after its commit.
+    let own = common::sample(10);
+    let _t = saver
+        .submit_deferred(&name(10), move || Ok(own), Some(pool.clone()))
+        .unwrap();
+    saver.flush().unwrap();
+    assert_eq!(pool.held() as u64, tensor_bytes);
+}
+
+#[test]
+fn a_snapshot_that_fails_to_build_is_a_failed_save_naming_it() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = Arc::new(CheckpointDir::open(run.path()).unwrap());
+    let mut saver = AsyncCheckpointer::new(Arc::clone(&dir)).unwrap();
+    let _t = saver
+        .submit_deferred(
+            &name(3),
+            || {
+                Err(Error::SnapshotBuild {
+                    component: "rng".into(),
+                    source: "boom".into(),
+                })
+            },
+            None,
+        )
+        .unwrap();
+    let e = saver.flush().unwrap_err();
+    assert_eq!(failed_name(&e), name(3));
+    let Error::AsyncSaveFailed { source, .. } = &e else {
+        unreachable!()
+    };
+    assert!(
+        matches!(**source, Error::SnapshotBuild { ref component, .. } if component == "rng"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("step=000003"), "{e}");
+    assert!(dir.list().unwrap().is_empty(), "nothing was written");
+    assert!(dir.temporaries().unwrap().is_empty());
+}

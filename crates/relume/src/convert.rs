@@ -1,7 +1,7 @@
 //! Conversion between candle tensors and relume-ckpt tensor leaves.
 
 use candle_core::{DType as CDType, Device, Tensor};
-use relume_ckpt::{DType, TensorBytes, TensorData};
+use relume_ckpt::{BufferPool, DType, TensorBytes, TensorData};
 
 use crate::error::{Error, Result};
 
@@ -24,8 +24,25 @@ pub fn ckpt_dtype(d: CDType) -> Option<DType> {
 /// # Errors
 /// [`Error::StateMismatch`] for a dtype relume cannot store; candle errors.
 pub fn tensor_to_data(t: &Tensor, name: &str) -> Result<TensorData> {
+    tensor_to_data_with(t, name, <[u8]>::to_vec)
+}
+
+/// As [`tensor_to_data`], copying a contiguous CPU tensor's bytes into a recycled
+/// buffer of `pool` (the snapshot path of async saves; see [`relume_ckpt::BufferPool`]).
+///
+/// # Errors
+/// As [`tensor_to_data`].
+pub fn tensor_to_data_pooled(t: &Tensor, name: &str, pool: &BufferPool) -> Result<TensorData> {
+    tensor_to_data_with(t, name, |b| pool.copy(b))
+}
+
+fn tensor_to_data_with(
+    t: &Tensor,
+    name: &str,
+    copy: impl FnOnce(&[u8]) -> Vec<u8>,
+) -> Result<TensorData> {
     let shape = t.dims().to_vec();
-    if let Some(bytes) = contiguous_cpu_bytes(t)? {
+    if let Some(bytes) = contiguous_cpu_bytes(t, copy)? {
         let dtype = ckpt_dtype(t.dtype()).ok_or_else(|| Error::StateMismatch {
             component: name.to_string(),
             problems: vec![format!(
@@ -64,7 +81,10 @@ pub fn tensor_to_data(t: &Tensor, name: &str) -> Result<TensorData> {
 /// The bytes of a contiguous f32/f64/f16/bf16/i64/u8 CPU tensor, copied with one
 /// `memcpy` (on little-endian hosts the in-memory bytes are the checkpoint's bytes).
 /// `None` for other layouts, devices or dtypes, which take the element-wise path.
-fn contiguous_cpu_bytes(t: &Tensor) -> Result<Option<Vec<u8>>> {
+fn contiguous_cpu_bytes(
+    t: &Tensor,
+    copy_bytes: impl FnOnce(&[u8]) -> Vec<u8>,
+) -> Result<Option<Vec<u8>>> {
     if cfg!(target_endian = "big") || ckpt_dtype(t.dtype()).is_none() {
         return Ok(None);
     }
@@ -75,23 +95,22 @@ fn contiguous_cpu_bytes(t: &Tensor) -> Result<Option<Vec<u8>>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         return Ok(None);
     };
-    fn copy<T: candle_core::WithDType + bytemuck::Pod>(
+    fn bytes<T: candle_core::WithDType + bytemuck::Pod>(
         cpu: &candle_core::CpuStorage,
         start: usize,
         end: usize,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<&[u8]>> {
         let all = cpu.as_slice::<T>()?;
-        Ok(all
-            .get(start..end)
-            .map(|s| bytemuck::cast_slice::<T, u8>(s).to_vec()))
+        Ok(all.get(start..end).map(bytemuck::cast_slice::<T, u8>))
     }
-    match t.dtype() {
-        CDType::F32 => copy::<f32>(cpu, start, end),
-        CDType::F64 => copy::<f64>(cpu, start, end),
-        CDType::I64 => copy::<i64>(cpu, start, end),
-        CDType::U8 => copy::<u8>(cpu, start, end),
-        _ => Ok(None),
-    }
+    let src = match t.dtype() {
+        CDType::F32 => bytes::<f32>(cpu, start, end)?,
+        CDType::F64 => bytes::<f64>(cpu, start, end)?,
+        CDType::I64 => bytes::<i64>(cpu, start, end)?,
+        CDType::U8 => bytes::<u8>(cpu, start, end)?,
+        _ => None,
+    };
+    Ok(src.map(copy_bytes))
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {

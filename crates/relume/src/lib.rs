@@ -24,6 +24,7 @@ pub use preempt::{Preemption, PreemptionBuilder, Trigger, PREEMPTED_EXIT_CODE};
 pub use progress::{ProgressBar, ProgressConfig, ProgressMode};
 pub use threads::set_cpu_threads;
 pub mod callbacks;
+pub(crate) mod state_json;
 pub mod trainer;
 
 pub use callbacks::{Callback, HookCtx, Request, SavedCheckpoint};

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Device, Shape, Tensor, Var};
-use relume_ckpt::{RestoreReport, StateDict, Stateful};
+use relume_ckpt::{BufferPool, RestoreReport, Snapshot, StateDict, Stateful};
 
-use crate::convert::{ckpt_dtype, data_to_tensor, describe, tensor_to_data};
+use crate::convert::{ckpt_dtype, data_to_tensor, describe, tensor_to_data, tensor_to_data_pooled};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -221,6 +221,17 @@ impl Stateful for ParamStore {
             sd.insert_tensor(name.clone(), tensor_to_data(var.as_tensor(), &name)?);
         }
         Ok(sd)
+    }
+
+    /// The parameters copied into `pool`'s recycled buffers (tensors only, so the
+    /// snapshot is ready at once).
+    fn snapshot(&self, pool: &BufferPool) -> Result<Snapshot<Error>> {
+        let mut sd = StateDict::new();
+        for (name, var) in self.named_vars() {
+            let data = tensor_to_data_pooled(var.as_tensor(), &name, pool)?;
+            sd.insert_tensor(name, data);
+        }
+        Ok(Snapshot::ready(sd))
     }
 
     /// Copies every saved parameter whose dtype and shape match into the live

@@ -26,6 +26,7 @@ use relume_ckpt::{RestoreReport, StateDict, Stateful};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::state_json::{read_single_json, single_json_state};
 
 /// A seeded, seekable generator whose whole state is `(seed, stream, word_pos)`.
 ///
@@ -292,22 +293,12 @@ impl Stateful for Rng {
     type Error = Error;
 
     fn state_dict(&self) -> Result<StateDict> {
-        let mut sd = StateDict::new();
-        sd.insert_json(
-            "state",
-            serde_json::to_value(self.export()).map_err(|e| relume_ckpt::Error::JsonValue {
-                key: "state".into(),
-                reason: e.to_string(),
-            })?,
-        );
-        Ok(sd)
+        single_json_state("state", &self.export())
     }
 
     fn load_state_dict(&mut self, state: &StateDict) -> Result<RestoreReport> {
-        let mut report = RestoreReport::new();
-        report.diff_keys(["state"], state);
-        if state.contains_key("state") {
-            let s: RngState = state.require_value("state")?;
+        let (mut report, saved) = read_single_json::<RngState>(state, "state")?;
+        if let Some(s) = saved {
             if s.stream != self.stream || s.seed != self.seed {
                 report.mismatched(
                     "state",
@@ -370,6 +361,12 @@ impl RngStreams {
 
 impl Stateful for RngStreams {
     type Error = Error;
+
+    /// A copy of the streams' words; the JSON is built when the snapshot resolves.
+    fn snapshot(&self, _pool: &relume_ckpt::BufferPool) -> Result<relume_ckpt::Snapshot<Error>> {
+        let copy = self.clone();
+        Ok(relume_ckpt::Snapshot::deferred(move || copy.state_dict()))
+    }
 
     /// Keys: `seed`, and `streams/<name>` holding each stream's [`RngState`].
     fn state_dict(&self) -> Result<StateDict> {

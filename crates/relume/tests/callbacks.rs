@@ -97,20 +97,42 @@ fn top_k_and_logs_survive_sigkill_and_resume() {
     let (code, outcome) = spawn(&top_k_spec(), dir.path());
     assert_eq!((code, outcome.as_str()), (0, "completed@48"));
 
-    // The same checkpoints, except that the one the run resumed from is never
-    // deleted (invariant 11) even when it left the top k.
+    // The same checkpoints and the same best: the checkpoint the run resumed
+    // from was protected while the run was in progress and, once the top k had
+    // dropped it, deleted when the run completed.
     let want = checkpoint_names(reference.path());
-    let mut got = checkpoint_names(dir.path());
-    if !want.contains(&resumed_name) {
-        assert!(got.contains(&resumed_name), "resume source must be kept");
-        got.retain(|n| n != &resumed_name);
-    }
-    assert_eq!(got, want);
+    assert_eq!(checkpoint_names(dir.path()), want);
     // two top-k checkpoints plus the trainer's final save
     assert_eq!(want.len(), 3, "{want:?}");
     assert_eq!(best_name(dir.path()), best_name(reference.path()));
     assert!(want.contains(&best_name(reference.path())));
-    assert_identical(reference.path(), dir.path());
+    // The final state is identical but for the record of that deferred deletion.
+    let deferred = deferred_deletes(dir.path());
+    if want.contains(&resumed_name) {
+        assert_eq!(deferred, Vec::<String>::new());
+    } else {
+        assert_eq!(deferred, vec![resumed_name.clone()]);
+    }
+    assert_eq!(deferred_deletes(reference.path()), Vec::<String>::new());
+    let strip = |run: &Path| {
+        let mut c = final_components(run);
+        if let Some(cbs) = c.get_mut("callbacks") {
+            let keys: Vec<String> = cbs
+                .keys()
+                .filter(|k| k.ends_with("/deferred_deletes"))
+                .map(str::to_string)
+                .collect();
+            for k in keys {
+                cbs.remove(&k);
+            }
+        }
+        c
+    };
+    let (a, b) = (strip(reference.path()), strip(dir.path()));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, sd) in &a {
+        assert!(sd == &b[name], "component {name} differs after resume");
+    }
 
     // Logs: the CSV is byte-identical (no duplicated or missing step) ...
     let csv = |d: &Path| std::fs::read_to_string(d.join("logs/metrics.csv")).unwrap();
@@ -123,6 +145,68 @@ fn top_k_and_logs_survive_sigkill_and_resume() {
         let steps: Vec<u64> = got["lr-AdamW"].iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, (1..=48).collect::<Vec<_>>());
     }
+}
+
+#[test]
+fn a_dropped_resume_source_survives_a_preemption_and_goes_when_the_run_completes() {
+    let _serial = serial();
+    let reference = tempfile::tempdir().unwrap();
+    run(
+        &Spec {
+            resume: false,
+            ..top_k_spec()
+        },
+        reference.path(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kill = Spec {
+        kill_at: Some(29),
+        ..top_k_spec()
+    };
+    assert_eq!(spawn(&kill, dir.path()).0, -libc::SIGKILL);
+    let source = ckdir(dir.path()).latest().unwrap().unwrap();
+    let source_name = source.file_name().unwrap().to_string_lossy().into_owned();
+    // The top k drop the resume source before the end of the run.
+    assert!(!checkpoint_names(reference.path()).contains(&source_name));
+    // Resumed, then preempted (SIGTERM) after the top k dropped it: the run did
+    // not complete, so the source is still there, recorded as deferred.
+    let term = Spec {
+        term_at: Some(45),
+        ..top_k_spec()
+    };
+    assert_eq!(spawn(&term, dir.path()).0, PREEMPTED);
+    assert_eq!(deferred_deletes(dir.path()), vec![source_name.clone()]);
+    // (the trainer's own preemption save, outside ModelCheckpoint's retention)
+    let preempt_save = ckdir(dir.path()).latest().unwrap().unwrap();
+    let preempt_name = preempt_save
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        relume_ckpt::verify(&source).is_ok(),
+        "kept while not completed"
+    );
+    // The next run inherits the deferred deletion and carries it out when it
+    // completes: the same files and best as the uninterrupted run, plus the
+    // preemption save.
+    let (code, outcome) = spawn(&top_k_spec(), dir.path());
+    assert_eq!((code, outcome.as_str()), (0, "completed@48"));
+    assert!(!source.exists());
+    let mut want = checkpoint_names(reference.path());
+    want.push(preempt_name);
+    want.sort();
+    assert_eq!(checkpoint_names(dir.path()), want);
+    assert_eq!(best_name(dir.path()), best_name(reference.path()));
+}
+
+/// The `deferred_deletes` of the final ModelCheckpoint state (empty when absent).
+fn deferred_deletes(run: &Path) -> Vec<String> {
+    mc_state(run)
+        .get_json("deferred_deletes")
+        .map(|v| serde_json::from_value(v.clone()).unwrap())
+        .unwrap_or_default()
 }
 
 #[test]

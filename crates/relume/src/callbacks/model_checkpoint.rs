@@ -15,10 +15,23 @@
 //! requested, so the checkpoint's own copy of this callback's state already
 //! lists it among the best (a resume from it knows it). Names that leave the
 //! kept set are requested for deletion; the trainer deletes them only after
-//! the boundary's save has committed, and never the checkpoint the run resumed
-//! from. The names evicted by a save are also recorded in the state
-//! (`pending_deletes`): a run killed between the commit and the deletion
-//! deletes them after resuming from that checkpoint.
+//! the boundary's save has committed. The names evicted by a save are also
+//! recorded in the state (`pending_deletes`): a run killed between the commit
+//! and the deletion deletes them after resuming from that checkpoint.
+//!
+//! ## The checkpoint the run resumed from
+//! It is protected for as long as the run may still need it: while the run is
+//! in progress it is never deleted (a crash before the next save must find it
+//! again). When the top k drop it, it is recorded in the state as a *deferred*
+//! deletion (`deferred_deletes`, written only when non-empty) and deleted at
+//! the end of a fit that completed ([`Callback::on_fit_end`], after the final
+//! save committed and every async save was flushed), if it is then still not
+//! wanted (not in the top k, not `last`, not best) and is a plain name inside
+//! this run's `checkpoints/`. A preempted, killed, stopped or failed run
+//! deletes nothing deferred; the next run inherits the list through the state.
+//! So a run that was killed and resumed ends with the same checkpoint files as
+//! an uninterrupted one; its final state differs from that run's only by the
+//! `deferred_deletes` entry that records it.
 //!
 //! `save_last`: the newest checkpoint of this callback is always kept as
 //! `last`: the top-k checkpoint saved at that boundary, or else a checkpoint
@@ -46,7 +59,7 @@ use serde_json::Value;
 
 use super::filename::format_name;
 use super::monitor::{score_from_json, score_to_json, Mode};
-use super::retention::{best_of, plan_deletions, plan_top_k, KeepReason, Retain};
+use super::retention::{best_of, is_plain_name, plan_deletions, plan_top_k, KeepReason, Retain};
 use super::{Callback, HookCtx};
 use crate::error::{Error, Result};
 
@@ -65,6 +78,7 @@ pub struct ModelCheckpoint {
     best_k: BTreeMap<String, f64>,
     last: Option<String>,
     pending_deletes: Vec<String>,
+    deferred_deletes: Vec<String>,
     last_save_step: Option<u64>,
     time_base: f64,
     last_save_time: f64,
@@ -75,6 +89,9 @@ pub struct ModelCheckpoint {
 
 const STATE_KEYS: [&str; 4] = ["best_k", "last", "last_save_step", "pending_deletes"];
 const TIME_KEYS: [&str; 2] = ["train_time", "last_save_time"];
+/// Written only when non-empty, so runs that never deferred a deletion (and
+/// checkpoints written before it existed) hold exactly the [`STATE_KEYS`].
+const DEFERRED_KEY: &str = "deferred_deletes";
 
 impl Default for ModelCheckpoint {
     fn default() -> Self {
@@ -97,6 +114,7 @@ impl ModelCheckpoint {
             best_k: BTreeMap::new(),
             last: None,
             pending_deletes: Vec::new(),
+            deferred_deletes: Vec::new(),
             last_save_step: None,
             time_base: 0.0,
             last_save_time: 0.0,
@@ -171,6 +189,12 @@ impl ModelCheckpoint {
     /// The newest checkpoint kept as `last` (with `save_last`).
     pub fn last_name(&self) -> Option<&str> {
         self.last.as_deref()
+    }
+
+    /// Checkpoints the top k dropped while they were protected as the resume
+    /// source; deleted at the end of a completed fit (see the [module docs](self)).
+    pub fn deferred_deletes(&self) -> &[String] {
+        &self.deferred_deletes
     }
 
     /// Every checkpoint name this callback keeps.
@@ -283,6 +307,17 @@ impl ModelCheckpoint {
                     ctx.delete_checkpoint(n.clone());
                     self.pending_deletes.push(n);
                 }
+                Retain::Keep {
+                    name,
+                    reason: KeepReason::ResumedFrom,
+                } => {
+                    tracing::info!(
+                        "ModelCheckpoint: keeping {name} while the run that resumed from it is in progress; it is deleted when the run completes"
+                    );
+                    if !self.deferred_deletes.contains(&name) {
+                        self.deferred_deletes.push(name);
+                    }
+                }
                 Retain::Keep { name, reason } => {
                     let why = match reason {
                         KeepReason::ResumedFrom => "the run resumed from it",
@@ -336,6 +371,9 @@ impl Callback for ModelCheckpoint {
         sd.insert_json("last", serde_json::json!(self.last));
         sd.insert_json("last_save_step", serde_json::json!(self.last_save_step));
         sd.insert_json("pending_deletes", serde_json::json!(self.pending_deletes));
+        if !self.deferred_deletes.is_empty() {
+            sd.insert_json(DEFERRED_KEY, serde_json::json!(self.deferred_deletes));
+        }
         if self.train_time_interval.is_some() {
             sd.insert_json("train_time", Value::from(self.train_time()));
             sd.insert_json("last_save_time", Value::from(self.last_save_time));
@@ -346,10 +384,12 @@ impl Callback for ModelCheckpoint {
     fn load_state_dict(&mut self, state: &StateDict) -> Result<RestoreReport> {
         let mut report = RestoreReport::new();
         let timed = self.train_time_interval.is_some();
+        let deferred = state.contains_key(DEFERRED_KEY);
         let keys: Vec<&str> = STATE_KEYS
             .iter()
             .chain(if timed { TIME_KEYS.iter() } else { [].iter() })
             .copied()
+            .chain(deferred.then_some(DEFERRED_KEY))
             .collect();
         report.diff_keys(keys.iter().copied(), state);
         if !report.is_clean() {
@@ -359,6 +399,11 @@ impl Callback for ModelCheckpoint {
         self.last = state.require_value("last")?;
         self.last_save_step = state.require_value("last_save_step")?;
         self.pending_deletes = state.require_value("pending_deletes")?;
+        self.deferred_deletes = if deferred {
+            state.require_value(DEFERRED_KEY)?
+        } else {
+            Vec::new()
+        };
         if timed {
             self.time_base = state.require_value("train_time")?;
             self.last_save_time = state.require_value("last_save_time")?;
@@ -406,6 +451,23 @@ impl Callback for ModelCheckpoint {
         Ok(())
     }
 
+    /// The fit completed (the final save committed, async saves flushed): the
+    /// deferred deletions of the former resume source are due, for each name
+    /// still not wanted, plain, and a checkpoint of this run's directory.
+    fn on_fit_end(&mut self, ctx: &mut HookCtx<'_>) -> Result<()> {
+        let ckdir = ctx.run_dir.join(relume_ckpt::dir::CHECKPOINTS_DIR);
+        let best = self.best_name().map(str::to_string);
+        let tracked = self.tracked();
+        for n in &self.deferred_deletes {
+            let wanted = tracked.contains(n) || best.as_ref() == Some(n);
+            if !wanted && is_plain_name(n) && ckdir.join(n).join("manifest.json").is_file() {
+                tracing::info!("ModelCheckpoint: deleting {n}, the former resume source, now that the run completed");
+                ctx.delete_checkpoint(n.clone());
+            }
+        }
+        Ok(())
+    }
+
     fn on_validation_end(&mut self, _ctx: &mut HookCtx<'_>) -> Result<()> {
         self.validated = true;
         Ok(())
@@ -448,13 +510,29 @@ mod tests {
         val_loss: f64,
         resumed: Option<&Path>,
     ) -> Vec<Request> {
+        epoch_end_in(
+            mc,
+            epoch,
+            val_loss,
+            resumed,
+            Path::new("/nonexistent-relume-run"),
+        )
+    }
+
+    /// As `epoch_end`, in run directory `run`.
+    fn epoch_end_in(
+        mc: &mut ModelCheckpoint,
+        epoch: u64,
+        val_loss: f64,
+        resumed: Option<&Path>,
+        run: &Path,
+    ) -> Vec<Request> {
         let metrics: BTreeMap<String, f64> = [("val_loss".to_string(), val_loss)].into();
         let progress = Progress {
             global_step: (epoch + 1) * 10,
             epoch,
             batch_in_epoch: 10,
         };
-        let run = Path::new("/nonexistent-relume-run");
         let mut reqs = Vec::new();
         let mut ctx = HookCtx::new(progress, &metrics, run, resumed, &mut reqs);
         mc.on_train_epoch_end(&mut ctx).unwrap();
@@ -520,6 +598,88 @@ mod tests {
         let reqs = epoch_end(&mut mc, 1, 0.4, Some(src));
         assert_eq!(names(&reqs), (vec!["s20".into()], vec![]));
         assert_eq!(mc.best_name(), Some("s20"));
+    }
+
+    /// Runs `on_fit_end` in `run`; returns the deletions it requested.
+    fn fit_end(mc: &mut ModelCheckpoint, run: &Path) -> Vec<String> {
+        let metrics = BTreeMap::new();
+        let mut reqs = Vec::new();
+        let mut ctx = HookCtx::new(Progress::default(), &metrics, run, None, &mut reqs);
+        mc.on_fit_end(&mut ctx).unwrap();
+        names(&reqs).1
+    }
+
+    #[test]
+    fn a_dropped_resume_source_is_deferred_until_the_run_completes() {
+        let run = tempfile::tempdir().unwrap();
+        let commit = |n: &str| {
+            let d = run.path().join("checkpoints").join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), b"{}").unwrap();
+        };
+        let new = || {
+            ModelCheckpoint::new()
+                .monitor("val_loss", Mode::Min)
+                .save_top_k(1)
+                .filename("s{step}")
+        };
+        let mut mc = new();
+        epoch_end_in(&mut mc, 0, 0.5, None, run.path());
+        commit("s10");
+        // resumed from s10; s20 is better, so the top 1 drops s10: not deleted
+        // now, recorded as deferred in the state the s20 checkpoint holds
+        let src = run.path().join("checkpoints/s10");
+        let reqs = epoch_end_in(&mut mc, 1, 0.4, Some(&src), run.path());
+        assert_eq!(names(&reqs), (vec!["s20".into()], vec![]));
+        commit("s20");
+        assert_eq!(mc.deferred_deletes(), ["s10".to_string()]);
+        let sd = mc.state_dict().unwrap();
+        assert_eq!(
+            sd.get_json("deferred_deletes"),
+            Some(&serde_json::json!(["s10"]))
+        );
+        // The run is interrupted here (preempted or killed): `on_fit_end` never
+        // runs, so nothing deletes s10. The next run inherits the list; resuming
+        // from s20 does not delete it either ...
+        let mut next = new();
+        assert!(next.load_state_dict(&sd).unwrap().is_clean());
+        assert_eq!(next.deferred_deletes(), ["s10".to_string()]);
+        let metrics = BTreeMap::new();
+        let mut reqs = Vec::new();
+        let mut ctx = HookCtx::new(Progress::default(), &metrics, run.path(), None, &mut reqs);
+        next.on_load_checkpoint(&mut ctx, &run.path().join("checkpoints/s20"))
+            .unwrap();
+        assert_eq!(names(&reqs), (vec![], vec![]));
+        assert!(src.join("manifest.json").is_file());
+        // ... but its completed fit does, and keeps s20, the best
+        assert_eq!(fit_end(&mut next, run.path()), vec!["s10".to_string()]);
+        assert_eq!(next.best_name(), Some("s20"));
+    }
+
+    #[test]
+    fn fit_end_never_deletes_a_wanted_gone_or_foreign_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        for n in ["s10", "s20"] {
+            let d = run.path().join("checkpoints").join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), b"{}").unwrap();
+        }
+        let mut mc = ModelCheckpoint::new().monitor("val_loss", Mode::Min);
+        mc.best_k.insert("s20".into(), 0.1);
+        mc.deferred_deletes = vec![
+            "s20".into(),    // wanted again (best)
+            "gone".into(),   // already deleted
+            "../s10".into(), // not a plain name
+            "s10".into(),    // due
+        ];
+        assert_eq!(fit_end(&mut mc, run.path()), vec!["s10".to_string()]);
+        // without any deferred deletion the state has no such key (unchanged bytes)
+        let plain = ModelCheckpoint::new().monitor("val_loss", Mode::Min);
+        assert!(plain
+            .state_dict()
+            .unwrap()
+            .get("deferred_deletes")
+            .is_none());
     }
 
     #[test]

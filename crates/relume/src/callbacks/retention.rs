@@ -6,7 +6,9 @@
 //! - a deletion is only *requested* here; the trainer carries it out after the
 //!   checkpoint saved at the same boundary has **committed** (after the async
 //!   writer reported the commit), and never for a save that failed;
-//! - the checkpoint the run resumed from is never deleted;
+//! - the checkpoint the run resumed from is never deleted while the run is in
+//!   progress ([`KeepReason::ResumedFrom`]); [`ModelCheckpoint`] defers its
+//!   deletion to the end of a completed fit (see its docs);
 //! - only plain names inside the run's `checkpoints/` are deleted (never a path);
 //! - at least one of the callback's checkpoints is always kept.
 //!

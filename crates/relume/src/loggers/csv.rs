@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::fsutil::{self, io};
 use super::Logger;
 use crate::error::{Error, Result};
+use crate::state_json::{check_kind, read_single_json, single_json_state};
 
 /// File name of the metrics table inside the log directory.
 pub const METRICS_FILE: &str = "metrics.csv";
@@ -321,30 +322,15 @@ impl Stateful for CsvLogger {
     type Error = Error;
 
     fn state_dict(&self) -> Result<StateDict> {
-        let mut sd = StateDict::new();
-        let value =
-            serde_json::to_value(self.export()).map_err(|e| relume_ckpt::Error::JsonValue {
-                key: STATE_KEY.into(),
-                reason: e.to_string(),
-            })?;
-        sd.insert_json(STATE_KEY, value);
-        Ok(sd)
+        single_json_state(STATE_KEY, &self.export())
     }
 
     fn load_state_dict(&mut self, state: &StateDict) -> Result<RestoreReport> {
-        let mut report = RestoreReport::new();
-        report.diff_keys([STATE_KEY], state);
-        if !state.contains_key(STATE_KEY) {
+        let (mut report, s) = read_single_json::<CsvState>(state, STATE_KEY)?;
+        let Some(s) = s else {
             return Ok(report);
-        }
-        let s: CsvState = state.require_value(STATE_KEY)?;
-        if s.kind != KIND {
-            return Err(Error::StateKind {
-                key: format!("loggers/{KIND}"),
-                saved: s.kind,
-                live: KIND.into(),
-            });
-        }
+        };
+        check_kind(&format!("loggers/{KIND}"), &s.kind, KIND)?;
         let mut sorted = s.columns.clone();
         sorted.sort();
         sorted.dedup();

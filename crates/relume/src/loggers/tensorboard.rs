@@ -45,6 +45,7 @@ use super::crc32c::masked_crc32c;
 use super::fsutil::{self, io};
 use super::Logger;
 use crate::error::{Error, Result};
+use crate::state_json::{check_kind, read_single_json, single_json_state};
 
 /// Prefix of every event file name (TensorBoard finds files by it).
 pub const EVENT_FILE_PREFIX: &str = "events.out.tfevents.";
@@ -288,29 +289,15 @@ impl Stateful for TensorBoardLogger {
             file: self.file_name.clone(),
             bytes: self.bytes,
         };
-        let value = serde_json::to_value(state).map_err(|e| relume_ckpt::Error::JsonValue {
-            key: STATE_KEY.into(),
-            reason: e.to_string(),
-        })?;
-        let mut sd = StateDict::new();
-        sd.insert_json(STATE_KEY, value);
-        Ok(sd)
+        single_json_state(STATE_KEY, &state)
     }
 
     fn load_state_dict(&mut self, state: &StateDict) -> Result<RestoreReport> {
-        let mut report = RestoreReport::new();
-        report.diff_keys([STATE_KEY], state);
-        if !state.contains_key(STATE_KEY) {
+        let (mut report, s) = read_single_json::<TbState>(state, STATE_KEY)?;
+        let Some(s) = s else {
             return Ok(report);
-        }
-        let s: TbState = state.require_value(STATE_KEY)?;
-        if s.kind != KIND {
-            return Err(Error::StateKind {
-                key: format!("loggers/{KIND}"),
-                saved: s.kind,
-                live: KIND.into(),
-            });
-        }
+        };
+        check_kind(&format!("loggers/{KIND}"), &s.kind, KIND)?;
         let valid_name = s.file.as_deref().is_none_or(valid_file_name);
         if !valid_name || (s.file.is_none() && s.bytes != 0) {
             return Err(Error::StateMismatch {

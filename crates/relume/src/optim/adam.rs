@@ -29,12 +29,12 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
-use relume_ckpt::{RestoreReport, StateDict, Stateful};
+use relume_ckpt::{BufferPool, RestoreReport, Snapshot, StateDict, Stateful};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
     check_group, check_groups, check_range, flush_subnormal, fusable, fused_update, load_state,
-    save_state, single_group, store_params, Buf, ParamState,
+    save_state, single_group, snapshot_state, store_params, Buf, ParamState,
 };
 use super::{check_lr, Grads, Optimizer, ParamGroup};
 use crate::error::{Error, Result};
@@ -300,6 +300,16 @@ impl AdamCore {
 
     fn state_dict(&self) -> Result<StateDict> {
         save_state(self.kind, &self.groups, &self.cfg.hyper(), &self.state)
+    }
+
+    fn snapshot(&self, pool: &BufferPool) -> Result<Snapshot<Error>> {
+        snapshot_state(
+            self.kind,
+            &self.groups,
+            &self.cfg.hyper(),
+            &self.state,
+            pool,
+        )
     }
 
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<RestoreReport> {
@@ -628,6 +638,11 @@ macro_rules! adam_optimizer {
 
             fn state_dict(&self) -> Result<StateDict> {
                 self.core.state_dict()
+            }
+
+            /// Moments copied into `pool`; JSON leaves built when it resolves.
+            fn snapshot(&self, pool: &BufferPool) -> Result<Snapshot<Error>> {
+                self.core.snapshot(pool)
             }
 
             /// Restores moments, step counters, lrs and hyper-parameters. Everything

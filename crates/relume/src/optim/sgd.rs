@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
-use relume_ckpt::{RestoreReport, StateDict, Stateful};
+use relume_ckpt::{BufferPool, RestoreReport, Snapshot, StateDict, Stateful};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
     check_group, check_groups, check_range, flush_subnormal, fusable, fused_update, load_state,
-    save_state, single_group, store_params, Buf, ParamState,
+    save_state, single_group, snapshot_state, store_params, Buf, ParamState,
 };
 use super::{check_lr, Grads, Optimizer, ParamGroup};
 use crate::error::{Error, Result};
@@ -316,6 +316,11 @@ impl Stateful for Sgd {
 
     fn state_dict(&self) -> Result<StateDict> {
         save_state("SGD", &self.groups, &self.cfg.hyper(), &self.state)
+    }
+
+    /// Momentum buffers copied into `pool`; JSON leaves built when it resolves.
+    fn snapshot(&self, pool: &BufferPool) -> Result<Snapshot<Error>> {
+        snapshot_state("SGD", &self.groups, &self.cfg.hyper(), &self.state, pool)
     }
 
     /// Restores momentum buffers, step counters and lrs; checks everything first.

@@ -17,10 +17,12 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
-use relume_ckpt::{DType as CkDType, RestoreReport, StateDict, TensorData};
+use relume_ckpt::{
+    BufferPool, DType as CkDType, RestoreReport, Snapshot, StateDict, TensorBytes, TensorData,
+};
 
 use super::{check_lr, ParamGroup};
-use crate::convert::{data_to_tensor, tensor_to_data};
+use crate::convert::{data_to_tensor, tensor_to_data, tensor_to_data_pooled};
 use crate::error::{Error, Result};
 use crate::params::ParamStore;
 
@@ -40,6 +42,22 @@ impl Buf {
                 Ok(TensorData::from_f32(shape.to_vec(), v).map_err(|e| e.with_key(key))?)
             }
             Buf::Dev(t) => tensor_to_data(t, key),
+        }
+    }
+
+    /// As `to_data`, copying into a recycled buffer of `pool`.
+    fn to_data_pooled(&self, shape: &[usize], key: &str, pool: &BufferPool) -> Result<TensorData> {
+        match self {
+            Buf::Host(v) if cfg!(target_endian = "little") => {
+                // On little-endian hosts the in-memory bytes are the checkpoint's.
+                let bytes = TensorBytes::owned(pool.copy(bytemuck::cast_slice::<f32, u8>(v)));
+                Ok(TensorData::new(CkDType::F32, shape.to_vec(), bytes)
+                    .map_err(|e| e.with_key(key))?)
+            }
+            Buf::Host(v) => {
+                Ok(TensorData::from_f32(shape.to_vec(), v).map_err(|e| e.with_key(key))?)
+            }
+            Buf::Dev(t) => tensor_to_data_pooled(t, key, pool),
         }
     }
 
@@ -271,6 +289,60 @@ pub(crate) fn save_state(
         }
     }
     Ok(sd)
+}
+
+/// As [`save_state`], for an async save: the buffers are copied into `pool` now;
+/// the JSON leaves (kind, groups, step counters) and the keys are built when the
+/// snapshot resolves, from plain copies taken now. Resolves to exactly what
+/// [`save_state`] returns.
+pub(crate) fn snapshot_state(
+    kind: &'static str,
+    groups: &[ParamGroup],
+    hyper: &serde_json::Value,
+    state: &BTreeMap<String, ParamState>,
+    pool: &BufferPool,
+) -> Result<Snapshot<Error>> {
+    let shapes: BTreeMap<&str, &Var> = groups
+        .iter()
+        .flat_map(|g| g.params.iter().map(|(n, v)| (n.as_str(), v)))
+        .collect();
+    let mut params = Vec::with_capacity(state.len());
+    for (name, st) in state {
+        let Some(var) = shapes.get(name.as_str()) else {
+            continue;
+        };
+        let mut bufs = Vec::with_capacity(st.bufs.len());
+        for (bname, buf) in &st.bufs {
+            let data = buf
+                .to_data_pooled(var.dims(), bname, pool)
+                .map_err(|e| with_context(e, name, bname))?;
+            bufs.push((*bname, data));
+        }
+        params.push((name.clone(), st.step, bufs));
+    }
+    let groups = groups.to_vec();
+    let hyper = hyper.clone();
+    Ok(Snapshot::deferred(move || {
+        let mut sd = StateDict::new();
+        sd.insert_json("kind", serde_json::Value::from(kind));
+        sd.insert_json("param_groups", groups_json(&groups, &hyper));
+        for (name, step, bufs) in params {
+            sd.insert_json(format!("{name}/step"), serde_json::Value::from(step));
+            for (bname, data) in bufs {
+                sd.insert_tensor(format!("{name}/{bname}"), data);
+            }
+        }
+        Ok(sd)
+    }))
+}
+
+/// Names `<param>/<buffer>` in a buffer copy's error (the key is only formatted on
+/// failure, off the hot path).
+fn with_context(e: Error, name: &str, bname: &str) -> Error {
+    match e {
+        Error::Ckpt(c) => Error::Ckpt(c.with_key(&format!("{name}/{bname}"))),
+        other => other,
+    }
 }
 
 /// The `param_groups` JSON value.

@@ -1,10 +1,15 @@
 //! The trainer side of asynchronous checkpointing (invariant 10).
 //!
 //! With `Trainer::builder().async_checkpointing(true)`, a step boundary's saves
-//! are snapshotted on the training thread (the components are owned copies of
-//! every tensor) and committed by [`relume_ckpt::AsyncCheckpointer`]'s writer
-//! thread. This module keeps what the trainer must do once each save is
-//! reported:
+//! are snapshotted on the training thread and committed by
+//! [`relume_ckpt::AsyncCheckpointer`]'s writer thread. The snapshot
+//! ([`relume_ckpt::Stateful::snapshot`] of every component) is the only work on
+//! the training thread: one copy of every tensor (large ones into buffers the
+//! writer recycles, see [`relume_ckpt::BufferPool`]) and plain copies of the
+//! small state. The writer resolves it into the components map (JSON leaves,
+//! keys), then builds the manifest, fingerprint and checksums while it commits;
+//! the saves of one boundary share one snapshot ([`SharedSnapshot`]). This module
+//! keeps what the trainer must do once each save is reported:
 //!
 //! - at every step boundary the trainer **polls** first: each reported commit
 //!   runs its `on_save_checkpoint` hooks and then the deletions requested at the
@@ -20,17 +25,21 @@
 //!   it waits for every save in flight and handles their outcomes as above.
 //!
 //! A checkpoint written asynchronously holds exactly the bytes a synchronous
-//! save of the same boundary would (the snapshot is the same `components` map),
-//! so resuming from either is byte-identical.
+//! save of the same boundary would (a snapshot resolves to the same
+//! `components` map; the synchronous path builds it through the same
+//! snapshots), so resuming from either is byte-identical. A snapshot that fails
+//! to resolve on the writer is reported like a failed write, naming the
+//! checkpoint.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use relume_ckpt::{AsyncCheckpointer, Checkpoint, CheckpointDir, Committed};
+use relume_ckpt::{AsyncCheckpointer, BufferPool, Checkpoint, CheckpointDir, Committed, StateDict};
 
 use crate::callbacks::Progress;
 use crate::error::Result;
+use crate::trainer::connector::Snapshots;
 
 /// A submitted save, waiting for its outcome.
 #[derive(Debug)]
@@ -51,6 +60,11 @@ pub(crate) struct PendingSave {
 pub(crate) struct AsyncSaves {
     writer: AsyncCheckpointer,
     pending: VecDeque<PendingSave>,
+    /// Recycled tensor buffers: the writer gives a snapshot's buffers back once it
+    /// is committed, so the next snapshot copies into memory that is already
+    /// mapped. Bounded to `max_in_flight` snapshots.
+    pool: BufferPool,
+    max_in_flight: usize,
 }
 
 impl AsyncSaves {
@@ -63,7 +77,22 @@ impl AsyncSaves {
         Ok(AsyncSaves {
             writer: AsyncCheckpointer::with_max_in_flight(dir, n)?,
             pending: VecDeque::new(),
+            pool: BufferPool::new(),
+            max_in_flight: n.get(),
         })
+    }
+
+    /// The pool snapshots copy tensor bytes into.
+    pub(crate) fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    /// Call after taking a snapshot from [`AsyncSaves::pool`]: the pool keeps at
+    /// most `max_in_flight` snapshots' worth of buffers.
+    pub(crate) fn snapshot_taken(&mut self) {
+        let bytes = self.pool.take_handed_out();
+        self.pool
+            .set_max_held(bytes.saturating_mul(self.max_in_flight));
     }
 
     /// Waits until a snapshot may be taken.
@@ -74,18 +103,21 @@ impl AsyncSaves {
         Ok(self.writer.wait_for_slot()?)
     }
 
-    /// Submits a snapshot.
+    /// Submits a save whose checkpoint `build` makes on the writer thread from a
+    /// snapshot; its tensor buffers go back to the pool after the commit.
     ///
     /// # Errors
     /// A bad name, or the writer thread is gone.
-    pub(crate) fn submit(
+    pub(crate) fn submit_deferred(
         &mut self,
         name: &str,
-        ckpt: Checkpoint,
+        build: impl FnOnce() -> relume_ckpt::Result<Checkpoint> + Send + 'static,
         progress: Progress,
         metrics: BTreeMap<String, f64>,
     ) -> Result<()> {
-        let ticket = self.writer.submit(name, ckpt)?;
+        let ticket = self
+            .writer
+            .submit_deferred(name, build, Some(self.pool.clone()))?;
         self.pending.push_back(PendingSave {
             seq: ticket.seq(),
             name: name.to_string(),
@@ -144,5 +176,68 @@ impl AsyncSaves {
     /// True when nothing is in flight or unreported.
     pub(crate) fn is_idle(&self) -> bool {
         self.writer.is_idle()
+    }
+}
+
+/// One boundary's snapshot, shared by its saves: the first writer job to need it
+/// resolves it (builds the JSON leaves), the last one takes the components map
+/// instead of cloning it (so its buffers can be recycled).
+pub(crate) struct SharedSnapshot {
+    inner: Mutex<Shared>,
+}
+
+struct Shared {
+    snapshot: Option<Snapshots>,
+    resolved: Option<BTreeMap<String, StateDict>>,
+    failed: bool,
+    remaining: usize,
+}
+
+impl SharedSnapshot {
+    /// A snapshot used by `saves` saves.
+    pub(crate) fn new(snapshot: Snapshots, saves: usize) -> Self {
+        SharedSnapshot {
+            inner: Mutex::new(Shared {
+                snapshot: Some(snapshot),
+                resolved: None,
+                failed: false,
+                remaining: saves,
+            }),
+        }
+    }
+
+    /// The components map for one save (on the writer thread).
+    ///
+    /// # Errors
+    /// [`relume_ckpt::Error::SnapshotBuild`] when a component's deferred state
+    /// failed (for this save and every later save of the boundary).
+    pub(crate) fn take(&self) -> relume_ckpt::Result<BTreeMap<String, StateDict>> {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        s.remaining = s.remaining.saturating_sub(1);
+        if let Some(snap) = s.snapshot.take() {
+            match snap.resolve_named() {
+                Ok(c) => s.resolved = Some(c),
+                Err(e) => {
+                    let (component, source) = *e;
+                    s.failed = true;
+                    return Err(relume_ckpt::Error::SnapshotBuild {
+                        component,
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        match (&s.resolved, s.remaining) {
+            (Some(_), 0) => Ok(s.resolved.take().unwrap_or_default()),
+            (Some(c), _) => Ok(c.clone()),
+            (None, _) => Err(relume_ckpt::Error::SnapshotBuild {
+                component: "<all>".into(),
+                source: if s.failed {
+                    "an earlier save of this step boundary failed to build the snapshot".into()
+                } else {
+                    "the snapshot was already used by every save of its boundary".into()
+                },
+            }),
+        }
     }
 }

@@ -39,7 +39,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use relume_ckpt::{Checkpoint, CheckpointDir, RestoreReport, StateDict, Stateful};
+use relume_ckpt::{
+    BufferPool, Checkpoint, CheckpointDir, RestoreReport, Snapshot, StateDict, Stateful,
+};
 use serde_json::Value;
 
 use crate::callbacks::Callback;
@@ -105,28 +107,84 @@ impl Live<'_> {
 impl View<'_> {
     /// Every component's state, as it would be saved. `user` is the module's hook state.
     pub(crate) fn components(&self, user: StateDict) -> Result<BTreeMap<String, StateDict>> {
-        let mut c = BTreeMap::new();
-        c.insert("model".to_string(), self.params.state_dict()?);
+        self.snapshot(user, &BufferPool::new())?.resolve()
+    }
+
+    /// Every component's [`Snapshot`] (tensor bytes copied into `pool`), for an
+    /// async save; [`Snapshots::resolve`] builds exactly what
+    /// [`View::components`] returns now.
+    pub(crate) fn snapshot(&self, user: StateDict, pool: &BufferPool) -> Result<Snapshots> {
+        let mut parts = Vec::with_capacity(4 + 2 * self.optimizers.len());
+        parts.push(("model".to_string(), self.params.snapshot(pool)?));
         for (i, o) in self.optimizers.iter().enumerate() {
-            c.insert(optimizer_component(i), o.state_dict()?);
+            parts.push((optimizer_component(i), o.snapshot(pool)?));
         }
         for (i, s) in self.schedulers.iter().enumerate() {
             if let Some(s) = s {
-                c.insert(scheduler_component(i), s.scheduler.state_dict()?);
+                parts.push((scheduler_component(i), s.scheduler.snapshot(pool)?));
             }
         }
-        c.insert("rng".to_string(), self.rng.state_dict()?);
-        c.insert("train_loader".to_string(), self.loader.state_dict()?);
-        c.insert("loop".to_string(), self.state.state_dict()?);
-        let mut cbs = StateDict::new();
+        parts.push(("rng".to_string(), self.rng.snapshot(pool)?));
+        parts.push(("train_loader".to_string(), self.loader.snapshot(pool)?));
+        parts.push(("loop".to_string(), self.state.snapshot(pool)?));
+        let mut callbacks = Vec::with_capacity(self.callbacks.len());
         for cb in self.callbacks.iter() {
-            cbs.insert_prefixed(&cb.state_key(), cb.state_dict()?);
+            callbacks.push((cb.state_key(), cb.state_dict()?));
+        }
+        let mut loggers = Vec::with_capacity(self.loggers.len());
+        for lg in self.loggers.iter() {
+            loggers.push((lg.name().to_string(), lg.snapshot(pool)?));
+        }
+        Ok(Snapshots {
+            parts,
+            callbacks,
+            loggers,
+            user,
+        })
+    }
+}
+
+/// The state of every component as taken at a save, before its JSON leaves are
+/// built (see [`relume_ckpt::Snapshot`]).
+pub(crate) struct Snapshots {
+    parts: Vec<(String, Snapshot<Error>)>,
+    callbacks: Vec<(String, StateDict)>,
+    loggers: Vec<(String, Snapshot<Error>)>,
+    user: StateDict,
+}
+
+impl Snapshots {
+    /// The components map: `callbacks`, `loggers` and `user` only when non-empty.
+    ///
+    /// # Errors
+    /// A component's deferred build failed.
+    pub(crate) fn resolve(self) -> Result<BTreeMap<String, StateDict>> {
+        self.resolve_named().map_err(|e| e.1)
+    }
+
+    /// As [`Snapshots::resolve`], naming the component that failed.
+    pub(crate) fn resolve_named(
+        self,
+    ) -> std::result::Result<BTreeMap<String, StateDict>, Box<(String, Error)>> {
+        let mut c = BTreeMap::new();
+        for (name, snap) in self.parts {
+            match snap.resolve() {
+                Ok(sd) => c.insert(name, sd),
+                Err(e) => return Err(Box::new((name, e))),
+            };
+        }
+        let mut cbs = StateDict::new();
+        for (key, sd) in self.callbacks {
+            cbs.insert_prefixed(&key, sd);
         }
         let mut lgs = StateDict::new();
-        for lg in self.loggers.iter() {
-            lgs.insert_prefixed(lg.name(), lg.state_dict()?);
+        for (name, snap) in self.loggers {
+            match snap.resolve() {
+                Ok(sd) => lgs.insert_prefixed(&name, sd),
+                Err(e) => return Err(Box::new((format!("loggers/{name}"), e))),
+            }
         }
-        for (name, sd) in [("callbacks", cbs), ("loggers", lgs), ("user", user)] {
+        for (name, sd) in [("callbacks", cbs), ("loggers", lgs), ("user", self.user)] {
             if !sd.is_empty() {
                 c.insert(name.to_string(), sd);
             }

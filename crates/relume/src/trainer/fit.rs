@@ -30,6 +30,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -40,11 +41,11 @@ use crate::error::{Error, Result};
 use crate::optim::{Grads, Optimizer};
 use crate::progress::{ProgressBar, ProgressConfig};
 use crate::rng::RngStreams;
-use crate::trainer::async_saves::AsyncSaves;
+use crate::trainer::async_saves::{AsyncSaves, SharedSnapshot};
 use crate::trainer::builder::{ClipAlgorithm, Interrupt, Trainer, TrainerConfig, ValCheck};
 use crate::trainer::connector::{restore, Connector, Live, View};
 use crate::trainer::context::{Stage, StepCtx};
-use crate::trainer::loop_state::LoopState;
+use crate::trainer::loop_state::{progress_json, LoopState};
 use crate::trainer::metrics::Metrics;
 use crate::trainer::module::{Interval, SchedulerConfig, TrainModule};
 
@@ -196,7 +197,7 @@ impl Trainer {
             requests: Vec::new(),
             resumed_from: None,
             last_checkpoint: None,
-            config,
+            config: Arc::new(config),
             progress: if self.cfg.enable_progress_bar {
                 ProgressBar::new(ProgressConfig::new().every_n_steps(self.cfg.log_every_n_steps))
             } else {
@@ -290,7 +291,7 @@ struct FitRun<'t, M: TrainModule> {
     requests: Vec<Request>,
     resumed_from: Option<PathBuf>,
     last_checkpoint: Option<PathBuf>,
-    config: Value,
+    config: Arc<Value>,
     progress: ProgressBar,
 }
 
@@ -559,10 +560,29 @@ where
             }
         }
         hook!(self, |cb, ctx| cb.on_fit_end(&mut ctx));
+        self.delete_at_fit_end()?;
         for l in self.loggers.iter_mut() {
             l.flush()?;
         }
         Ok(FitOutcome::Completed(self.summary()))
+    }
+
+    /// Carries out the deletions requested by `on_fit_end`. The fit completed:
+    /// the final save committed and every async save was flushed, so the
+    /// checkpoint this run resumed from is no longer needed and is not protected
+    /// here (a callback asks for it only when it is no longer wanted; see
+    /// [`crate::callbacks::ModelCheckpoint`]). Other requests are dropped, as
+    /// after any last hook.
+    fn delete_at_fit_end(&mut self) -> Result<()> {
+        if let Some(a) = self.async_saves.as_ref() {
+            debug_assert!(a.is_idle(), "the final boundary flushed every async save");
+        }
+        for r in std::mem::take(&mut self.requests) {
+            if let Request::Delete { name } = r {
+                self.connector.delete(&name, None)?;
+            }
+        }
+        Ok(())
     }
 
     fn val_this_epoch(&self) -> bool {
@@ -787,7 +807,7 @@ where
                 &name,
                 components.clone(),
                 progress.clone(),
-                self.config.clone(),
+                (*self.config).clone(),
                 metrics.clone(),
             )?;
             tracing::debug!(
@@ -832,6 +852,10 @@ where
         let collected = self.collect_async(false);
         self.requests.extend(pending);
         collected?;
+        let Some(a) = self.async_saves.as_ref() else {
+            unreachable!("created above")
+        };
+        let pool = a.pool().clone();
         let view = View {
             params: self.module.params(),
             optimizers: &self.optimizers,
@@ -842,30 +866,35 @@ where
             callbacks: self.callbacks,
             loggers: self.loggers,
         };
-        let components = view.components(self.module.on_save_checkpoint()?)?;
-        let progress = self.state.progress_json();
+        // The only work on the training thread: tensor bytes copied (large ones
+        // into recycled buffers) and plain copies of the small state. JSON, the manifest and the
+        // fingerprint are built by the writer thread.
+        let snapshot = view.snapshot(self.module.on_save_checkpoint()?, &pool)?;
+        let shared = Arc::new(SharedSnapshot::new(snapshot, saves.len()));
+        let progress = self.state.progress();
+        let finished = self.state.finished;
         let Some(a) = self.async_saves.as_mut() else {
             unreachable!("created above")
         };
-        let n = saves.len();
-        let mut components = Some(components);
-        for (i, (name, extra)) in saves.into_iter().enumerate() {
+        a.snapshot_taken();
+        for (name, extra) in saves {
             let mut metrics = self.state.metrics.latest().clone();
             metrics.extend(extra);
             metrics.retain(|_, v| v.is_finite());
-            // The last save of the boundary takes the snapshot itself (no copy).
-            let components = if i + 1 == n {
-                components.take().unwrap_or_default()
-            } else {
-                components.clone().unwrap_or_default()
+            let (shared, config, m) = (
+                Arc::clone(&shared),
+                Arc::clone(&self.config),
+                metrics.clone(),
+            );
+            let build = move || {
+                Ok(relume_ckpt::Checkpoint {
+                    components: shared.take()?,
+                    progress: progress_json(progress, finished),
+                    config: (*config).clone(),
+                    metrics: m,
+                })
             };
-            let ckpt = relume_ckpt::Checkpoint {
-                components,
-                progress: progress.clone(),
-                config: self.config.clone(),
-                metrics: metrics.clone(),
-            };
-            a.submit(&name, ckpt, self.state.progress(), metrics)?;
+            a.submit_deferred(&name, build, progress, metrics)?;
         }
         Ok(())
     }

@@ -64,18 +64,23 @@ impl LoopState {
 
     /// The manifest's `progress` block.
     pub fn progress_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "finished": self.finished,
-        })
+        progress_json(self.progress(), self.finished)
     }
 
     /// Latest metric values.
     pub fn latest_metrics(&self) -> &BTreeMap<String, f64> {
         self.metrics.latest()
     }
+}
+
+/// The manifest's `progress` block for position `p` (see [`LoopState::progress_json`]).
+pub(crate) fn progress_json(p: Progress, finished: bool) -> serde_json::Value {
+    serde_json::json!({
+        "global_step": p.global_step,
+        "epoch": p.epoch,
+        "batch_in_epoch": p.batch_in_epoch,
+        "finished": finished,
+    })
 }
 
 fn json_err(key: &str, e: serde_json::Error) -> Error {
@@ -88,6 +93,12 @@ fn json_err(key: &str, e: serde_json::Error) -> Error {
 
 impl Stateful for LoopState {
     type Error = Error;
+
+    /// A copy of the counters; the JSON is built when the snapshot resolves.
+    fn snapshot(&self, _pool: &relume_ckpt::BufferPool) -> Result<relume_ckpt::Snapshot<Error>> {
+        let copy = self.clone();
+        Ok(relume_ckpt::Snapshot::deferred(move || copy.state_dict()))
+    }
 
     fn state_dict(&self) -> Result<StateDict> {
         let mut sd = StateDict::new();
