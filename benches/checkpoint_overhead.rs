@@ -16,7 +16,15 @@
 //!     no-checkpoint run's same statistic is printed as a control (≈ 0). Sync
 //!     for contrast.
 //!
-//! `cargo bench --bench checkpoint_overhead` (`BENCH_STEPS`, default 600).
+//! `ROWS` sets the dataset size (default 3232, 101 batches: saves fall mid-epoch;
+//! 3200 puts every save on an epoch end). The per-position profile shows where
+//! the overhead lands.
+//!
+//! (a) times the steps' window (first batch start to the last step boundary), so
+//! the fixed cost of the end of `fit` (the final save and the flush that awaits
+//! it) is reported separately as whole-fit time.
+//!
+//! `cargo bench --bench checkpoint_overhead` (`BENCH_STEPS`, default 2000).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +92,10 @@ impl TrainModule for Mlp {
 struct BoundaryTimer {
     at: Option<(u64, Instant)>,
     out: Arc<Mutex<Vec<(u64, Duration)>>>,
+    /// The first batch start and the latest step boundary: the steps' window.
+    window: Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
+    /// Every batch start, for the per-position profile.
+    starts: Arc<Mutex<Vec<Instant>>>,
     baseline: Baseline,
 }
 
@@ -152,7 +164,11 @@ impl Callback for BoundaryTimer {
     fn on_train_batch_end(&mut self, ctx: &mut HookCtx<'_>, b: bool) -> Result<()> {
         if b {
             let step = ctx.progress.global_step;
-            self.at = Some((step, Instant::now()));
+            let now = Instant::now();
+            if let Ok(mut w) = self.window.lock() {
+                w.1 = Some(now);
+            }
+            self.at = Some((step, now));
             if step % 100 == 50 {
                 self.baseline.copy();
             }
@@ -160,6 +176,12 @@ impl Callback for BoundaryTimer {
         Ok(())
     }
     fn on_train_batch_start(&mut self, _ctx: &mut HookCtx<'_>) -> Result<()> {
+        if let Ok(mut w) = self.window.lock() {
+            w.0.get_or_insert_with(Instant::now);
+        }
+        if let Ok(mut v) = self.starts.lock() {
+            v.push(Instant::now());
+        }
         if let Some((step, t)) = self.at.take() {
             if let Ok(mut v) = self.out.lock() {
                 v.push((step, t.elapsed()));
@@ -172,7 +194,10 @@ impl Callback for BoundaryTimer {
 
 fn data() -> TensorDataset {
     let mut rng = Rng::new(1, "bench");
-    let n = 3232; // 101 batches of 32: saves every 100 steps fall mid-epoch
+    let n: usize = std::env::var("ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3232); // 101 batches of 32: saves every 100 steps fall mid-epoch
     let xs: Vec<f32> = (0..n * 64).map(|_| rng.normal_f64() as f32).collect();
     let ys: Vec<u32> = (0..n).map(|_| rng.below(10) as u32).collect();
     TensorDataset::new(xs, 64, ys).expect("dataset")
@@ -185,12 +210,28 @@ enum Mode {
     Async,
 }
 
-/// One fit of `steps` (`json`: `state.json` bytes for the baseline copy);
-/// returns (seconds, boundary times per step, bytes of the last checkpoint's
-/// `state.json`).
-fn fit(mode: Mode, steps: u64, json: usize) -> (f64, Vec<(u64, Duration)>, usize) {
+/// What one fit measured.
+struct Run {
+    /// First batch start to the last step boundary: every step, with the saves
+    /// they trigger (the one at the last step excepted), without set-up and the
+    /// end of `fit` (final save, flush).
+    steps_secs: f64,
+    /// The whole `fit` call.
+    fit_secs: f64,
+    /// Boundary times per step.
+    boundaries: Vec<(u64, Duration)>,
+    /// Bytes of the last checkpoint's `state.json`.
+    json: usize,
+    /// Mean step time by position after a save (see [`profile`]).
+    profile: Vec<f64>,
+}
+
+/// One fit of `steps` (`json`: `state.json` bytes for the baseline copy).
+fn fit(mode: Mode, steps: u64, json: usize) -> Run {
     let dir = tempfile::tempdir().expect("tempdir");
     let times = Arc::new(Mutex::new(Vec::new()));
+    let window = Arc::new(Mutex::new((None, None)));
+    let starts = Arc::new(Mutex::new(Vec::new()));
     let mut m = Mlp::new().expect("model");
     let mut b = Trainer::builder()
         .max_epochs(1000)
@@ -202,6 +243,8 @@ fn fit(mode: Mode, steps: u64, json: usize) -> (f64, Vec<(u64, Duration)>, usize
         .callback(Box::new(BoundaryTimer {
             at: None,
             out: Arc::clone(&times),
+            window: Arc::clone(&window),
+            starts: Arc::clone(&starts),
             baseline: Baseline::new(m.params.clone(), json),
         }));
     b = match mode {
@@ -214,9 +257,19 @@ fn fit(mode: Mode, steps: u64, json: usize) -> (f64, Vec<(u64, Duration)>, usize
     let mut train = DataLoader::new(data(), TensorCollate::default(), cfg).expect("loader");
     let start = Instant::now();
     t.fit(&mut m, &mut train, None).expect("fit");
-    let secs = start.elapsed().as_secs_f64();
-    let v = times.lock().map(|v| v.clone()).unwrap_or_default();
-    (secs, v, json_bytes(dir.path()))
+    let fit_secs = start.elapsed().as_secs_f64();
+    let boundaries = times.lock().map(|v| v.clone()).unwrap_or_default();
+    let steps_secs = match window.lock().map(|w| *w) {
+        Ok((Some(a), Some(b))) => b.duration_since(a).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    Run {
+        steps_secs,
+        fit_secs,
+        boundaries,
+        json: json_bytes(dir.path()),
+        profile: starts.lock().map(|v| profile(&v)).unwrap_or_default(),
+    }
 }
 
 /// Size of a `state.json` under `run/checkpoints/*/` (0 when none).
@@ -277,55 +330,95 @@ fn memcpy_time(bytes: usize) -> f64 {
     best
 }
 
+/// Mean step time (batch start to batch start) by position after a save, in
+/// buckets of 10 steps: where the overhead of a save lands.
+fn profile(starts: &[Instant]) -> Vec<f64> {
+    let mut sum = [0f64; 10];
+    let mut n = [0usize; 10];
+    for (i, w) in starts.windows(2).enumerate() {
+        let pos = ((i + 1) % 100) / 10;
+        sum[pos] += w[1].duration_since(w[0]).as_secs_f64();
+        n[pos] += 1;
+    }
+    sum.iter()
+        .zip(n)
+        .map(|(s, c)| s / c.max(1) as f64)
+        .collect()
+}
+
 fn main() {
     let steps: u64 = std::env::var("BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(2000);
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     // Warm-up; also learns the size of `state.json` for the baseline copy.
-    let json = fit(Mode::Async, 100, 0).2;
-    let (mut none, mut sync, mut asyn) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut none_stall, mut sync_stall, mut async_stall) = (Vec::new(), Vec::new(), Vec::new());
+    let json = fit(Mode::Async, 100, 0).json;
+    let modes = [Mode::None, Mode::Sync, Mode::Async];
+    let (mut step_t, mut fit_t, mut stalls) = (
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+    );
     let mut copy_stall = Vec::new();
+    let mut profiles: [Vec<f64>; 3] = [vec![0.0; 10], vec![0.0; 10], vec![0.0; 10]];
     for _ in 0..rounds {
-        let (s, t, _) = fit(Mode::None, steps, json);
-        none.push(s);
-        none_stall.push(stall(&t, 0));
-        let (s, t, _) = fit(Mode::Sync, steps, json);
-        sync.push(s);
-        sync_stall.push(stall(&t, 0));
-        let (s, t, _) = fit(Mode::Async, steps, json);
-        asyn.push(s);
-        async_stall.push(stall(&t, 0));
-        copy_stall.push(stall(&t, 50));
+        for (i, mode) in modes.iter().enumerate() {
+            let r = fit(*mode, steps, json);
+            step_t[i].push(r.steps_secs);
+            fit_t[i].push(r.fit_secs);
+            stalls[i].push(stall(&r.boundaries, 0));
+            for (acc, v) in profiles[i].iter_mut().zip(&r.profile) {
+                *acc += v / rounds as f64;
+            }
+            if *mode == Mode::Async {
+                copy_stall.push(stall(&r.boundaries, 50));
+            }
+        }
     }
-    let (n, s, a) = (median(none), median(sync), median(asyn));
+    let [n, s, a] = step_t.map(median);
+    let [fn_, fs, fa] = fit_t.map(median);
     println!(
         "checkpoint_overhead: {steps} steps, checkpoint every 100 steps, {rounds} rounds (medians)"
     );
+    println!("  step-time overhead (first batch to last step boundary; excludes set-up and the end of fit):");
     println!(
-        "  no checkpoints : {:8.1} ms  ({:.3} ms/step)",
+        "    no checkpoints : {:8.1} ms  ({:.3} ms/step)",
         n * 1e3,
         n * 1e3 / steps as f64
     );
     println!(
-        "  sync  every 100: {:8.1} ms  overhead {:+.2}%",
+        "    sync  every 100: {:8.1} ms  overhead {:+.2}%",
         s * 1e3,
         (s / n - 1.0) * 100.0
     );
     println!(
-        "  async every 100: {:8.1} ms  overhead {:+.2}%  (target <= 1%)",
+        "    async every 100: {:8.1} ms  overhead {:+.2}%  (target <= 1%)",
         a * 1e3,
         (a / n - 1.0) * 100.0
     );
+    println!(
+        "  whole fit (with set-up, the final save and its flush): none {:.1} ms, sync {:.1} ms ({:+.2}%), async {:.1} ms ({:+.2}%)",
+        fn_ * 1e3,
+        fs * 1e3,
+        (fs / fn_ - 1.0) * 100.0,
+        fa * 1e3,
+        (fa / fn_ - 1.0) * 100.0
+    );
+    for (label, p) in ["none ", "sync ", "async"].iter().zip(&profiles) {
+        let cells: Vec<String> = p.iter().map(|v| format!("{:.3}", v * 1e3)).collect();
+        println!(
+            "  {label} ms/step by steps since the last save (0-9, 10-19, ...): {}",
+            cells.join(" ")
+        );
+    }
     let tensors = state_bytes();
     let bytes = tensors + json;
     let hot = memcpy_time(bytes);
-    let (ns, ss, as_) = (median(none_stall), median(sync_stall), median(async_stall));
+    let [ns, ss, as_] = stalls.map(median);
     let mc = median(copy_stall);
     println!(
         "  state {:.3} MB = {tensors} tensor bytes + {json} state.json bytes",
