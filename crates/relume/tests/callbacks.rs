@@ -403,3 +403,53 @@ fn deleting_an_already_deleted_checkpoint_is_a_no_op() {
         .unwrap();
     assert_eq!(describe(&out), "completed@8");
 }
+
+/// `max_steps` reached mid-epoch (8 batches per epoch, stop at 11) stops exactly
+/// there: the last checkpoint is at step 11 and no later step ran. Raising
+/// `max_steps` and resuming continues from the mid-epoch cursor to the same final
+/// state as one uninterrupted run.
+#[test]
+fn max_steps_mid_epoch_stops_exactly_and_continues() {
+    let _g = serial();
+    let fit_to = |dir: &Path, max_steps: u64, resume: bool| {
+        let spec = Spec {
+            max_epochs: 100,
+            resume,
+            ..Spec::default()
+        };
+        let mut t = builder(
+            &spec,
+            dir,
+            std::sync::Arc::new(relume::Preemption::manual()),
+        )
+        .unwrap()
+        .max_steps(max_steps)
+        .build()
+        .unwrap();
+        let mut module = Tiny::new().unwrap();
+        let (mut train, val) = loaders();
+        t.fit(&mut module, &mut train, Some(&val)).unwrap()
+    };
+    let split = tempfile::tempdir().unwrap();
+    let out = fit_to(split.path(), 11, false);
+    assert_eq!(describe(&out), "completed@11");
+    assert_eq!(
+        checkpoint_names(split.path()),
+        ["step=000008-epoch=1", "step=000011-epoch=1"],
+        "the run stopped at max_steps, mid-epoch"
+    );
+    let out = fit_to(split.path(), 20, true);
+    assert_eq!(describe(&out), "completed@20");
+
+    let whole = tempfile::tempdir().unwrap();
+    assert_eq!(describe(&fit_to(whole.path(), 20, false)), "completed@20");
+    assert_eq!(
+        checkpoint_names(whole.path()),
+        [
+            "step=000008-epoch=1",
+            "step=000016-epoch=2",
+            "step=000020-epoch=2"
+        ]
+    );
+    assert_identical(split.path(), whole.path());
+}

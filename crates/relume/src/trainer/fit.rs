@@ -459,7 +459,7 @@ where
             ValCheck::Steps(n) => n,
             ValCheck::Fraction(f) => ((f * steps_per_epoch as f64).round() as u64).max(1),
         };
-        while !self.done() {
+        'epochs: while !self.done() {
             self.progress.start_epoch(self.state.epoch, steps_per_epoch);
             if self.state.batch_in_epoch == 0 {
                 hook!(self, |cb, ctx| cb.on_train_epoch_start(&mut ctx));
@@ -513,6 +513,14 @@ where
                     }
                     if let Some(out) = self.boundary(train, false)? {
                         return Ok(out);
+                    }
+                    if self.done() {
+                        // max_steps reached mid-epoch: that boundary saved the final
+                        // checkpoint; stop here, exactly at the step, with the
+                        // cursor mid-epoch so that raising max_steps continues from it.
+                        let shown = self.state.metrics.prog_bar();
+                        self.progress.finish_epoch(&shown);
+                        break 'epochs;
                     }
                 }
                 if last {
