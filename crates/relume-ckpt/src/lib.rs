@@ -5,7 +5,7 @@
 //!
 //! - [`StateDict`]: a tree of named tensor and JSON leaves.
 //! - [`Stateful`]: export and restore a component, with a [`RestoreReport`].
-//! - [`fingerprint`]: a deterministic hash over every leaf, written in the manifest
+//! - [`fingerprint`](fn@fingerprint): a deterministic hash over every leaf, written in the manifest
 //!   and recomputed after a restore.
 //! - [`CheckpointDir`]: a run directory's checkpoints: save with the commit protocol
 //!   ([`commit`]), list, resolve `latest`, delete safely, behind a writer lock.

@@ -79,7 +79,7 @@ pub struct Manifest {
     /// Scalar metrics at save time; non-finite values are stored as strings.
     #[serde(serialize_with = "ser_metrics", deserialize_with = "de_metrics")]
     pub metrics: BTreeMap<String, f64>,
-    /// [`crate::fingerprint`] of all components.
+    /// [`crate::fingerprint`](fn@crate::fingerprint) of all components.
     pub fingerprint: String,
     /// Always `true` in a committed checkpoint.
     pub complete: bool,
