@@ -8,7 +8,7 @@
 //! writer recycles, see [`relume_ckpt::BufferPool`]) and plain copies of the
 //! small state. The writer resolves it into the components map (JSON leaves,
 //! keys), then builds the manifest, fingerprint and checksums while it commits;
-//! the saves of one boundary share one snapshot ([`SharedSnapshot`]). This module
+//! the saves of one boundary share one snapshot (`SharedSnapshot`). This module
 //! keeps what the trainer must do once each save is reported:
 //!
 //! - at every step boundary the trainer **polls** first: each reported commit
