@@ -240,6 +240,18 @@ pub trait Callback: Send {
         Ok(())
     }
 
+    /// Called once at the step boundary where training completes (`max_epochs` or
+    /// `max_steps` reached, no stop requested, not interrupted), before that
+    /// boundary's checkpoints are taken: their state is the final state of the
+    /// run. Then come the final save, the flush of async saves and
+    /// [`Callback::on_fit_end`].
+    ///
+    /// # Errors
+    /// Aborts `fit`.
+    fn on_train_end(&mut self, _ctx: &mut HookCtx<'_>) -> Result<()> {
+        Ok(())
+    }
+
     /// Called when a training epoch starts from its first batch (not when a run
     /// resumes mid-epoch).
     ///

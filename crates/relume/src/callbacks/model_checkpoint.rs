@@ -29,9 +29,13 @@
 //! wanted (not in the top k, not `last`, not best) and is a plain name inside
 //! this run's `checkpoints/`. A preempted, killed, stopped or failed run
 //! deletes nothing deferred; the next run inherits the list through the state.
-//! So a run that was killed and resumed ends with the same checkpoint files as
-//! an uninterrupted one; its final state differs from that run's only by the
-//! `deferred_deletes` entry that records it.
+//! At the boundary where training completes ([`Callback::on_train_end`]) the
+//! list leaves the state, before the final checkpoint is taken: the deletion is
+//! then due right after that checkpoint commits. So a run that was killed and
+//! resumed ends with the same checkpoint files and the same final state, byte
+//! for byte, as an uninterrupted one. (A crash in the instant between the final
+//! commit and the deletion leaves the old checkpoint behind as an ordinary,
+//! listed checkpoint; no state is lost.)
 //!
 //! `save_last`: the newest checkpoint of this callback is always kept as
 //! `last`: the top-k checkpoint saved at that boundary, or else a checkpoint
@@ -85,6 +89,9 @@ pub struct ModelCheckpoint {
     // runtime
     started: Option<Instant>,
     validated: bool,
+    /// Deferred deletions taken out of the state at the boundary where training
+    /// completes (see [`Callback::on_train_end`]), carried out in `on_fit_end`.
+    due_at_fit_end: Vec<String>,
 }
 
 const STATE_KEYS: [&str; 4] = ["best_k", "last", "last_save_step", "pending_deletes"];
@@ -115,6 +122,7 @@ impl ModelCheckpoint {
             last: None,
             pending_deletes: Vec::new(),
             deferred_deletes: Vec::new(),
+            due_at_fit_end: Vec::new(),
             last_save_step: None,
             time_base: 0.0,
             last_save_time: 0.0,
@@ -451,6 +459,18 @@ impl Callback for ModelCheckpoint {
         Ok(())
     }
 
+    /// Training completes at this boundary: the deferred deletions leave the
+    /// state, so the final checkpoint equals an uninterrupted run's; they are
+    /// carried out in `on_fit_end`, once that checkpoint committed.
+    fn on_train_end(&mut self, _ctx: &mut HookCtx<'_>) -> Result<()> {
+        for n in std::mem::take(&mut self.deferred_deletes) {
+            if !self.due_at_fit_end.contains(&n) {
+                self.due_at_fit_end.push(n);
+            }
+        }
+        Ok(())
+    }
+
     /// The fit completed (the final save committed, async saves flushed): the
     /// deferred deletions of the former resume source are due, for each name
     /// still not wanted, plain, and a checkpoint of this run's directory.
@@ -458,7 +478,13 @@ impl Callback for ModelCheckpoint {
         let ckdir = ctx.run_dir.join(relume_ckpt::dir::CHECKPOINTS_DIR);
         let best = self.best_name().map(str::to_string);
         let tracked = self.tracked();
+        let mut due = std::mem::take(&mut self.due_at_fit_end);
         for n in &self.deferred_deletes {
+            if !due.contains(n) {
+                due.push(n.clone());
+            }
+        }
+        for n in &due {
             let wanted = tracked.contains(n) || best.as_ref() == Some(n);
             if !wanted && is_plain_name(n) && ckdir.join(n).join("manifest.json").is_file() {
                 tracing::info!("ModelCheckpoint: deleting {n}, the former resume source, now that the run completed");
@@ -651,7 +677,18 @@ mod tests {
             .unwrap();
         assert_eq!(names(&reqs), (vec![], vec![]));
         assert!(src.join("manifest.json").is_file());
-        // ... but its completed fit does, and keeps s20, the best
+        // ... but its completed fit does, and keeps s20, the best. At the
+        // boundary where training completes the list leaves the state (the final
+        // checkpoint equals an uninterrupted run's), and the deletion is still due.
+        let mut reqs = Vec::new();
+        let mut ctx = HookCtx::new(Progress::default(), &metrics, run.path(), None, &mut reqs);
+        next.on_train_end(&mut ctx).unwrap();
+        assert!(next.deferred_deletes().is_empty());
+        assert!(next
+            .state_dict()
+            .unwrap()
+            .get_json("deferred_deletes")
+            .is_none());
         assert_eq!(fit_end(&mut next, run.path()), vec!["s10".to_string()]);
         assert_eq!(next.best_name(), Some("s20"));
     }

@@ -686,6 +686,15 @@ where
     ) -> Result<Option<FitOutcome>> {
         // Preemption hook point: a flag set by a signal handler is read here only.
         let interrupted = self.interrupt.iter().any(Interrupt::is_set);
+        let stopping = self
+            .requests
+            .iter()
+            .any(|r| matches!(r, Request::Stop { .. }));
+        if self.done() && !stopping && !interrupted {
+            // Training completes at this boundary: the last word before the final
+            // state is captured.
+            hook!(self, |cb, ctx| cb.on_train_end(&mut ctx));
+        }
         let requests = std::mem::take(&mut self.requests);
         // Async saves reported since the last boundary: hooks, then their retention;
         // a failed one is an error here, naming it.
