@@ -6,6 +6,26 @@
 //! bookkeeping outweighs the arithmetic, that makes a training step several times
 //! faster (see `benches/trainer.rs`). [`dropout`] draws its mask from a relume
 //! [`Rng`] stream, so it is saved and restored with the checkpoint.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use relume::nn::{cross_entropy, dropout, Linear};
+//! use relume::params::ParamStore;
+//! use relume::rng::Rng;
+//!
+//! let store = ParamStore::new(Device::Cpu);
+//! let mut init = Rng::new(0, "init");
+//! let hidden = Linear::new(&store, "hidden", 4, 8, &mut init)?;
+//! let out = Linear::new(&store, "out", 8, 3, &mut init)?;
+//!
+//! let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+//! let target = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+//! let h = dropout(&hidden.forward_relu(&x)?, 0.1, &mut Rng::new(0, "dropout"), true)?;
+//! let loss = cross_entropy(&out.forward(&h)?, &target)?;
+//! let grads = loss.backward()?;
+//! assert_eq!(grads.get(out.weight()).map(|g| g.dims().to_vec()), Some(vec![3, 8]));
+//! # Ok::<(), relume::Error>(())
+//! ```
 
 use candle_core::Tensor;
 
