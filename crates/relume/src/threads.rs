@@ -10,8 +10,9 @@
 //! Without `RAYON_NUM_THREADS`, that default is computed by parsing `/proc/cpuinfo`
 //! on Linux, **on every matmul call**: on the digits MLP this alone made candle's
 //! training step about 1.5× slower. Calling [`set_cpu_threads`] once at start-up
-//! removes it. relume's fused layers ([`crate::nn`]) do not ask for a thread count
-//! below 4M multiply-adds per product, and run such products on the calling thread.
+//! removes it. relume's fused layers ([`crate::nn`]) run products below 4M
+//! multiply-adds on the calling thread, and ask candle for its thread count once,
+//! at the first larger product.
 //!
 //! **Default:** relume keeps candle's default (physical cores). It is the right
 //! choice for one training process per machine. When several processes share a

@@ -13,6 +13,14 @@ use candle_core::{bail, CpuStorage, Layout, Result};
 /// `RAYON_NUM_THREADS` is unset.
 const PARALLEL_MIN_MACS: usize = 1 << 22;
 
+/// candle's thread count, asked once: without `RAYON_NUM_THREADS` candle parses
+/// `/proc/cpuinfo` on every call. Read at the first large product, like candle's own
+/// pools read it at first use (so [`crate::set_cpu_threads`] belongs at start-up).
+fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// A read-only strided f32 matrix: element `(r, c)` is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat<'a> {
@@ -89,7 +97,7 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: b
         return Ok(());
     }
     let parallelism = if m * n * k >= PARALLEL_MIN_MACS {
-        match candle_core::utils::get_num_threads() {
+        match threads() {
             t if t > 1 => gemm::Parallelism::Rayon(t),
             _ => gemm::Parallelism::None,
         }
