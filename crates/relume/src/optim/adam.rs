@@ -171,9 +171,18 @@ struct AdamCore {
     state: BTreeMap<String, ParamState>,
 }
 
-/// Per-step scalar coefficients, rounded to f32 exactly where PyTorch rounds.
+/// Per-step scalar coefficients, rounded to f32 exactly where PyTorch rounds, and
+/// the variant flags of the update.
 #[derive(Clone, Copy)]
 struct Coeffs {
+    /// AMSGrad: the running maximum of `v` is used instead of `v`.
+    ams: bool,
+    /// Ascend instead of descend.
+    maximize: bool,
+    /// Adam's L2 weight decay folded into the gradient (`wd != 0`).
+    l2: bool,
+    /// AdamW's decoupled decay of the parameter (`wd != 0`).
+    decoupled: bool,
     wd: f32,
     decay: f32,
     w1: f32,
@@ -219,6 +228,10 @@ impl AdamCore {
         let bc2 = 1.0 - b2.powf(t);
         let w1 = (1.0 - b1) as f32;
         Coeffs {
+            ams: self.cfg.amsgrad,
+            maximize: self.cfg.maximize,
+            l2: !self.decoupled && wd != 0.0,
+            decoupled: self.decoupled && wd != 0.0,
             wd: if self.decoupled { 0.0 } else { wd as f32 },
             decay: if self.decoupled {
                 (1.0 - lr * wd) as f32
@@ -259,12 +272,10 @@ impl AdamCore {
                 let c = self.coeffs(lr, wd, step);
                 let st = self.state.entry(name.clone()).or_default();
                 st.step = step;
-                let (ams, maximize) = (self.cfg.amsgrad, self.cfg.maximize);
-                let (l2, decoupled) = (!self.decoupled && wd != 0.0, self.decoupled && wd != 0.0);
                 if self.cfg.fused && fusable(var, grad) {
-                    fused_step(var, grad, st, &names, c, ams, maximize, l2, decoupled)?;
+                    fused_step(var, grad, st, &names, c)?;
                 } else {
-                    tensor_step(var, grad, st, c, ams, maximize, l2, decoupled)?;
+                    tensor_step(var, grad, st, c)?;
                 }
             }
         }
@@ -352,34 +363,27 @@ fn take_host(st: &mut ParamState, name: &'static str, n: usize) -> Result<Vec<f3
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn fused_step(
     var: &Var,
     grad: &Tensor,
     st: &mut ParamState,
     names: &[&'static str],
     c: Coeffs,
-    ams: bool,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
 ) -> Result<()> {
     let n = var.elem_count();
     let mut m = take_host(st, "exp_avg", n)?;
     let mut v = take_host(st, "exp_avg_sq", n)?;
-    let mut mx = if ams {
+    let mut mx = if c.ams {
         take_host(st, "max_exp_avg_sq", n)?
     } else {
         Vec::new()
     };
     let res = fused_update(var.as_tensor(), grad, |p, g| {
-        adam_kernel(
-            p, g, &mut m, &mut v, &mut mx, c, ams, maximize, l2, decoupled,
-        )
+        adam_kernel(p, g, &mut m, &mut v, &mut mx, c)
     });
     st.bufs.insert(names[0], Buf::Host(m));
     st.bufs.insert(names[1], Buf::Host(v));
-    if ams {
+    if c.ams {
         st.bufs.insert("max_exp_avg_sq", Buf::Host(mx));
     }
     res
@@ -390,26 +394,14 @@ fn fused_step(
 /// Multiply-adds are fused (`mul_add`) exactly where PyTorch's CPU kernels fuse
 /// them (`add(alpha)`, `lerp`, `addcmul`), so results match torch's bit for bit in
 /// the golden tests. With the CPU's FMA unit the loop is compiled for it.
-#[allow(clippy::too_many_arguments)]
-fn adam_kernel(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    mx: &mut [f32],
-    c: Coeffs,
-    ams: bool,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
-) {
+fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], mx: &mut [f32], c: Coeffs) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { adam_kernel_avx2(p, g, m, v, mx, c, ams, maximize, l2, decoupled) };
+        unsafe { adam_kernel_avx2(p, g, m, v, mx, c) };
         return;
     }
-    adam_kernel_body(p, g, m, v, mx, c, ams, maximize, l2, decoupled)
+    adam_kernel_body(p, g, m, v, mx, c)
 }
 
 /// The kernel compiled for 8-wide AVX2 vectors with FMA. Element-wise IEEE
@@ -417,7 +409,6 @@ fn adam_kernel(
 /// to the portable build (where `mul_add` is a correctly rounded, slower libm call).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn adam_kernel_avx2(
     p: &mut [f32],
     g: &[f32],
@@ -425,35 +416,20 @@ unsafe fn adam_kernel_avx2(
     v: &mut [f32],
     mx: &mut [f32],
     c: Coeffs,
-    ams: bool,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
 ) {
-    adam_kernel_body(p, g, m, v, mx, c, ams, maximize, l2, decoupled)
+    adam_kernel_body(p, g, m, v, mx, c)
 }
 
 /// One element of the update; `mx` is the AMSGrad running maximum when enabled.
 /// Branches on loop-invariant flags only, which the vectoriser turns into selects.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn adam_element(
-    p: &mut f32,
-    g: f32,
-    m: &mut f32,
-    v: &mut f32,
-    mx: Option<&mut f32>,
-    c: &Coeffs,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
-) {
-    let mut gi = if maximize { -g } else { g };
+fn adam_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, mx: Option<&mut f32>, c: &Coeffs) {
+    let mut gi = if c.maximize { -g } else { g };
     let mut pi = *p;
-    if l2 {
+    if c.l2 {
         gi = c.wd.mul_add(pi, gi);
     }
-    if decoupled {
+    if c.decoupled {
         pi *= c.decay;
     }
     let mi = if c.small {
@@ -477,7 +453,6 @@ fn adam_element(
 }
 
 /// The loop, over zipped slices so that no index is bounds-checked.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn adam_kernel_body(
     p: &mut [f32],
@@ -486,20 +461,16 @@ fn adam_kernel_body(
     v: &mut [f32],
     mx: &mut [f32],
     c: Coeffs,
-    ams: bool,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
 ) {
     debug_assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len());
     let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-    if ams {
+    if c.ams {
         for ((((p, &g), m), v), mx) in it.zip(mx.iter_mut()) {
-            adam_element(p, g, m, v, Some(mx), &c, maximize, l2, decoupled);
+            adam_element(p, g, m, v, Some(mx), &c);
         }
     } else {
         for (((p, &g), m), v) in it {
-            adam_element(p, g, m, v, None, &c, maximize, l2, decoupled);
+            adam_element(p, g, m, v, None, &c);
         }
     }
 }
@@ -522,26 +493,16 @@ fn scalar_like(x: f32, like: &Tensor) -> Result<Tensor> {
 }
 
 /// The same maths as [`adam_kernel`] with candle tensor ops (any device/dtype).
-#[allow(clippy::too_many_arguments)]
-fn tensor_step(
-    var: &Var,
-    grad: &Tensor,
-    st: &mut ParamState,
-    c: Coeffs,
-    ams: bool,
-    maximize: bool,
-    l2: bool,
-    decoupled: bool,
-) -> Result<()> {
+fn tensor_step(var: &Var, grad: &Tensor, st: &mut ParamState, c: Coeffs) -> Result<()> {
     let p0 = var.as_tensor().detach();
     let mut g = grad.to_dtype(p0.dtype())?;
-    if maximize {
+    if c.maximize {
         g = g.neg()?;
     }
-    if l2 {
+    if c.l2 {
         g = (&g + p0.broadcast_mul(&scalar_like(c.wd, &p0)?)?)?;
     }
-    let p = if decoupled {
+    let p = if c.decoupled {
         p0.broadcast_mul(&scalar_like(c.decay, &p0)?)?
     } else {
         p0.clone()
@@ -557,7 +518,7 @@ fn tensor_step(
     let v = (v.broadcast_mul(&scalar_like(c.b2, &p0)?)?
         + g.broadcast_mul(&scalar_like(c.one_minus_b2, &p0)?)?
             .mul(&g)?)?;
-    let s = if ams {
+    let s = if c.ams {
         let mx = dev_buf(st, "max_exp_avg_sq", &p0)?.maximum(&v)?;
         st.bufs.insert("max_exp_avg_sq", Buf::Dev(mx.clone()));
         mx
