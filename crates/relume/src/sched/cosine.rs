@@ -5,7 +5,7 @@ use std::f64::consts::PI;
 use relume_ckpt::{RestoreReport, StateDict, Stateful};
 use serde_json::{json, Value};
 
-use super::decay::core_only_stateful;
+use super::decay::{core_accessors, core_only_stateful};
 use super::state::{check_setting, Core};
 use super::LrScheduler;
 use crate::error::{Error, Result};
@@ -42,13 +42,7 @@ impl CosineAnnealingLR {
 }
 
 impl LrScheduler for CosineAnnealingLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;
@@ -149,13 +143,7 @@ impl CosineAnnealingWarmRestarts {
 }
 
 impl LrScheduler for CosineAnnealingWarmRestarts {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;

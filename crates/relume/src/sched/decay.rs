@@ -36,6 +36,20 @@ macro_rules! core_only_stateful {
 }
 pub(crate) use core_only_stateful;
 
+/// `kind` and `lrs` of an [`LrScheduler`](super::LrScheduler) read from its `core`.
+macro_rules! core_accessors {
+    () => {
+        fn kind(&self) -> &'static str {
+            self.core.kind
+        }
+
+        fn lrs(&self) -> Vec<f64> {
+            self.core.lrs.clone()
+        }
+    };
+}
+pub(crate) use core_accessors;
+
 /// Multiplies the rate by `gamma` every `step_size` steps (torch `StepLR`).
 #[derive(Clone, Debug)]
 pub struct StepLR {
@@ -63,13 +77,7 @@ impl StepLR {
 }
 
 impl LrScheduler for StepLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;
@@ -135,13 +143,7 @@ impl MultiStepLR {
 }
 
 impl LrScheduler for MultiStepLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;
@@ -203,13 +205,7 @@ impl ExponentialLR {
 }
 
 impl LrScheduler for ExponentialLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;

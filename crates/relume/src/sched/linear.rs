@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::decay::core_only_stateful;
+use super::decay::{core_accessors, core_only_stateful};
 use super::state::{check_setting, Core};
 use super::LrScheduler;
 use crate::error::Result;
@@ -68,13 +68,7 @@ impl LinearLR {
 }
 
 impl LrScheduler for LinearLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;
@@ -150,13 +144,7 @@ impl PolynomialLR {
 }
 
 impl LrScheduler for PolynomialLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;

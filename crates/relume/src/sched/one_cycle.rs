@@ -5,7 +5,7 @@ use std::f64::consts::PI;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::decay::core_only_stateful;
+use super::decay::{core_accessors, core_only_stateful};
 use super::state::{check_setting, Core};
 use super::LrScheduler;
 use crate::error::{Error, Result};
@@ -201,13 +201,7 @@ impl OneCycleLR {
 }
 
 impl LrScheduler for OneCycleLR {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, _metric: Option<f64>) -> Result<Vec<f64>> {
         let epoch = self.core.last_epoch + 1;

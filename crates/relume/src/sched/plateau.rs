@@ -4,6 +4,7 @@ use relume_ckpt::{RestoreReport, StateDict, Stateful};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::decay::core_accessors;
 use super::state::{check_setting, float_from_json, float_to_json, Core};
 use super::LrScheduler;
 use crate::error::{Error, Result};
@@ -147,13 +148,7 @@ impl ReduceLROnPlateau {
 }
 
 impl LrScheduler for ReduceLROnPlateau {
-    fn kind(&self) -> &'static str {
-        self.core.kind
-    }
-
-    fn lrs(&self) -> Vec<f64> {
-        self.core.lrs.clone()
-    }
+    core_accessors!();
 
     fn step(&mut self, metric: Option<f64>) -> Result<Vec<f64>> {
         let Some(current) = metric else {
