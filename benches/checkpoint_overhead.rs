@@ -1,5 +1,7 @@
-//! Checkpointing cost seen by the training loop, on an MLP (64-256-128-10,
-//! AdamW, batch 32, synthetic data, 100 steps per epoch).
+//! Checkpointing cost seen by the training loop, on an MLP (by default
+//! 64-256-128-10, AdamW, batch 32, synthetic data, 101 batches per epoch).
+//! `BENCH_DIMS` sets the layer widths (`BENCH_DIMS=1024,2048,2048,10` is a 6.3M
+//! parameter model, 75 MB of state) and `BENCH_BATCH` the batch size.
 //!
 //! (a) **step-time overhead** of a durable checkpoint every 100 steps, sync and
 //!     async, against the same run without checkpoints (target ≤ 1%). Runs are
@@ -16,9 +18,10 @@
 //!     no-checkpoint run's same statistic is printed as a control (≈ 0). Sync
 //!     for contrast.
 //!
-//! `ROWS` sets the dataset size (default 3232, 101 batches: saves fall mid-epoch;
-//! 3200 puts every save on an epoch end). The per-position profile shows where
-//! the overhead lands.
+//! `ROWS` sets the dataset size (default 101 batches: saves fall mid-epoch; 100
+//! batches put every save on an epoch end). The per-position profile shows where
+//! the overhead lands, and on Linux the training thread's involuntary context
+//! switches per fit show how often another thread preempted it.
 //!
 //! (a) times the steps' window (first batch start to the last step boundary), so
 //! the fixed cost of the end of `fit` (the final save and the flush that awaits
@@ -41,21 +44,57 @@ use relume::Result;
 
 struct Mlp {
     params: ParamStore,
-    l1: Linear,
-    l2: Linear,
-    l3: Linear,
+    layers: Vec<Linear>,
+}
+
+/// Layer widths, input first (`BENCH_DIMS`, default 64,256,128,10).
+fn dims() -> Vec<usize> {
+    let d: Vec<usize> = std::env::var("BENCH_DIMS")
+        .unwrap_or_else(|_| "64,256,128,10".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("BENCH_DIMS: comma-separated widths")
+        })
+        .collect();
+    assert!(
+        d.len() >= 2,
+        "BENCH_DIMS needs at least an input and an output width"
+    );
+    d
+}
+
+/// The async writer's priority (`BENCH_WRITER=normal`; default background).
+fn writer_priority() -> relume_ckpt::WriterPriority {
+    match std::env::var("BENCH_WRITER").as_deref() {
+        Ok("normal") => relume_ckpt::WriterPriority::Normal,
+        _ => relume_ckpt::WriterPriority::Background,
+    }
+}
+
+fn batch() -> usize {
+    env_or("BENCH_BATCH", 32)
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 impl Mlp {
     fn new() -> Result<Self> {
         let params = ParamStore::new(Device::Cpu);
         let mut rng = Rng::new(0, "init");
-        Ok(Mlp {
-            l1: Linear::new(&params, "l1", 64, 256, &mut rng)?,
-            l2: Linear::new(&params, "l2", 256, 128, &mut rng)?,
-            l3: Linear::new(&params, "l3", 128, 10, &mut rng)?,
-            params,
-        })
+        let d = dims();
+        let layers = d
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| Linear::new(&params, &format!("l{}", i + 1), w[0], w[1], &mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Mlp { params, layers })
     }
 }
 
@@ -65,9 +104,12 @@ impl TrainModule for Mlp {
         &self.params
     }
     fn training_step(&mut self, (x, y): Self::Batch, _ctx: &mut StepCtx<'_>) -> Result<Tensor> {
-        let h = self.l1.forward(&x)?.relu()?;
-        let h = self.l2.forward(&h)?.relu()?;
-        let logits = self.l3.forward(&h)?;
+        let (last, hidden) = self.layers.split_last().expect("at least one layer");
+        let mut h = x;
+        for l in hidden {
+            h = l.forward(&h)?.relu()?;
+        }
+        let logits = last.forward(&h)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
     }
     fn configure_optimizers(&self) -> Result<Vec<OptimizerConfig>> {
@@ -194,13 +236,35 @@ impl Callback for BoundaryTimer {
 
 fn data() -> TensorDataset {
     let mut rng = Rng::new(1, "bench");
-    let n: usize = std::env::var("ROWS")
+    // 101 batches: saves every 100 steps fall mid-epoch.
+    let n: usize = env_or("ROWS", 101 * batch());
+    let d = dims();
+    let (inputs, classes) = (d[0], d[d.len() - 1] as u64);
+    let xs: Vec<f32> = (0..n * inputs).map(|_| rng.normal_f64() as f32).collect();
+    let ys: Vec<u32> = (0..n).map(|_| rng.below(classes) as u32).collect();
+    TensorDataset::new(xs, inputs, ys).expect("dataset")
+}
+
+/// Involuntary context switches of the calling thread so far (Linux; 0 elsewhere).
+fn preemptions() -> u64 {
+    ctxt_switches("nonvoluntary_ctxt_switches:")
+}
+
+/// Voluntary context switches of the calling thread so far: how often it slept
+/// (waiting on a lock, a channel, I/O).
+fn sleeps() -> u64 {
+    ctxt_switches("voluntary_ctxt_switches:")
+}
+
+fn ctxt_switches(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/thread-self/status")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3232); // 101 batches of 32: saves every 100 steps fall mid-epoch
-    let xs: Vec<f32> = (0..n * 64).map(|_| rng.normal_f64() as f32).collect();
-    let ys: Vec<u32> = (0..n).map(|_| rng.below(10) as u32).collect();
-    TensorDataset::new(xs, 64, ys).expect("dataset")
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -224,6 +288,10 @@ struct Run {
     json: usize,
     /// Mean step time by position after a save (see [`profile`]).
     profile: Vec<f64>,
+    /// The training thread's involuntary context switches during `fit`.
+    preempted: u64,
+    /// The training thread's voluntary context switches during `fit`.
+    slept: u64,
 }
 
 /// One fit of `steps` (`json`: `state.json` bytes for the baseline copy).
@@ -250,14 +318,21 @@ fn fit(mode: Mode, steps: u64, json: usize) -> Run {
     b = match mode {
         Mode::None => b.enable_checkpointing(false),
         Mode::Sync => b.checkpoint_every_n_steps(100),
-        Mode::Async => b.checkpoint_every_n_steps(100).async_checkpointing(true),
+        Mode::Async => b
+            .checkpoint_every_n_steps(100)
+            .async_checkpointing(true)
+            .async_writer_priority(writer_priority()),
     };
     let mut t = b.build().expect("trainer");
-    let cfg = LoaderConfig::new(32).shuffle(true).seed(3);
+    let cfg = LoaderConfig::new(batch()).shuffle(true).seed(3);
     let mut train = DataLoader::new(data(), TensorCollate::default(), cfg).expect("loader");
+    let preempted = preemptions();
+    let slept = sleeps();
     let start = Instant::now();
     t.fit(&mut m, &mut train, None).expect("fit");
     let fit_secs = start.elapsed().as_secs_f64();
+    let preempted = preemptions() - preempted;
+    let slept = sleeps() - slept;
     let boundaries = times.lock().map(|v| v.clone()).unwrap_or_default();
     let steps_secs = match window.lock().map(|w| *w) {
         Ok((Some(a), Some(b))) => b.duration_since(a).as_secs_f64(),
@@ -269,6 +344,8 @@ fn fit(mode: Mode, steps: u64, json: usize) -> Run {
         boundaries,
         json: json_bytes(dir.path()),
         profile: starts.lock().map(|v| profile(&v)).unwrap_or_default(),
+        preempted,
+        slept,
     }
 }
 
@@ -330,13 +407,13 @@ fn memcpy_time(bytes: usize) -> f64 {
     best
 }
 
-/// Mean step time (batch start to batch start) by position after a save, in
-/// buckets of 10 steps: where the overhead of a save lands.
+/// Mean step time (batch start to batch start) by position after a save (0: the
+/// step whose boundary saves, 1: the next, ... 99).
 fn profile(starts: &[Instant]) -> Vec<f64> {
-    let mut sum = [0f64; 10];
-    let mut n = [0usize; 10];
+    let mut sum = [0f64; 100];
+    let mut n = [0usize; 100];
     for (i, w) in starts.windows(2).enumerate() {
-        let pos = ((i + 1) % 100) / 10;
+        let pos = (i + 1) % 100;
         sum[pos] += w[1].duration_since(w[0]).as_secs_f64();
         n[pos] += 1;
     }
@@ -346,31 +423,50 @@ fn profile(starts: &[Instant]) -> Vec<f64> {
         .collect()
 }
 
+/// Time a save adds to the 50 steps from its own (position 0) on, against the
+/// same run's steps 51–99 (position 50, where the bench copies its memcpy
+/// baseline, is left out): a within-run estimate, immune to the drift between
+/// runs that limits the step-time comparison to about ±1%.
+fn excess_per_save(p: &[f64]) -> f64 {
+    let reference = median(p[51..].to_vec());
+    p[..50].iter().map(|t| t - reference).sum()
+}
+
 fn main() {
-    let steps: u64 = std::env::var("BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let steps: u64 = env_or("BENCH_STEPS", 2000);
+    let rounds: usize = env_or("BENCH_ROUNDS", 5);
     // Warm-up; also learns the size of `state.json` for the baseline copy.
     let json = fit(Mode::Async, 100, 0).json;
     let modes = [Mode::None, Mode::Sync, Mode::Async];
+    // `BENCH_ONLY=async` (or none, sync) runs one mode, for profiling.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let label = |m: Mode| match m {
+        Mode::None => "none",
+        Mode::Sync => "sync",
+        Mode::Async => "async",
+    };
     let (mut step_t, mut fit_t, mut stalls) = (
         [vec![], vec![], vec![]],
         [vec![], vec![], vec![]],
         [vec![], vec![], vec![]],
     );
     let mut copy_stall = Vec::new();
-    let mut profiles: [Vec<f64>; 3] = [vec![0.0; 10], vec![0.0; 10], vec![0.0; 10]];
+    let mut preempted = [vec![], vec![], vec![]];
+    let mut excess = [vec![], vec![], vec![]];
+    let mut slept = [vec![], vec![], vec![]];
+    let mut profiles: [Vec<f64>; 3] = [vec![0.0; 100], vec![0.0; 100], vec![0.0; 100]];
     for _ in 0..rounds {
         for (i, mode) in modes.iter().enumerate() {
+            if only.as_deref().is_some_and(|o| o != label(*mode)) {
+                continue;
+            }
             let r = fit(*mode, steps, json);
             step_t[i].push(r.steps_secs);
             fit_t[i].push(r.fit_secs);
             stalls[i].push(stall(&r.boundaries, 0));
+            preempted[i].push(r.preempted as f64);
+            excess[i].push(excess_per_save(&r.profile));
+            slept[i].push(r.slept as f64);
             for (acc, v) in profiles[i].iter_mut().zip(&r.profile) {
                 *acc += v / rounds as f64;
             }
@@ -379,10 +475,28 @@ fn main() {
             }
         }
     }
+    if only.is_some() {
+        for (i, m) in modes.iter().enumerate() {
+            if !step_t[i].is_empty() {
+                println!(
+                    "{}: steps {:.1} ms, a save adds {:+.3} ms, stall {:.3} ms, preempted {:.0}, slept {:.0}",
+                    label(*m),
+                    median(step_t[i].clone()) * 1e3,
+                    median(excess[i].clone()) * 1e3,
+                    median(stalls[i].clone()) * 1e3,
+                    median(preempted[i].clone()),
+                    median(slept[i].clone())
+                );
+            }
+        }
+        return;
+    }
     let [n, s, a] = step_t.map(median);
     let [fn_, fs, fa] = fit_t.map(median);
     println!(
-        "checkpoint_overhead: {steps} steps, checkpoint every 100 steps, {rounds} rounds (medians)"
+        "checkpoint_overhead: MLP {:?}, batch {}, {steps} steps, checkpoint every 100 steps, {rounds} rounds (medians)",
+        dims(),
+        batch()
     );
     println!("  step-time overhead (first batch to last step boundary; excludes set-up and the end of fit):");
     println!(
@@ -409,12 +523,29 @@ fn main() {
         (fa / fn_ - 1.0) * 100.0
     );
     for (label, p) in ["none ", "sync ", "async"].iter().zip(&profiles) {
-        let cells: Vec<String> = p.iter().map(|v| format!("{:.3}", v * 1e3)).collect();
+        let cells: Vec<String> = p
+            .chunks(10)
+            .map(|c| format!("{:.3}", c.iter().sum::<f64>() / c.len() as f64 * 1e3))
+            .collect();
         println!(
             "  {label} ms/step by steps since the last save (0-9, 10-19, ...): {}",
             cells.join(" ")
         );
     }
+    let [en, es, ea] = excess.map(median);
+    println!(
+        "  time a save adds to its run's next 50 steps (within-run estimate, median of rounds): none {:+.3} ms, sync {:+.3} ms ({:+.2}% of 100 steps), async {:+.3} ms ({:+.2}% of 100 steps)",
+        en * 1e3,
+        es * 1e3,
+        es / (n / steps as f64 * 100.0) * 100.0,
+        ea * 1e3,
+        ea / (n / steps as f64 * 100.0) * 100.0,
+    );
+    let [pn, ps, pa] = preempted.map(median);
+    let [sn, ss_, sa] = slept.map(median);
+    println!(
+        "  training thread context switches per fit: preempted none {pn:.0}, sync {ps:.0}, async {pa:.0}; slept none {sn:.0}, sync {ss_:.0}, async {sa:.0}"
+    );
     let tensors = state_bytes();
     let bytes = tensors + json;
     let hot = memcpy_time(bytes);

@@ -69,7 +69,8 @@ pub mod storage;
 pub mod tensor_file;
 
 pub use async_writer::{
-    snapshot_copy, AsyncCheckpointer, Committed, SaveTicket, DEFAULT_MAX_IN_FLIGHT,
+    snapshot_copy, AsyncCheckpointer, AsyncOptions, Committed, SaveTicket, WriterPriority,
+    DEFAULT_MAX_IN_FLIGHT, WRITER_THREAD_NAME,
 };
 pub use commit::{write_checkpoint, write_latest, Checkpoint};
 pub use dir::{CheckpointDir, CheckpointInfo, LOCK_WAIT};

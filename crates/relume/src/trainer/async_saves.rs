@@ -35,7 +35,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
-use relume_ckpt::{AsyncCheckpointer, BufferPool, Checkpoint, CheckpointDir, Committed, StateDict};
+use relume_ckpt::{
+    AsyncCheckpointer, AsyncOptions, BufferPool, Checkpoint, CheckpointDir, Committed, StateDict,
+    WriterPriority,
+};
 
 use crate::callbacks::Progress;
 use crate::error::Result;
@@ -68,14 +71,23 @@ pub(crate) struct AsyncSaves {
 }
 
 impl AsyncSaves {
-    /// A writer committing into `dir`, with at most `max_in_flight` saves queued.
+    /// A writer committing into `dir`, with at most `max_in_flight` saves queued,
+    /// scheduled as `priority` says.
     ///
     /// # Errors
     /// relume-ckpt errors (a read-only directory, a thread that cannot start).
-    pub(crate) fn new(dir: Arc<CheckpointDir>, max_in_flight: usize) -> Result<Self> {
+    pub(crate) fn new(
+        dir: Arc<CheckpointDir>,
+        max_in_flight: usize,
+        priority: WriterPriority,
+    ) -> Result<Self> {
         let n = NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN);
+        let options = AsyncOptions {
+            max_in_flight: n,
+            priority,
+        };
         Ok(AsyncSaves {
-            writer: AsyncCheckpointer::with_max_in_flight(dir, n)?,
+            writer: AsyncCheckpointer::with_options(dir, options)?,
             pending: VecDeque::new(),
             pool: BufferPool::new(),
             max_in_flight: n.get(),

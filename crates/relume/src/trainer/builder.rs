@@ -79,6 +79,8 @@ pub struct TrainerConfig {
     pub async_checkpointing: bool,
     /// Async saves queued or in flight at once (>= 1).
     pub max_in_flight: usize,
+    /// How the async writer thread is scheduled against training.
+    pub async_writer_priority: relume_ckpt::WriterPriority,
     /// Storage the checkpoints are written through (None: the local filesystem).
     pub checkpoint_storage: Option<Arc<dyn relume_ckpt::Storage>>,
 }
@@ -107,6 +109,7 @@ impl Default for TrainerConfig {
             enable_progress_bar: true,
             async_checkpointing: false,
             max_in_flight: relume_ckpt::DEFAULT_MAX_IN_FLIGHT,
+            async_writer_priority: relume_ckpt::WriterPriority::Background,
             checkpoint_storage: None,
         }
     }
@@ -332,6 +335,14 @@ impl TrainerBuilder {
     /// Default 1 ([`relume_ckpt::DEFAULT_MAX_IN_FLIGHT`]).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.cfg.max_in_flight = n;
+        self
+    }
+    /// How the async writer thread is scheduled: in the background (never
+    /// preempting training; Linux `SCHED_IDLE`) or at normal priority, for runs
+    /// that keep every core busy (see [`relume_ckpt::WriterPriority`]). Default
+    /// [`relume_ckpt::WriterPriority::Background`].
+    pub fn async_writer_priority(mut self, priority: relume_ckpt::WriterPriority) -> Self {
+        self.cfg.async_writer_priority = priority;
         self
     }
     /// Writes checkpoints through `storage` (e.g. a [`relume_ckpt::FaultyStorage`]

@@ -860,7 +860,11 @@ where
     ) -> Result<()> {
         if self.async_saves.is_none() {
             let dir = std::sync::Arc::clone(self.connector.shared_dir()?);
-            self.async_saves = Some(AsyncSaves::new(dir, self.cfg.max_in_flight)?);
+            self.async_saves = Some(AsyncSaves::new(
+                dir,
+                self.cfg.max_in_flight,
+                self.cfg.async_writer_priority,
+            )?);
         }
         if let Some(a) = self.async_saves.as_mut() {
             a.wait_for_slot()?;
