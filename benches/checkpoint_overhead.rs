@@ -19,15 +19,22 @@
 //!     for contrast.
 //!
 //! `ROWS` sets the dataset size (default 101 batches: saves fall mid-epoch; 100
-//! batches put every save on an epoch end). The per-position profile shows where
-//! the overhead lands, and on Linux the training thread's involuntary context
-//! switches per fit show how often another thread preempted it.
+//! batches put every save on an epoch end).
 //!
 //! (a) times the steps' window (first batch start to the last step boundary), so
 //! the fixed cost of the end of `fit` (the final save and the flush that awaits
-//! it) is reported separately as whole-fit time.
+//! it) is reported separately as whole-fit time. Runs drift by about ±1% against
+//! each other, so (a) is backed by a within-run estimate: what a save adds to the
+//! 50 steps from it on, against the same run's steps 51–99.
 //!
-//! `cargo bench --bench checkpoint_overhead` (`BENCH_STEPS`, default 2000).
+//! Diagnostics: the per-position profile shows where the overhead lands; on Linux
+//! the training thread's context switches (preempted: another thread took its
+//! CPU; slept: it waited on a lock or channel) and the process's minor page faults
+//! per fit show how the writer disturbs training.
+//!
+//! `cargo bench --bench checkpoint_overhead` (`BENCH_STEPS`, default 2000;
+//! `BENCH_ONLY=async` runs one mode; `BENCH_WRITER=normal` gives the async writer
+//! normal priority).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -127,10 +134,10 @@ impl TrainModule for Mlp {
 /// three times over, as many bytes as parameters plus AdamW's two moments, and the
 /// `state.json` bytes). Destinations follow the snapshot's own policy, so neither
 /// side gets warmer memory: buffers under `BufferPool::DEFAULT_MIN_POOLED` (1 MiB;
-/// here all of them) are fresh `Vec`s, larger ones are warm (pre-faulted) buffers
-/// touched only at those steps, as recycled snapshot buffers are touched only at
-/// saves. That boundary's extra time is the memcpy cost in the same conditions as
-/// a save.
+/// with the default widths all of them) are fresh `Vec`s, larger ones are warm
+/// (pre-faulted) anonymous maps touched only at those steps, as recycled staging
+/// buffers are touched only at saves. That boundary's extra time is the memcpy
+/// cost in the same conditions as a save.
 struct BoundaryTimer {
     at: Option<(u64, Instant)>,
     out: Arc<Mutex<Vec<(u64, Duration)>>>,
@@ -144,8 +151,9 @@ struct BoundaryTimer {
 struct Baseline {
     params: ParamStore,
     json: Vec<u8>,
-    /// Warm destinations for buffers of at least 1 MiB.
-    warm: Vec<Vec<u8>>,
+    /// Warm destinations for buffers of at least 1 MiB, outside the heap like
+    /// the snapshot's staging buffers.
+    warm: Vec<memmap2::MmapMut>,
     /// The fresh copies of the last baseline, dropped outside the timed window.
     fresh: Vec<Vec<u8>>,
 }
@@ -154,12 +162,14 @@ const MIN_POOLED: usize = relume_ckpt::BufferPool::DEFAULT_MIN_POOLED;
 
 impl Baseline {
     fn new(params: ParamStore, json_bytes: usize) -> Self {
-        let mut warm: Vec<Vec<u8>> = Vec::new();
+        let mut warm = Vec::new();
         for _ in 0..3 {
             for (_, v) in params.named_vars() {
                 let n = v.as_tensor().elem_count() * 4;
                 if n >= MIN_POOLED {
-                    warm.push(vec![1u8; n]); // mapped and touched
+                    let mut map = memmap2::MmapMut::map_anon(n).expect("anonymous map");
+                    map.fill(1); // mapped and touched
+                    warm.push(map);
                 }
             }
         }
@@ -187,7 +197,7 @@ impl Baseline {
                 let src: &[u8] = bytemuck::cast_slice(&all[a..b]);
                 if src.len() >= MIN_POOLED {
                     if let Some(dst) = warm.next() {
-                        dst.copy_from_slice(src);
+                        dst[..src.len()].copy_from_slice(src);
                     }
                 } else {
                     self.fresh.push(src.to_vec());
@@ -256,6 +266,23 @@ fn sleeps() -> u64 {
     ctxt_switches("voluntary_ctxt_switches:")
 }
 
+/// Minor page faults of the whole process so far (Linux; 0 elsewhere): memory the
+/// allocator handed back to the system and touched again.
+fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Field 10, the 8th after the parenthesised command name.
+            s.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(7)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 fn ctxt_switches(field: &str) -> u64 {
     std::fs::read_to_string("/proc/thread-self/status")
         .ok()
@@ -292,6 +319,8 @@ struct Run {
     preempted: u64,
     /// The training thread's voluntary context switches during `fit`.
     slept: u64,
+    /// The process's minor page faults during `fit`.
+    faults: u64,
 }
 
 /// One fit of `steps` (`json`: `state.json` bytes for the baseline copy).
@@ -326,6 +355,7 @@ fn fit(mode: Mode, steps: u64, json: usize) -> Run {
     let mut t = b.build().expect("trainer");
     let cfg = LoaderConfig::new(batch()).shuffle(true).seed(3);
     let mut train = DataLoader::new(data(), TensorCollate::default(), cfg).expect("loader");
+    let faults = minor_faults();
     let preempted = preemptions();
     let slept = sleeps();
     let start = Instant::now();
@@ -333,6 +363,7 @@ fn fit(mode: Mode, steps: u64, json: usize) -> Run {
     let fit_secs = start.elapsed().as_secs_f64();
     let preempted = preemptions() - preempted;
     let slept = sleeps() - slept;
+    let faults = minor_faults() - faults;
     let boundaries = times.lock().map(|v| v.clone()).unwrap_or_default();
     let steps_secs = match window.lock().map(|w| *w) {
         Ok((Some(a), Some(b))) => b.duration_since(a).as_secs_f64(),
@@ -346,6 +377,7 @@ fn fit(mode: Mode, steps: u64, json: usize) -> Run {
         profile: starts.lock().map(|v| profile(&v)).unwrap_or_default(),
         preempted,
         slept,
+        faults,
     }
 }
 
@@ -454,6 +486,7 @@ fn main() {
     let mut preempted = [vec![], vec![], vec![]];
     let mut excess = [vec![], vec![], vec![]];
     let mut slept = [vec![], vec![], vec![]];
+    let mut faults = [vec![], vec![], vec![]];
     let mut profiles: [Vec<f64>; 3] = [vec![0.0; 100], vec![0.0; 100], vec![0.0; 100]];
     for _ in 0..rounds {
         for (i, mode) in modes.iter().enumerate() {
@@ -467,6 +500,7 @@ fn main() {
             preempted[i].push(r.preempted as f64);
             excess[i].push(excess_per_save(&r.profile));
             slept[i].push(r.slept as f64);
+            faults[i].push(r.faults as f64);
             for (acc, v) in profiles[i].iter_mut().zip(&r.profile) {
                 *acc += v / rounds as f64;
             }
@@ -479,13 +513,14 @@ fn main() {
         for (i, m) in modes.iter().enumerate() {
             if !step_t[i].is_empty() {
                 println!(
-                    "{}: steps {:.1} ms, a save adds {:+.3} ms, stall {:.3} ms, preempted {:.0}, slept {:.0}",
+                    "{}: steps {:.1} ms, a save adds {:+.3} ms, stall {:.3} ms, preempted {:.0}, slept {:.0}, page faults {:.0}",
                     label(*m),
                     median(step_t[i].clone()) * 1e3,
                     median(excess[i].clone()) * 1e3,
                     median(stalls[i].clone()) * 1e3,
                     median(preempted[i].clone()),
-                    median(slept[i].clone())
+                    median(slept[i].clone()),
+                    median(faults[i].clone())
                 );
             }
         }
@@ -543,9 +578,11 @@ fn main() {
     );
     let [pn, ps, pa] = preempted.map(median);
     let [sn, ss_, sa] = slept.map(median);
+    let [fan, fas, faa] = faults.map(median);
     println!(
         "  training thread context switches per fit: preempted none {pn:.0}, sync {ps:.0}, async {pa:.0}; slept none {sn:.0}, sync {ss_:.0}, async {sa:.0}"
     );
+    println!("  process minor page faults per fit: none {fan:.0}, sync {fas:.0}, async {faa:.0}");
     let tensors = state_bytes();
     let bytes = tensors + json;
     let hot = memcpy_time(bytes);

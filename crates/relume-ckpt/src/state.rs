@@ -15,7 +15,8 @@ use crate::error::Error;
 /// Segment separator of state keys.
 pub const KEY_SEPARATOR: char = '/';
 
-/// The bytes of one tensor: owned, or a verified slice of a memory-mapped file.
+/// The bytes of one tensor: owned, a verified slice of a memory-mapped file, or
+/// a snapshot's staging buffer (see [`crate::BufferPool`]).
 ///
 /// Cloning is cheap (reference counted). Bytes are little-endian, row-major and
 /// contiguous, exactly as safetensors stores them; they carry no alignment
@@ -31,6 +32,7 @@ enum Repr {
         start: usize,
         len: usize,
     },
+    Staged(Arc<crate::snapshot::Staged>),
 }
 
 impl TensorBytes {
@@ -61,18 +63,36 @@ impl TensorBytes {
         }
     }
 
+    /// Bytes in a staging buffer of a [`crate::BufferPool`].
+    pub(crate) fn staged(buf: crate::snapshot::Staged) -> Self {
+        TensorBytes(Repr::Staged(Arc::new(buf)))
+    }
+
+    /// True when these bytes are in a snapshot's staging buffer (see
+    /// [`crate::BufferPool::copy`]).
+    pub fn is_staged(&self) -> bool {
+        matches!(self.0, Repr::Staged(_))
+    }
+
+    /// The staging buffer back, when these bytes are one and no clone shares it.
+    pub(crate) fn into_staged(self) -> Option<crate::snapshot::Staged> {
+        match self.0 {
+            Repr::Staged(b) => Arc::try_unwrap(b).ok(),
+            _ => None,
+        }
+    }
+
     /// True when these bytes are a zero-copy view of a memory-mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.0, Repr::Mapped { .. })
     }
 
-    /// The owned buffer back, when these bytes own it and no clone shares it
-    /// (used to recycle snapshot buffers, see [`crate::BufferPool`]); `None` for a
-    /// mapped view or a shared buffer.
+    /// The owned buffer back, when these bytes own one and no clone shares it;
+    /// `None` for a mapped view, a staging buffer or a shared buffer.
     pub fn into_vec(self) -> Option<Vec<u8>> {
         match self.0 {
             Repr::Owned(v) => Arc::try_unwrap(v).ok(),
-            Repr::Mapped { .. } => None,
+            Repr::Mapped { .. } | Repr::Staged(_) => None,
         }
     }
 }
@@ -84,6 +104,7 @@ impl Deref for TensorBytes {
             Repr::Owned(v) => v.as_slice(),
             // In bounds: checked in `TensorBytes::mapped`.
             Repr::Mapped { map, start, len } => &map[*start..*start + *len],
+            Repr::Staged(b) => b,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use relume_ckpt::{
     load, verify, AsyncCheckpointer, Checkpoint, CheckpointDir, Committed, Error, FaultyStorage,
-    LocalStorage, Storage, StorageFile,
+    LocalStorage, Storage, StorageFile, TensorData,
 };
 
 fn name(step: u64) -> String {
@@ -514,12 +514,27 @@ fn a_deferred_snapshot_commits_the_same_checkpoint_and_recycles_its_buffers() {
     assert_eq!(loaded.components, ckpt.components);
     // `ckpt` still shares the buffers the writer saved, so none came back ...
     assert_eq!(pool.held(), 0);
-    // ... while a snapshot owned by the writer alone is recycled after its commit.
-    let own = common::sample(10);
+    // ... while a snapshot staged in the pool and owned by the writer alone is
+    // recycled after its commit.
+    let mut own = common::sample(10);
+    for sd in own.components.values_mut() {
+        let keys: Vec<String> = sd.tensors().map(|(k, _)| k.to_string()).collect();
+        for k in keys {
+            let t = sd.get_tensor(&k).unwrap().clone();
+            let staged = pool.copy(t.bytes());
+            assert!(staged.is_staged());
+            sd.insert_tensor(
+                k,
+                TensorData::new(t.dtype(), t.shape().to_vec(), staged).unwrap(),
+            );
+        }
+    }
+    let expect = common::sample(10).components; // no clone: it would share the buffers
     let _t = saver
         .submit_deferred(&name(10), move || Ok(own), Some(pool.clone()))
         .unwrap();
-    saver.flush().unwrap();
+    let done = saver.flush().unwrap();
+    assert_eq!(load(&done[0].path).unwrap().components, expect);
     assert_eq!(pool.held() as u64, tensor_bytes);
 }
 

@@ -24,11 +24,12 @@ pub fn ckpt_dtype(d: CDType) -> Option<DType> {
 /// # Errors
 /// [`Error::StateMismatch`] for a dtype relume cannot store; candle errors.
 pub fn tensor_to_data(t: &Tensor, name: &str) -> Result<TensorData> {
-    tensor_to_data_with(t, name, <[u8]>::to_vec)
+    tensor_to_data_with(t, name, |b| TensorBytes::owned(b.to_vec()))
 }
 
-/// As [`tensor_to_data`], copying a contiguous CPU tensor's bytes into a recycled
-/// buffer of `pool` (the snapshot path of async saves; see [`relume_ckpt::BufferPool`]).
+/// As [`tensor_to_data`], copying a contiguous CPU tensor's bytes with
+/// [`BufferPool::copy`] (large ones into recycled staging buffers: the snapshot
+/// path of async saves).
 ///
 /// # Errors
 /// As [`tensor_to_data`].
@@ -39,7 +40,7 @@ pub fn tensor_to_data_pooled(t: &Tensor, name: &str, pool: &BufferPool) -> Resul
 fn tensor_to_data_with(
     t: &Tensor,
     name: &str,
-    copy: impl FnOnce(&[u8]) -> Vec<u8>,
+    copy: impl FnOnce(&[u8]) -> TensorBytes,
 ) -> Result<TensorData> {
     let shape = t.dims().to_vec();
     if let Some(bytes) = contiguous_cpu_bytes(t, copy)? {
@@ -50,8 +51,7 @@ fn tensor_to_data_with(
                 t.dtype()
             )],
         })?;
-        return Ok(TensorData::new(dtype, shape, TensorBytes::owned(bytes))
-            .map_err(|e| e.with_key(name))?);
+        return Ok(TensorData::new(dtype, shape, bytes).map_err(|e| e.with_key(name))?);
     }
     let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
     let bytes: Vec<u8> = match t.dtype() {
@@ -83,8 +83,8 @@ fn tensor_to_data_with(
 /// `None` for other layouts, devices or dtypes, which take the element-wise path.
 fn contiguous_cpu_bytes(
     t: &Tensor,
-    copy_bytes: impl FnOnce(&[u8]) -> Vec<u8>,
-) -> Result<Option<Vec<u8>>> {
+    copy_bytes: impl FnOnce(&[u8]) -> TensorBytes,
+) -> Result<Option<TensorBytes>> {
     if cfg!(target_endian = "big") || ckpt_dtype(t.dtype()).is_none() {
         return Ok(None);
     }

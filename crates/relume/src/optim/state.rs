@@ -17,9 +17,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
-use relume_ckpt::{
-    BufferPool, DType as CkDType, RestoreReport, Snapshot, StateDict, TensorBytes, TensorData,
-};
+use relume_ckpt::{BufferPool, DType as CkDType, RestoreReport, Snapshot, StateDict, TensorData};
 
 use super::{check_lr, ParamGroup};
 use crate::convert::{data_to_tensor, tensor_to_data, tensor_to_data_pooled};
@@ -50,7 +48,7 @@ impl Buf {
         match self {
             Buf::Host(v) if cfg!(target_endian = "little") => {
                 // On little-endian hosts the in-memory bytes are the checkpoint's.
-                let bytes = TensorBytes::owned(pool.copy(bytemuck::cast_slice::<f32, u8>(v)));
+                let bytes = pool.copy(bytemuck::cast_slice::<f32, u8>(v));
                 Ok(TensorData::new(CkDType::F32, shape.to_vec(), bytes)
                     .map_err(|e| e.with_key(key))?)
             }

@@ -107,7 +107,9 @@ impl Live<'_> {
 impl View<'_> {
     /// Every component's state, as it would be saved. `user` is the module's hook state.
     pub(crate) fn components(&self, user: StateDict) -> Result<BTreeMap<String, StateDict>> {
-        self.snapshot(user, &BufferPool::new())?.resolve()
+        // Copied into plain `Vec`s: staging buffers pay off only when recycled.
+        self.snapshot(user, &BufferPool::with_min_pooled(usize::MAX))?
+            .resolve()
     }
 
     /// Every component's [`Snapshot`] (tensor bytes copied into `pool`), for an
