@@ -23,19 +23,19 @@
 //! Linux's `SCHED_IDLE` class, inherited by the threads it starts to hash and fsync
 //! files). It gets every CPU the training threads leave idle, but never preempts
 //! them. On a 2-core machine training on one thread, a normal-priority writer (with
-//! its hashing and fsync threads) preempted the training thread 40–70 times per 20
-//! saves, and the 30 steps after each save ran about 10% slower; in the background
-//! class the writer itself never preempts it (what remains on disk comes from the
-//! kernel's own I/O threads; on tmpfs as few as without checkpoints). Measured by
-//! `cargo bench -p relume --bench checkpoint_overhead`; see `docs/DESIGN.md`. A save is never starved for good: whenever the training thread
-//! waits for the writer (a full queue, `flush`, the end of fit, preemption) its CPU
-//! goes to the writer. Choose [`WriterPriority::Normal`] when training keeps every
+//! its hashing and fsync threads) preempted the training thread 45–70 times per 20
+//! saves; in the background class 25–33 are left, and they come with the fsyncs
+//! (3–6 on tmpfs or with fsyncs skipped, as without checkpoints). Measured by
+//! `cargo bench -p relume --bench checkpoint_overhead`; see `docs/DESIGN.md`. A save
+//! is never starved for good: whenever the training thread waits for the writer (a
+//! full queue, `flush`, the end of fit, preemption) its CPU goes to the writer.
+//! Choose [`WriterPriority::Normal`] when training keeps every
 //! core busy and saves must still finish promptly.
 //!
 //! ## Why the writer never polls
 //! Waking a sleeping writer at `submit` costs the training thread a system call and
-//! a cross-CPU interrupt (about 25 µs on a small snapshot in the measured VM). An
-//! earlier writer avoided it by polling its queue every 5 ms instead, and that was
+//! a cross-CPU interrupt (10–25 µs of the stall of a small snapshot in the measured
+//! VM). An earlier writer avoided it by polling its queue every 5 ms instead, and that was
 //! far worse on a large model: every poll ran the writer thread on another CPU in
 //! the training process's address space, so each `munmap` of the training step
 //! (candle frees large tensors every step) had to interrupt that CPU to flush its
