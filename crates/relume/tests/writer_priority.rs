@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
-use relume::callbacks::{Callback, HookCtx};
+use relume::callbacks::{Callback, HookCtx, SavedCheckpoint};
 use relume::data::{DataLoader, LoaderConfig, TensorCollate, TensorDataset};
 use relume::nn::Linear;
 use relume::optim::{Sgd, SgdConfig};
@@ -66,16 +66,23 @@ fn writer_policies() -> Vec<i32> {
         .collect()
 }
 
-/// Records the writer threads' policies at step 3 (after the async save at step 2).
-struct Probe(Arc<Mutex<Vec<i32>>>);
+/// Records the writer threads' policies when the first async save is reported
+/// committed: the writer has run by then (it sets its name and class when it
+/// starts) and lives until `fit` returns.
+struct Probe(Arc<Mutex<Option<Vec<i32>>>>);
 
 impl Callback for Probe {
     fn state_key(&self) -> String {
         "probe".into()
     }
-    fn on_train_batch_end(&mut self, ctx: &mut HookCtx<'_>, _boundary: bool) -> relume::Result<()> {
-        if ctx.progress.global_step == 3 {
-            *self.0.lock().unwrap() = writer_policies();
+    fn on_save_checkpoint(
+        &mut self,
+        _ctx: &mut HookCtx<'_>,
+        _saved: &SavedCheckpoint,
+    ) -> relume::Result<()> {
+        let mut seen = self.0.lock().unwrap();
+        if seen.is_none() {
+            *seen = Some(writer_policies());
         }
         Ok(())
     }
@@ -86,7 +93,7 @@ fn policies_during_fit(priority: Option<WriterPriority>) -> Vec<i32> {
     let params = ParamStore::new(Device::Cpu);
     let layer = Linear::new(&params, "l", 4, 3, &mut Rng::new(0, "init")).unwrap();
     let mut model = Model { params, layer };
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Mutex::new(None));
     let mut b = Trainer::builder()
         .max_epochs(1)
         .default_root_dir(run.path())
@@ -103,7 +110,7 @@ fn policies_during_fit(priority: Option<WriterPriority>) -> Vec<i32> {
     let mut train = DataLoader::new(data, TensorCollate::default(), LoaderConfig::new(2)).unwrap();
     trainer.fit(&mut model, &mut train, None).unwrap();
     let seen = seen.lock().unwrap().clone();
-    seen
+    seen.expect("an async save was reported during fit")
 }
 
 #[test]
