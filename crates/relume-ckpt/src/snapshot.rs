@@ -229,7 +229,7 @@ impl BufferPool {
             .free
             .range_mut(len..=len.saturating_mul(MAX_SLACK))
             .find_map(|(&cap, maps)| maps.pop().map(|m| (cap, m)));
-        let map = match found {
+        let mut map = match found {
             Some((cap, map)) => {
                 if p.free.get(&cap).is_some_and(Vec::is_empty) {
                     p.free.remove(&cap);
@@ -254,7 +254,6 @@ impl BufferPool {
                 }
             }
         };
-        let mut map = map;
         map[..len].copy_from_slice(src);
         TensorBytes::staged(Staged { map, len })
     }
