@@ -4,45 +4,14 @@
 //! no other test's writer thread is alive in this process.)
 #![cfg(target_os = "linux")]
 
+mod cb_common;
+
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use cb_common::{builder, loaders, Spec, Tiny};
 use relume::callbacks::{Callback, HookCtx, SavedCheckpoint};
-use relume::data::{DataLoader, LoaderConfig, TensorCollate, TensorDataset};
-use relume::nn::Linear;
-use relume::optim::{Sgd, SgdConfig};
-use relume::params::ParamStore;
-use relume::rng::Rng;
-use relume::trainer::{OptimizerConfig, StepCtx, TrainModule, Trainer};
+use relume::preempt::Preemption;
 use relume_ckpt::{WriterPriority, WRITER_THREAD_NAME};
-
-struct Model {
-    params: ParamStore,
-    layer: Linear,
-}
-
-impl TrainModule for Model {
-    type Batch = (Tensor, Tensor);
-    fn params(&self) -> &ParamStore {
-        &self.params
-    }
-    fn training_step(
-        &mut self,
-        (x, y): Self::Batch,
-        _ctx: &mut StepCtx<'_>,
-    ) -> relume::Result<Tensor> {
-        Ok(candle_nn::loss::cross_entropy(
-            &self.layer.forward(&x)?,
-            &y,
-        )?)
-    }
-    fn configure_optimizers(&self) -> relume::Result<Vec<OptimizerConfig>> {
-        Ok(vec![OptimizerConfig::new(Sgd::from_store(
-            &self.params,
-            SgdConfig::default().with_lr(0.1),
-        )?)])
-    }
-}
 
 /// The scheduling policy of every writer thread alive now.
 fn writer_policies() -> Vec<i32> {
@@ -90,25 +59,25 @@ impl Callback for Probe {
 
 fn policies_during_fit(priority: Option<WriterPriority>) -> Vec<i32> {
     let run = tempfile::tempdir().unwrap();
-    let params = ParamStore::new(Device::Cpu);
-    let layer = Linear::new(&params, "l", 4, 3, &mut Rng::new(0, "init")).unwrap();
-    let mut model = Model { params, layer };
+    let spec = Spec {
+        max_epochs: 2,
+        async_ckpt: true,
+        resume: false,
+        ..Spec::default()
+    };
     let seen = Arc::new(Mutex::new(None));
-    let mut b = Trainer::builder()
-        .max_epochs(1)
-        .default_root_dir(run.path())
-        .enable_progress_bar(false)
-        .checkpoint_every_n_steps(2)
-        .async_checkpointing(true)
+    let mut b = builder(&spec, run.path(), Arc::new(Preemption::manual()))
+        .unwrap()
         .callback(Box::new(Probe(Arc::clone(&seen))));
     if let Some(p) = priority {
         b = b.async_writer_priority(p);
     }
-    let mut trainer = b.build().unwrap();
-    let xs: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
-    let data = TensorDataset::new(xs, 4, vec![0, 1, 2, 0, 1, 2, 0, 1]).unwrap();
-    let mut train = DataLoader::new(data, TensorCollate::default(), LoaderConfig::new(2)).unwrap();
-    trainer.fit(&mut model, &mut train, None).unwrap();
+    let (mut train, val) = loaders();
+    let mut module = Tiny::new().unwrap();
+    b.build()
+        .unwrap()
+        .fit(&mut module, &mut train, Some(&val))
+        .unwrap();
     let seen = seen.lock().unwrap().clone();
     seen.expect("an async save was reported during fit")
 }
