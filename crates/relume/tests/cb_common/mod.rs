@@ -1,8 +1,7 @@
 //! Shared by `callbacks.rs`, `preempt.rs` and `writer_priority.rs`: a tiny MLP
 //! module, a run spec that can be executed in this process or in a fresh child
-//! process (this test
-//! binary re-executed with `RELUME_CB_CHILD` set, running only its `child`
-//! test), and comparison helpers.
+//! process (this test binary re-executed with `RELUME_CB_CHILD` set, running only
+//! its `child` test), and comparison helpers.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
