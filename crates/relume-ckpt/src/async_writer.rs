@@ -167,7 +167,7 @@ impl Default for AsyncOptions {
     fn default() -> Self {
         AsyncOptions {
             max_in_flight: NonZeroUsize::new(DEFAULT_MAX_IN_FLIGHT).unwrap_or(NonZeroUsize::MIN),
-            priority: WriterPriority::Background,
+            priority: WriterPriority::default(),
         }
     }
 }

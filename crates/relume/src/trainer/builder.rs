@@ -109,7 +109,7 @@ impl Default for TrainerConfig {
             enable_progress_bar: true,
             async_checkpointing: false,
             max_in_flight: relume_ckpt::DEFAULT_MAX_IN_FLIGHT,
-            async_writer_priority: relume_ckpt::WriterPriority::Background,
+            async_writer_priority: relume_ckpt::WriterPriority::default(),
             checkpoint_storage: None,
         }
     }
