@@ -58,6 +58,11 @@ pub struct Checkpoint {
     pub config: Value,
     /// Scalar metrics at save time.
     pub metrics: BTreeMap<String, f64>,
+    /// Every checkpoint name saved at the same step boundary from the same state, this
+    /// one included; empty (the default) when it is saved alone. Recorded in the
+    /// manifest's `group`: a group counts as committed only when all of it is, so a
+    /// checkpoint whose state names a sibling that failed to commit is never `latest`.
+    pub group: Vec<String>,
 }
 
 /// Checks that `name` is a safe single path segment: 1–200 bytes of
@@ -191,25 +196,48 @@ fn write_hashed(
 /// Writes `ckpt` as `parent/name` with the commit protocol described in the module
 /// docs, and returns the final path. `latest` is not touched (see [`write_latest`]).
 ///
+/// A name that is already committed is not an error when the existing checkpoint
+/// verifies and holds the same state (same fingerprint): a deterministic run that
+/// replays a step it had committed before a crash saves it again, and that commit
+/// succeeds without writing.
+///
 /// # Errors
 /// [`Error::InvalidName`] for a bad checkpoint or component name,
-/// [`Error::AlreadyExists`] when `parent/name` exists, [`Error::Io`] naming the
-/// file and the operation that failed. On error no checkpoint named `name` exists.
+/// [`Error::CommitConflict`] when `parent/name` is committed with another
+/// fingerprint (or does not verify), [`Error::AlreadyExists`] when `parent/name`
+/// exists but is not a committed checkpoint, [`Error::Io`] naming the file and the
+/// operation that failed. On error no new checkpoint named `name` exists.
 pub fn write_checkpoint(
     storage: &dyn Storage,
     parent: &Path,
     name: &str,
     ckpt: &Checkpoint,
 ) -> Result<PathBuf> {
+    write_checkpoint_seq(storage, parent, name, ckpt, None)
+}
+
+/// [`write_checkpoint`] with the manifest's `commit_seq`.
+pub(crate) fn write_checkpoint_seq(
+    storage: &dyn Storage,
+    parent: &Path,
+    name: &str,
+    ckpt: &Checkpoint,
+    commit_seq: Option<u64>,
+) -> Result<PathBuf> {
     check_name(name)?;
     for c in ckpt.components.keys() {
         check_name(c)?;
     }
     let final_path = parent.join(name);
-    if final_path.exists() {
-        return Err(Error::AlreadyExists { path: final_path });
+    if std::fs::symlink_metadata(&final_path).is_ok() {
+        same_as_existing(&final_path, ckpt)?;
+        tracing::info!(
+            "checkpoint {} is already committed with the same fingerprint; not written again",
+            final_path.display()
+        );
+        return Ok(final_path);
     }
-    let tmp = write_temporary(storage, parent, name, ckpt)?;
+    let tmp = write_temporary_seq(storage, parent, name, ckpt, commit_seq)?;
     storage
         .rename(&tmp, &final_path)
         .map_err(io_err("rename", &final_path))?;
@@ -217,6 +245,35 @@ pub fn write_checkpoint(
         .sync_dir(parent)
         .map_err(io_err("fsync directory", parent))?;
     Ok(final_path)
+}
+
+/// Checks that the committed checkpoint at `path` verifies and holds exactly the
+/// state of `ckpt` (same fingerprint).
+///
+/// # Errors
+/// [`Error::AlreadyExists`] when `path` is not a committed checkpoint,
+/// [`Error::CommitConflict`] when it does not verify or its fingerprint differs.
+fn same_as_existing(path: &Path, ckpt: &Checkpoint) -> Result<()> {
+    let new = fingerprint(&ckpt.components);
+    if !path.join(MANIFEST_FILE).is_file() {
+        return Err(Error::AlreadyExists {
+            path: path.to_path_buf(),
+        });
+    }
+    let report = crate::read::verify(path);
+    let existing = match (&report.manifest, report.problems.first()) {
+        (Some(m), None) => m.fingerprint.clone(),
+        (_, Some(p)) => format!("<does not verify: {p}>"),
+        (None, None) => "<no manifest>".to_string(),
+    };
+    if existing != new {
+        return Err(Error::CommitConflict {
+            path: path.to_path_buf(),
+            existing,
+            new,
+        });
+    }
+    Ok(())
 }
 
 /// Steps 1–3 of the protocol: a complete, fsynced checkpoint under `parent/.tmp-<label>-<uuid>`.
@@ -228,6 +285,16 @@ pub(crate) fn write_temporary(
     label: &str,
     ckpt: &Checkpoint,
 ) -> Result<PathBuf> {
+    write_temporary_seq(storage, parent, label, ckpt, None)
+}
+
+fn write_temporary_seq(
+    storage: &dyn Storage,
+    parent: &Path,
+    label: &str,
+    ckpt: &Checkpoint,
+    commit_seq: Option<u64>,
+) -> Result<PathBuf> {
     for c in ckpt.components.keys() {
         check_name(c)?;
     }
@@ -238,7 +305,7 @@ pub(crate) fn write_temporary(
     storage
         .create_dir_all(&tmp)
         .map_err(io_err("create directory", &tmp))?;
-    match write_contents(storage, &tmp, ckpt) {
+    match write_contents(storage, &tmp, ckpt, commit_seq) {
         Ok(()) => Ok(tmp),
         Err(e) => {
             if let Err(rm) = storage.remove_dir_all(&tmp) {
@@ -252,7 +319,12 @@ pub(crate) fn write_temporary(
     }
 }
 
-fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Result<()> {
+fn write_contents(
+    storage: &dyn Storage,
+    tmp: &Path,
+    ckpt: &Checkpoint,
+    commit_seq: Option<u64>,
+) -> Result<()> {
     let mut files = Vec::new();
     let mut unsynced = Vec::new();
     let mut components = BTreeMap::new();
@@ -310,6 +382,8 @@ fn write_contents(storage: &dyn Storage, tmp: &Path, ckpt: &Checkpoint) -> Resul
         metrics: ckpt.metrics.clone(),
         fingerprint: fingerprint(&ckpt.components),
         complete: true,
+        commit_seq,
+        group: ckpt.group.clone(),
     };
     let bytes = manifest.to_bytes();
     let mpath = tmp.join(MANIFEST_FILE);

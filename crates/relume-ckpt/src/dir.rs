@@ -17,15 +17,42 @@
 //! Deletion is safe by construction: the name must be a plain name inside this
 //! directory, the checkpoint `latest` names is refused, and a checkpoint held by a
 //! reader (a shared lock on its `manifest.json`, see [`crate::load`]) is refused.
+//!
+//! ## The committed checkpoints are the truth; `latest` is a hint
+//! A kill between a checkpoint's rename and the update of `latest`, a full disk
+//! while `latest` is replaced, or a `latest` deleted by hand leave the pointer
+//! behind (or missing) while newer checkpoints are committed. Resolving `latest`
+//! therefore never trusts the pointer alone: the newest checkpoint is the committed
+//! one with the largest `(step, commit_seq)` that
+//! - verifies (every checksum; skipped for the one the pointer names, which
+//!   [`crate::load`] verifies anyway), and
+//! - if it is at the newest step, has every member of its `group` committed (the
+//!   checkpoints saved at the same boundary from the same state: a checkpoint whose
+//!   state names a sibling that never committed is not used while an older one
+//!   exists).
+//!
+//! [`CheckpointDir::open`] rewrites the pointer to that checkpoint and logs what it
+//! said before ([`CheckpointDir::reconcile`]); a read-only handle resolves the same
+//! way without writing and says so in one line. `latest` naming nothing while no
+//! checkpoint is committed is [`Error::LatestDangling`]: the checkpoints were removed.
+//!
+//! ## Clearing
+//! [`CheckpointDir::clear`] empties the directory crash-safely: it creates a
+//! `.trash-<uuid>/` directory and fsyncs (from that instant the run counts as
+//! empty: readers list nothing), moves every entry into it, renames it to a
+//! `.tmp-*` temporary and removes that. A kill at any point leaves either the old
+//! run whole or, once the next writer opens and finishes the move, an empty one.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::commit::{
-    check_name, write_checkpoint, write_latest, Checkpoint, LATEST_FILE, TMP_PREFIX,
+    check_name, write_checkpoint_seq, write_latest, Checkpoint, LATEST_FILE, TMP_PREFIX,
 };
 use crate::error::{io_err, Error, Result};
 use crate::manifest::{Manifest, MANIFEST_FILE};
@@ -35,6 +62,8 @@ use crate::storage::{LocalStorage, Storage};
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// Name of the writer lock file inside the checkpoints directory.
 pub const LOCK_FILE: &str = ".lock";
+/// Prefix of the directory that marks a [`CheckpointDir::clear`] in progress.
+pub const TRASH_PREFIX: &str = ".trash-";
 
 /// A committed checkpoint, as listed by [`CheckpointDir::list`].
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +82,10 @@ pub struct CheckpointInfo {
     pub bytes: u64,
     /// The manifest's `created_at`.
     pub created_at: String,
+    /// The manifest's `commit_seq` (commit order in this directory), if recorded.
+    pub commit_seq: Option<u64>,
+    /// The manifest's `group`: every checkpoint saved at the same boundary.
+    pub group: Vec<String>,
 }
 
 /// A run directory's checkpoints: save, list, resolve, delete.
@@ -61,6 +94,8 @@ pub struct CheckpointDir {
     dir: PathBuf,
     storage: Arc<dyn Storage>,
     lock: Option<File>,
+    /// The next `commit_seq` a save records.
+    next_seq: AtomicU64,
 }
 
 /// How long [`CheckpointDir::open`] waits for a held writer lock before returning
@@ -71,13 +106,15 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500)
 
 impl CheckpointDir {
     /// Opens `run_dir` for writing on the local filesystem: creates
-    /// `run_dir/checkpoints`, takes the exclusive writer lock and removes stale
-    /// temporaries.
+    /// `run_dir/checkpoints`, takes the exclusive writer lock, finishes a clear
+    /// that a crash interrupted, removes stale temporaries and reconciles `latest`
+    /// with the committed checkpoints ([`CheckpointDir::reconcile`]).
     ///
     /// # Errors
     /// [`Error::Locked`] when another handle or process holds the lock (after waiting
     /// up to [`LOCK_WAIT`] for it to be released),
-    /// [`Error::Io`] when the directory cannot be created or cleaned.
+    /// [`Error::Io`] when the directory cannot be created or cleaned, or `latest`
+    /// cannot be rewritten.
     pub fn open(run_dir: impl AsRef<Path>) -> Result<Self> {
         Self::open_with_storage(run_dir, Arc::new(LocalStorage))
     }
@@ -117,7 +154,15 @@ impl CheckpointDir {
             dir,
             storage,
             lock: Some(lock),
+            next_seq: AtomicU64::new(0),
         };
+        for trash in me.pending_clears()? {
+            tracing::info!(
+                "finishing the clear of {} that was interrupted",
+                me.dir.display()
+            );
+            me.finish_clear(&trash)?;
+        }
         let temps = me.temporaries()?;
         for t in &temps {
             let res = if t.is_dir() {
@@ -137,6 +182,14 @@ impl CheckpointDir {
                 .sync_dir(&me.dir)
                 .map_err(io_err("fsync directory", &me.dir))?;
         }
+        let listed = me.list()?;
+        let next = listed
+            .iter()
+            .filter_map(|c| c.commit_seq)
+            .max()
+            .map_or(0, |m| m + 1);
+        me.next_seq.store(next, Ordering::SeqCst);
+        me.reconcile()?;
         Ok(me)
     }
 
@@ -151,6 +204,7 @@ impl CheckpointDir {
             dir,
             storage: Arc::new(LocalStorage),
             lock: None,
+            next_seq: AtomicU64::new(0),
         })
     }
 
@@ -186,31 +240,137 @@ impl CheckpointDir {
     }
 
     /// Saves `ckpt` as checkpoint `name` with the commit protocol, then points
-    /// `latest` at it. Returns the checkpoint's path.
+    /// `latest` at it once every member of its `group` is committed. Returns the
+    /// checkpoint's path.
+    ///
+    /// Saving a name that is already committed with the same fingerprint succeeds
+    /// without writing (a deterministic run replaying a step it committed before a
+    /// crash); see [`crate::write_checkpoint`].
     ///
     /// # Errors
-    /// [`Error::ReadOnly`], [`Error::InvalidName`], [`Error::AlreadyExists`],
-    /// [`Error::Io`]. On error `latest` still names the previous checkpoint.
+    /// [`Error::ReadOnly`], [`Error::InvalidName`], [`Error::CommitConflict`],
+    /// [`Error::AlreadyExists`], [`Error::Io`]. On error `latest` still names the
+    /// previous checkpoint.
     pub fn save(&self, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
         self.require_writer()?;
-        let path = write_checkpoint(self.storage.as_ref(), &self.dir, name, ckpt)?;
-        write_latest(self.storage.as_ref(), &self.dir, name)?;
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        let path = write_checkpoint_seq(self.storage.as_ref(), &self.dir, name, ckpt, Some(seq))?;
+        let complete = ckpt
+            .group
+            .iter()
+            .all(|g| g == name || self.dir.join(g).join(MANIFEST_FILE).is_file());
+        if complete {
+            write_latest(self.storage.as_ref(), &self.dir, name)?;
+        }
         Ok(path)
     }
 
-    /// The committed checkpoints, sorted by step (unknown first) then name.
+    /// Empties the directory crash-safely (see the module docs): every committed
+    /// checkpoint, `latest` and every temporary are removed; the lock stays held.
+    /// Returns the number of checkpoints removed.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], or [`Error::Io`] naming the entry; a clear that fails
+    /// part-way is finished by the next [`CheckpointDir::open`].
+    pub fn clear(&self) -> Result<usize> {
+        self.require_writer()?;
+        let trash = self
+            .dir
+            .join(format!("{TRASH_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+        self.storage
+            .create_dir_all(&trash)
+            .map_err(io_err("create directory", &trash))?;
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_err("fsync directory", &self.dir))?;
+        let n = self.finish_clear(&trash)?;
+        tracing::info!("cleared {}: removed {n} checkpoints", self.dir.display());
+        Ok(n)
+    }
+
+    /// `.trash-*` directories: clears that were started and not finished.
+    fn pending_clears(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))? {
+            let e = e.map_err(io_err("read directory", &self.dir))?;
+            if e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
+                out.push(e.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Moves every entry but the lock and the trash directories into `trash`, then
+    /// turns `trash` into a temporary and removes it.
+    fn finish_clear(&self, trash: &Path) -> Result<usize> {
+        let mut moved = 0;
+        for e in fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))? {
+            let e = e.map_err(io_err("read directory", &self.dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == LOCK_FILE || name.starts_with(TRASH_PREFIX) {
+                continue;
+            }
+            self.storage
+                .rename(&e.path(), &trash.join(&name))
+                .map_err(io_err("rename", &e.path()))?;
+            if check_name(&name).is_ok() {
+                moved += 1;
+            }
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_err("fsync directory", &self.dir))?;
+        let garbage = self.dir.join(format!(
+            "{TMP_PREFIX}trash-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        self.storage
+            .rename(trash, &garbage)
+            .map_err(io_err("rename", trash))?;
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_err("fsync directory", &self.dir))?;
+        self.storage
+            .remove_dir_all(&garbage)
+            .map_err(io_err("remove", &garbage))?;
+        Ok(moved)
+    }
+
+    /// The committed checkpoints, sorted by step (unknown first), then commit order
+    /// (`commit_seq`, unknown first), then name.
     ///
     /// Temporaries and directories without a manifest are never listed; a directory
-    /// whose manifest is invalid is skipped with a warning (run `verify` on it).
+    /// whose manifest is invalid, and a symlink, are skipped with a warning (run
+    /// `verify` on them). While a [`CheckpointDir::clear`] is unfinished nothing is
+    /// listed.
     ///
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn list(&self) -> Result<Vec<CheckpointInfo>> {
         let mut out = Vec::new();
+        if !self.pending_clears()?.is_empty() {
+            tracing::info!(
+                "{} is being cleared (a `.trash-*` directory exists): no checkpoint is listed",
+                self.dir.display()
+            );
+            return Ok(out);
+        }
         for e in fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))? {
             let e = e.map_err(io_err("read directory", &self.dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if check_name(&name).is_err() || !e.path().is_dir() {
+            if check_name(&name).is_err() {
+                continue;
+            }
+            let ft = e.file_type().map_err(io_err("stat", &e.path()))?;
+            if ft.is_symlink() {
+                tracing::warn!(
+                    "skipping {}: it is a symlink, and relume never follows symlinks in a checkpoints directory",
+                    e.path().display()
+                );
+                continue;
+            }
+            if !ft.is_dir() {
                 continue;
             }
             let mpath = e.path().join(MANIFEST_FILE);
@@ -228,32 +388,118 @@ impl CheckpointDir {
                     progress: m.progress,
                     metrics: m.metrics,
                     created_at: m.created_at,
+                    commit_seq: m.commit_seq,
+                    group: m.group,
                 }),
                 Err(err) => tracing::warn!("skipping {}: {err}", e.path().display()),
             }
         }
-        out.sort_by(|a, b| (a.step, &a.name).cmp(&(b.step, &b.name)));
+        out.sort_by(|a, b| (a.step, a.commit_seq, &a.name).cmp(&(b.step, b.commit_seq, &b.name)));
         Ok(out)
     }
 
-    /// The checkpoint `latest` names, or `None` when no checkpoint was committed.
+    /// What the `latest` file says, if it exists.
+    fn read_pointer(&self) -> Result<Option<String>> {
+        let p = self.dir.join(LATEST_FILE);
+        match fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s.trim_end_matches('\n').to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &p)(e)),
+        }
+    }
+
+    /// The pointer's content and the newest usable committed checkpoint (module
+    /// docs), without changing anything.
+    fn resolve_newest(&self) -> Result<(Option<String>, Option<CheckpointInfo>)> {
+        let list = self.list()?;
+        if list.is_empty() && !self.pending_clears()?.is_empty() {
+            return Ok((None, None));
+        }
+        let pointer = self.read_pointer()?;
+        let names: BTreeSet<&str> = list.iter().map(|c| c.name.as_str()).collect();
+        let newest_step = list.last().map(|c| c.step);
+        for c in list.iter().rev() {
+            if Some(c.step) == newest_step {
+                if let Some(missing) = c.group.iter().find(|g| !names.contains(g.as_str())) {
+                    tracing::warn!(
+                        "{} is not used as the latest checkpoint: it was saved at the same step as {missing:?}, whose save did not commit",
+                        c.path.display()
+                    );
+                    continue;
+                }
+            }
+            if pointer.as_deref() == Some(c.name.as_str()) {
+                return Ok((pointer, Some(c.clone())));
+            }
+            let report = crate::read::verify(&c.path);
+            if let Some(p) = report.problems.first() {
+                tracing::warn!(
+                    "{} is not used as the latest checkpoint: it does not verify: {p}",
+                    c.path.display()
+                );
+                continue;
+            }
+            return Ok((pointer, Some(c.clone())));
+        }
+        // Nothing passed: the newest one is still resumed from (never a fresh start
+        // beside committed checkpoints); loading it reports what is wrong.
+        Ok((pointer, list.last().cloned()))
+    }
+
+    /// Points `latest` at the newest usable committed checkpoint (see the module
+    /// docs) if it names anything else, logging what it said and what it says now.
+    /// [`CheckpointDir::open`] calls it. Returns the newest checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], [`Error::Io`] when `latest` cannot be rewritten.
+    pub fn reconcile(&self) -> Result<Option<PathBuf>> {
+        self.require_writer()?;
+        let (pointer, newest) = self.resolve_newest()?;
+        let Some(newest) = newest else {
+            return Ok(None);
+        };
+        if pointer.as_deref() != Some(newest.name.as_str()) {
+            write_latest(self.storage.as_ref(), &self.dir, &newest.name)?;
+            tracing::info!(
+                "reconciled {}: `latest` {}, now names {} (the newest committed checkpoint)",
+                self.dir.join(LATEST_FILE).display(),
+                describe_pointer(pointer.as_deref()),
+                newest.name
+            );
+        }
+        Ok(Some(newest.path))
+    }
+
+    /// The newest committed checkpoint, or `None` when none was committed.
+    ///
+    /// `latest` is a hint (see the module docs): when it is missing, behind, or
+    /// names something that is not a committed checkpoint, the newest usable
+    /// committed checkpoint is returned and one line says so.
     ///
     /// # Errors
     /// [`Error::LatestDangling`] when the pointer names something that is not a
-    /// committed checkpoint; [`Error::Io`] when it cannot be read.
+    /// committed checkpoint and none is committed; [`Error::Io`] when it cannot be
+    /// read.
     pub fn latest(&self) -> Result<Option<PathBuf>> {
-        let p = self.dir.join(LATEST_FILE);
-        let raw = match fs::read_to_string(&p) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("read", &p)(e)),
-        };
-        let name = raw.trim_end_matches('\n').to_string();
-        let target = self.dir.join(&name);
-        if check_name(&name).is_err() || !target.join(MANIFEST_FILE).is_file() {
-            return Err(Error::LatestDangling { path: p, name });
+        let (pointer, newest) = self.resolve_newest()?;
+        match (pointer, newest) {
+            (pointer, Some(c)) => {
+                if pointer.as_deref() != Some(c.name.as_str()) {
+                    tracing::info!(
+                        "`latest` in {} {}; using {}, the newest committed checkpoint",
+                        self.dir.display(),
+                        describe_pointer(pointer.as_deref()),
+                        c.name
+                    );
+                }
+                Ok(Some(c.path))
+            }
+            (Some(name), None) => Err(Error::LatestDangling {
+                path: self.dir.join(LATEST_FILE),
+                name,
+            }),
+            (None, None) => Ok(None),
         }
-        Ok(Some(target))
     }
 
     /// Resolves `latest`/`last`, a checkpoint name, or a path to a committed checkpoint.
@@ -324,5 +570,13 @@ impl CheckpointDir {
             .remove_dir_all(&tmp)
             .map_err(io_err("remove", &tmp))?;
         Ok(())
+    }
+}
+
+/// How a log line describes what `latest` said.
+fn describe_pointer(pointer: Option<&str>) -> String {
+    match pointer {
+        None => "was missing".to_string(),
+        Some(n) => format!("named {n:?}"),
     }
 }

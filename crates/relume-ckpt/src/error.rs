@@ -249,8 +249,9 @@ pub enum Error {
         /// Why it is rejected.
         reason: &'static str,
     },
-    /// The `latest` pointer names a checkpoint that does not exist or is not committed.
-    #[error("{path}: `latest` names {name:?}, which is not a committed checkpoint; the run directory was modified by hand")]
+    /// The `latest` pointer names a checkpoint that does not exist or is not committed,
+    /// and the directory holds no committed checkpoint to fall back on.
+    #[error("{path}: `latest` names {name:?}, which is not a committed checkpoint, and no other committed checkpoint exists: the run's checkpoints were removed; restore them, or start over with `CheckpointDir::clear` (`--fresh` in the examples)")]
     LatestDangling {
         /// The pointer file.
         path: PathBuf,
@@ -387,6 +388,19 @@ pub enum Error {
     AsyncWriter {
         /// What happened to it.
         reason: String,
+    },
+    /// A checkpoint of the name being committed already exists with other content.
+    /// A deterministic run that re-saves a step it already committed produces the same
+    /// fingerprint, and that commit succeeds without writing; a different one means the
+    /// run is not deterministic, or another run wrote into this directory.
+    #[error("{path}: a checkpoint of that name is already committed with fingerprint {existing}, but this save's state has fingerprint {new}; the run is not deterministic or another run wrote here: move the existing checkpoint away (or delete it) and rerun")]
+    CommitConflict {
+        /// The existing checkpoint directory.
+        path: PathBuf,
+        /// Its fingerprint (or why it could not be verified).
+        existing: String,
+        /// The fingerprint of the state being saved.
+        new: String,
     },
     /// A deferred snapshot (see [`crate::Snapshot`]) could not be turned into a
     /// checkpoint on the writer thread; nothing was written.

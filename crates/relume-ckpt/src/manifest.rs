@@ -83,6 +83,17 @@ pub struct Manifest {
     pub fingerprint: String,
     /// Always `true` in a committed checkpoint.
     pub complete: bool,
+    /// Commit order within the checkpoints directory: one more than the largest
+    /// `commit_seq` present when this checkpoint was committed by
+    /// [`crate::CheckpointDir::save`]. Orders checkpoints of the same step. Absent in
+    /// checkpoints written by [`crate::write_checkpoint`] directly and by older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_seq: Option<u64>,
+    /// The names of every checkpoint saved at the same step boundary from the same
+    /// state, this one included (empty: saved alone). Such a group is committed only
+    /// when all its members are: see [`crate::CheckpointDir`]'s reconciliation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<String>,
 }
 
 fn ser_metrics<S: Serializer>(

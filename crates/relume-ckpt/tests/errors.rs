@@ -267,18 +267,21 @@ fn list_latest_resolve() {
     std::fs::create_dir(dir.path().join("not-a-checkpoint")).unwrap();
     let names: Vec<String> = dir.list().unwrap().into_iter().map(|i| i.name).collect();
     assert_eq!(names, vec!["step=2", "step=10"]);
-    assert_eq!(dir.latest().unwrap(), Some(p2.clone()));
-    assert_eq!(dir.resolve("last").unwrap(), p2);
+    // `latest` is a hint: the newest committed checkpoint by step wins.
+    let p10 = dir.path().join("step=10");
+    assert_eq!(dir.latest().unwrap(), Some(p10.clone()));
+    assert_eq!(dir.resolve("last").unwrap(), p10);
     assert_eq!(dir.resolve("step=10").unwrap(), dir.path().join("step=10"));
     assert_eq!(dir.resolve(p2.to_str().unwrap()).unwrap(), p2);
     assert!(matches!(
         dir.resolve("step=3"),
         Err(Error::NoSuchCheckpoint { .. })
     ));
-    assert!(matches!(
-        dir.save("step=2", &sample(2)),
-        Err(Error::AlreadyExists { .. })
-    ));
+    // The same state again is an idempotent commit; other state is a conflict.
+    assert_eq!(dir.save("step=2", &sample(2)).unwrap(), p2);
+    let err = dir.save("step=2", &sample(3)).unwrap_err();
+    assert!(matches!(err, Error::CommitConflict { .. }), "{err}");
+    assert_names(&err, "step=2");
     let ro = CheckpointDir::open_read_only(run.path()).unwrap();
     assert_eq!(
         ro.temporaries().unwrap(),

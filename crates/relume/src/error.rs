@@ -273,6 +273,59 @@ pub enum Error {
         /// Key of the live callback.
         live_key: String,
     },
+    /// `Source::Path` names a directory that is not a committed checkpoint. This is
+    /// an error under every policy: `IfExists` is for a run directory that may be
+    /// empty, not for a path the user typed.
+    #[error("resume source {path} is not a checkpoint (no manifest.json there); check the path, or resume from `Source::Last`")]
+    CheckpointPathMissing {
+        /// The path given.
+        path: std::path::PathBuf,
+    },
+    /// An optimizer holds parameters that the module does not expose in
+    /// `params()`: they would never get a gradient, so training would do nothing.
+    #[error("optimizer {optimizer} ({kind}) holds parameters that are not in the module's params(): {params:?}; build the optimizer over `module.params()` (or register these variables in the module's ParamStore)")]
+    ForeignParams {
+        /// Index of the optimizer.
+        optimizer: usize,
+        /// Its kind (`"AdamW"`).
+        kind: String,
+        /// The parameter names not in the module.
+        params: Vec<String>,
+    },
+    /// An optimizer step in which none of an optimizer's parameters got a gradient.
+    #[error("optimizer {optimizer} ({kind}) got no gradient for any of its {n_params} parameters at step {step}: the loss does not depend on them (detached, or built from other variables); fix the model, or allow it with `TrainerBuilder::allow_steps_without_gradients(true)`")]
+    NoGradients {
+        /// Index of the optimizer.
+        optimizer: usize,
+        /// Its kind.
+        kind: String,
+        /// How many parameters it holds.
+        n_params: usize,
+        /// The global step about to be taken.
+        step: u64,
+    },
+    /// A monitored metric is never produced: validation ran (or a whole training
+    /// epoch passed, when there is no validation) and it was still not logged.
+    #[error("{needed_by} monitors {metric:?}, which was never logged (logged so far: {logged:?}); log it (e.g. with ctx.log in validation_step) or monitor one of the logged names")]
+    MonitorNeverLogged {
+        /// The monitored name.
+        metric: String,
+        /// Who monitors it.
+        needed_by: String,
+        /// The metric names that were logged.
+        logged: Vec<String>,
+    },
+    /// A restore failed and rolling the live objects back to their state before it
+    /// failed too: the live objects are in an unknown state.
+    #[error("checkpoint {checkpoint}: restore failed ({cause}) and putting the live objects back failed too ({rollback}); do not train with these objects, rebuild them")]
+    RollbackFailed {
+        /// The checkpoint.
+        checkpoint: std::path::PathBuf,
+        /// Why the restore failed.
+        cause: String,
+        /// Why the rollback failed.
+        rollback: String,
+    },
 }
 
 /// Shorthand for results of this crate.

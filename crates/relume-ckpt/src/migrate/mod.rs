@@ -200,6 +200,7 @@ pub fn to_checkpoint(m: Migratable) -> Result<Checkpoint> {
         config: field("config")?,
         metrics,
         components: m.components,
+        group: Vec::new(),
     })
 }
 

@@ -107,6 +107,7 @@ pub struct HookCtx<'a> {
     pub resumed_from: Option<&'a Path>,
     requests: &'a mut Vec<Request>,
     lrs: Vec<(String, Vec<f64>)>,
+    has_validation: bool,
 }
 
 impl<'a> HookCtx<'a> {
@@ -125,6 +126,7 @@ impl<'a> HookCtx<'a> {
             resumed_from,
             requests,
             lrs: Vec::new(),
+            has_validation: true,
         }
     }
 
@@ -133,6 +135,19 @@ impl<'a> HookCtx<'a> {
     pub fn with_lrs(mut self, lrs: Vec<(String, Vec<f64>)>) -> Self {
         self.lrs = lrs;
         self
+    }
+
+    /// Says whether this fit has a validation loop (default `true`), as seen by
+    /// [`HookCtx::has_validation`].
+    pub fn with_validation(mut self, on: bool) -> Self {
+        self.has_validation = on;
+        self
+    }
+
+    /// Whether this fit has a validation loop: without one, a metric that is not
+    /// logged by the end of a training epoch never will be.
+    pub fn has_validation(&self) -> bool {
+        self.has_validation
     }
 
     /// Every optimizer's kind and current learning rate per parameter group.

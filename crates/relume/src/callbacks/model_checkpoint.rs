@@ -246,17 +246,14 @@ impl ModelCheckpoint {
             None => step as f64,
             Some(m) => match ctx.metrics.get(m) {
                 Some(v) => *v,
-                None if !self.validated => {
+                // Known to be missing for good once validation ran (without a
+                // validation loop: see `on_train_epoch_end`).
+                None if self.validated => return Err(self.never_logged(m, ctx)),
+                None => {
                     tracing::warn!(
                         "ModelCheckpoint: monitored metric {m:?} not logged yet at step {step}; not saving"
                     );
                     return Ok(());
-                }
-                None => {
-                    return Err(Error::MetricNotLogged {
-                        metric: m.clone(),
-                        needed_by: self.state_key(),
-                    })
                 }
             },
         };
@@ -340,6 +337,15 @@ impl ModelCheckpoint {
     }
 
     /// Parses the saved `best_k` object.
+    /// The error for a monitored metric that is known never to be logged.
+    fn never_logged(&self, metric: &str, ctx: &HookCtx<'_>) -> Error {
+        Error::MonitorNeverLogged {
+            metric: metric.to_string(),
+            needed_by: self.state_key(),
+            logged: ctx.metrics.keys().cloned().collect(),
+        }
+    }
+
     fn parse_best_k(state: &StateDict) -> Result<BTreeMap<String, f64>> {
         let v = state.get_json("best_k").cloned().unwrap_or(Value::Null);
         let Value::Object(m) = v else {
@@ -515,6 +521,13 @@ impl Callback for ModelCheckpoint {
     }
 
     fn on_train_epoch_end(&mut self, ctx: &mut HookCtx<'_>) -> Result<()> {
+        if let Some(m) = &self.monitor {
+            // Without validation, every metric the run logs has been logged by the
+            // end of its first epoch.
+            if !ctx.has_validation() && !ctx.metrics.contains_key(m) {
+                return Err(self.never_logged(m, ctx));
+            }
+        }
         let n = self.epochs();
         if n > 0 && (ctx.progress.epoch + 1) % n == 0 {
             self.trigger(ctx)?;
@@ -841,6 +854,6 @@ mod tests {
             &mut reqs,
         );
         let e = mc.on_train_epoch_end(&mut ctx).unwrap_err();
-        assert!(matches!(e, Error::MetricNotLogged { ref metric, .. } if metric == "val_acc"));
+        assert!(matches!(e, Error::MonitorNeverLogged { ref metric, .. } if metric == "val_acc"));
     }
 }

@@ -83,6 +83,9 @@ pub struct TrainerConfig {
     pub async_writer_priority: relume_ckpt::WriterPriority,
     /// Storage the checkpoints are written through (None: the local filesystem).
     pub checkpoint_storage: Option<Arc<dyn relume_ckpt::Storage>>,
+    /// Allow an optimizer step in which an optimizer got no gradient at all
+    /// (otherwise [`crate::Error::NoGradients`]).
+    pub allow_steps_without_gradients: bool,
 }
 
 impl Default for TrainerConfig {
@@ -111,6 +114,7 @@ impl Default for TrainerConfig {
             max_in_flight: relume_ckpt::DEFAULT_MAX_IN_FLIGHT,
             async_writer_priority: relume_ckpt::WriterPriority::default(),
             checkpoint_storage: None,
+            allow_steps_without_gradients: false,
         }
     }
 }
@@ -349,6 +353,16 @@ impl TrainerBuilder {
     /// in failure-injection tests). Default: the local filesystem.
     pub fn checkpoint_storage(mut self, storage: Arc<dyn relume_ckpt::Storage>) -> Self {
         self.cfg.checkpoint_storage = Some(storage);
+        self
+    }
+
+    /// Allows optimizer steps in which an optimizer got no gradient for any of its
+    /// parameters (for a module that deliberately trains some parameter groups only
+    /// on some steps). Default `false`: such a step is [`crate::Error::NoGradients`],
+    /// because it usually means the loss does not depend on the optimized
+    /// parameters and the run would train nothing.
+    pub fn allow_steps_without_gradients(mut self, on: bool) -> Self {
+        self.cfg.allow_steps_without_gradients = on;
         self
     }
 

@@ -27,9 +27,17 @@
 //!    the live objects untouched.)
 //! 4. Strict accounting: every component is applied and every key accounted for;
 //!    anything missing, unexpected or mismatched and not allow-listed is
-//!    [`Error::RestoreIncomplete`].
+//!    [`Error::RestoreIncomplete`]. Loggers are applied last, once every other
+//!    component was accepted (a logger cuts its files back to the checkpoint).
 //! 5. Post-restore verification: the fingerprint recomputed from the live objects
 //!    must equal the manifest's ([`Error::FingerprintMismatch`]).
+//!
+//! **All or nothing.** Before step 4 the live state is copied; if step 4 or 5
+//! fails, that copy is put back into every component (loggers aside, which are
+//! applied last and only after the others were accepted) and its fingerprint
+//! checked, so a failed restore leaves the model, optimizers, schedulers, RNG,
+//! loader, loop state and callbacks exactly as they were
+//! ([`Error::RollbackFailed`] if even that fails).
 //!
 //! ## Saving
 //! A synchronous save goes through `Connector::save`; with async checkpointing
@@ -256,7 +264,8 @@ impl Connector {
     }
 
     /// The synchronous save path: commits `components` as checkpoint `name` and
-    /// points `latest` at it. (Async saves go through
+    /// points `latest` at it once all of `group` (every save of the boundary) is
+    /// committed. (Async saves go through
     /// [`super::async_saves::AsyncSaves`] on the same directory handle.)
     ///
     /// # Errors
@@ -268,12 +277,14 @@ impl Connector {
         progress: Value,
         config: Value,
         metrics: BTreeMap<String, f64>,
+        group: Vec<String>,
     ) -> Result<PathBuf> {
         let ckpt = Checkpoint {
             components,
             progress,
             config,
             metrics,
+            group,
         };
         Ok(self.dir()?.save(name, &ckpt)?)
     }
@@ -304,7 +315,8 @@ impl Connector {
     ///
     /// # Errors
     /// [`Error::NoCheckpoint`] for `Required` with nothing found,
-    /// [`Error::NoBestCheckpoint`], relume-ckpt errors.
+    /// [`Error::CheckpointPathMissing`] for a `Source::Path` that is not a checkpoint
+    /// (under every policy), [`Error::NoBestCheckpoint`], relume-ckpt errors.
     pub(crate) fn resolve(
         &mut self,
         policy: &ResumePolicy,
@@ -315,7 +327,13 @@ impl Connector {
         };
         let ckdir = self.dir()?.path().to_path_buf();
         let found = match source {
-            Source::Path(p) => p.join("manifest.json").is_file().then(|| p.clone()),
+            Source::Path(p) => {
+                // A path the user typed must exist, whatever the policy.
+                if !p.join("manifest.json").is_file() {
+                    return Err(Error::CheckpointPathMissing { path: p.clone() });
+                }
+                Some(p.clone())
+            }
             Source::Last => self.dir()?.latest()?,
             Source::Best => match self.dir()?.latest()? {
                 None => None,
@@ -352,11 +370,9 @@ impl Connector {
                 source_desc: describe(source),
             }),
             (None, false) => {
-                let dir = match source {
-                    Source::Path(p) => p.clone(),
-                    _ => ckdir,
-                };
-                tracing::info!("no checkpoint in {}, starting fresh", dir.display());
+                // `latest` resolves from the committed checkpoints themselves, so
+                // nothing found means the directory holds none.
+                tracing::info!("no checkpoint in {}, starting fresh", ckdir.display());
                 Ok(None)
             }
         }
@@ -382,6 +398,90 @@ fn describe(s: &Source) -> String {
 /// [`Error::ConfigChanged`], [`Error::RestoreIncomplete`],
 /// [`Error::FingerprintMismatch`].
 pub(crate) fn restore(
+    path: &Path,
+    live: &mut Live<'_>,
+    live_config: &Value,
+    cfg: &TrainerConfig,
+    live_user: StateDict,
+    load_user: &mut dyn FnMut(&StateDict) -> Result<RestoreReport>,
+    user_after: &dyn Fn() -> Result<StateDict>,
+) -> Result<Restored> {
+    // All or nothing: the live state before anything is applied, put back if any
+    // step fails (a copy of the state, held only during the restore).
+    let before = live.view().components(user_after()?)?;
+    let cause = match restore_unguarded(
+        path,
+        live,
+        live_config,
+        cfg,
+        live_user,
+        load_user,
+        user_after,
+    ) {
+        Ok(r) => return Ok(r),
+        Err(e) => e,
+    };
+    if let Err(rb) = roll_back(live, &before, load_user, user_after) {
+        return Err(Error::RollbackFailed {
+            checkpoint: path.to_path_buf(),
+            cause: cause.to_string(),
+            rollback: rb.to_string(),
+        });
+    }
+    Err(cause)
+}
+
+/// Puts the state `before` (taken by [`View::components`]) back into `live` and
+/// checks that the live state hashes as it did. Loggers are not touched: they are
+/// applied last in a restore (see [`restore_unguarded`]), and their files are cut
+/// back only once every other component was accepted.
+fn roll_back(
+    live: &mut Live<'_>,
+    before: &BTreeMap<String, StateDict>,
+    load_user: &mut dyn FnMut(&StateDict) -> Result<RestoreReport>,
+    user_after: &dyn Fn() -> Result<StateDict>,
+) -> Result<()> {
+    let empty = StateDict::new();
+    let get = |n: &str| before.get(n).unwrap_or(&empty);
+    live.state.load_state_dict(get("loop"))?;
+    live.params.load_state_dict(get("model"))?;
+    for (i, o) in live.optimizers.iter_mut().enumerate() {
+        o.load_state_dict(get(&optimizer_component(i)))?;
+    }
+    for (i, s) in live.schedulers.iter_mut().enumerate() {
+        if let Some(s) = s {
+            s.scheduler.load_state_dict(get(&scheduler_component(i)))?;
+        }
+    }
+    live.rng.load_state_dict(get("rng"))?;
+    live.loader.load_state_dict(get("train_loader"))?;
+    let cbs = get("callbacks");
+    for cb in live.callbacks.iter_mut() {
+        let sd = cbs.sub(&cb.state_key());
+        if !sd.is_empty() {
+            cb.load_state_dict(&sd)?;
+        }
+    }
+    if let Some(u) = before.get("user") {
+        load_user(u)?;
+    }
+    let now = live.view().components(user_after()?)?;
+    for (name, sd) in before.iter().filter(|(n, _)| n.as_str() != "loggers") {
+        let same = now.get(name).is_some_and(|n| {
+            relume_ckpt::fingerprint_state_dict(n) == relume_ckpt::fingerprint_state_dict(sd)
+        });
+        if !same {
+            return Err(Error::StateMismatch {
+                component: name.clone(),
+                problems: vec!["its state differs from the one before the restore".into()],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Steps 1–5 of the module docs, applying as it goes; [`restore`] undoes it on error.
+fn restore_unguarded(
     path: &Path,
     live: &mut Live<'_>,
     live_config: &Value,
@@ -509,6 +609,19 @@ pub(crate) fn restore(
             report.unexpected(format!("callbacks/{k}"));
         }
     }
+    match saved.get("user") {
+        Some(sd) => {
+            used_names.push("user".into());
+            absorb(&mut report, "user", load_user(sd));
+        }
+        None if !live_user.is_empty() => report.missing("user"),
+        None => {}
+    }
+    // Everything but the loggers is applied; refuse now, before a logger cuts its
+    // files back to the checkpoint.
+    if let Some(e) = accounting_error(path, &report, allow) {
+        return Err(e);
+    }
     let saved_lgs = live.state.loggers.clone();
     let lg_state = saved.get("loggers").unwrap_or(&empty);
     if saved.contains_key("loggers") {
@@ -533,47 +646,13 @@ pub(crate) fn restore(
             report.unexpected(format!("loggers/{k}"));
         }
     }
-    match saved.get("user") {
-        Some(sd) => {
-            used_names.push("user".into());
-            absorb(&mut report, "user", load_user(sd));
-        }
-        None if !live_user.is_empty() => report.missing("user"),
-        None => {}
-    }
     for name in saved.keys() {
         if !used_names.iter().any(|u| u == name) {
             report.unexpected(name.clone());
         }
     }
-    let strict = |keys: &[String]| {
-        keys.iter()
-            .filter(|k| !allow.allows(k))
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    let missing = strict(&report.missing);
-    let unexpected = strict(&report.unexpected);
-    let mismatched: Vec<String> = report
-        .mismatched
-        .iter()
-        .filter(|m| !allow.allows(&m.key))
-        .map(|m| format!("{}: expected {}, got {}", m.key, m.expected, m.got))
-        .collect();
-    if let Some((saved_key, live_key)) = identity_change(&missing, &unexpected) {
-        return Err(Error::CallbackIdentityChanged {
-            checkpoint: path.to_path_buf(),
-            saved_key,
-            live_key,
-        });
-    }
-    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-        return Err(Error::RestoreIncomplete {
-            checkpoint: path.to_path_buf(),
-            missing,
-            unexpected,
-            mismatched,
-        });
+    if let Some(e) = accounting_error(path, &report, allow) {
+        return Err(e);
     }
     let allowed: Vec<String> = report
         .missing
@@ -614,6 +693,45 @@ pub(crate) fn restore(
         restored_components: now.keys().cloned().collect(),
         allowed,
     })
+}
+
+/// The strict-accounting error for `report`: what is missing, unexpected or
+/// mismatched and not allow-listed, if anything.
+fn accounting_error(
+    path: &Path,
+    report: &RestoreReport,
+    allow: &relume_ckpt::AllowList,
+) -> Option<Error> {
+    let strict = |keys: &[String]| {
+        keys.iter()
+            .filter(|k| !allow.allows(k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let missing = strict(&report.missing);
+    let unexpected = strict(&report.unexpected);
+    let mismatched: Vec<String> = report
+        .mismatched
+        .iter()
+        .filter(|m| !allow.allows(&m.key))
+        .map(|m| format!("{}: expected {}, got {}", m.key, m.expected, m.got))
+        .collect();
+    if let Some((saved_key, live_key)) = identity_change(&missing, &unexpected) {
+        return Some(Error::CallbackIdentityChanged {
+            checkpoint: path.to_path_buf(),
+            saved_key,
+            live_key,
+        });
+    }
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        return Some(Error::RestoreIncomplete {
+            checkpoint: path.to_path_buf(),
+            missing,
+            unexpected,
+            mismatched,
+        });
+    }
+    None
 }
 
 /// A missing and an unexpected callback key of the same callback type

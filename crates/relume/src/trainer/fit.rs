@@ -154,6 +154,11 @@ impl Trainer {
             schedulers.push(oc.scheduler);
         }
         check_ownership(&optimizers)?;
+        check_in_module(&optimizers, module.params())?;
+        let optimizer_params: Vec<Vec<String>> = optimizers
+            .iter()
+            .map(|o| o.params().into_iter().map(|(n, _)| n).collect())
+            .collect();
         for s in schedulers.iter().flatten() {
             if s.frequency == 0 {
                 return Err(Error::InvalidSetting {
@@ -186,6 +191,7 @@ impl Trainer {
             module,
             val,
             optimizers,
+            optimizer_params,
             schedulers,
             rng: RngStreams::new(self.cfg.seed),
             state: LoopState {
@@ -221,6 +227,35 @@ fn check_ownership(optimizers: &[Box<dyn Optimizer>]) -> Result<()> {
                     second: i,
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// Errors when an optimizer holds a parameter that is not the module's own (by
+/// name, or a different variable under a module parameter's name): it would never
+/// get a gradient, and the run would train nothing.
+fn check_in_module(
+    optimizers: &[Box<dyn Optimizer>],
+    params: &crate::params::ParamStore,
+) -> Result<()> {
+    for (i, o) in optimizers.iter().enumerate() {
+        let foreign: Vec<String> = o
+            .params()
+            .into_iter()
+            .filter(|(name, var)| {
+                params
+                    .get(name)
+                    .is_none_or(|mine| mine.as_tensor().id() != var.as_tensor().id())
+            })
+            .map(|(name, _)| name)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(Error::ForeignParams {
+                optimizer: i,
+                kind: o.kind().to_string(),
+                params: foreign,
+            });
         }
     }
     Ok(())
@@ -284,6 +319,8 @@ struct FitRun<'t, M: TrainModule> {
     module: &'t mut M,
     val: Option<&'t DataLoader<M::Batch>>,
     optimizers: Vec<Box<dyn Optimizer>>,
+    /// The parameter names of each optimizer, in its order.
+    optimizer_params: Vec<Vec<String>>,
     schedulers: Vec<Option<SchedulerConfig>>,
     rng: RngStreams,
     state: LoopState,
@@ -302,6 +339,7 @@ macro_rules! hook {
         let metrics = $run.state.metrics.latest().clone();
         let run_dir = $run.cfg.default_root_dir.clone();
         let resumed = $run.resumed_from.clone();
+        let has_val = $run.val.is_some();
         let lrs: Vec<(String, Vec<f64>)> = $run
             .optimizers
             .iter()
@@ -315,7 +353,8 @@ macro_rules! hook {
                 resumed.as_deref(),
                 &mut $run.requests,
             )
-            .with_lrs(lrs.clone());
+            .with_lrs(lrs.clone())
+            .with_validation(has_val);
             $body?;
         }
     }};
@@ -603,6 +642,18 @@ where
         if let Some((v, alg)) = self.cfg.gradient_clip {
             clip(&mut grads, v, alg)?;
         }
+        if !self.cfg.allow_steps_without_gradients {
+            for (i, names) in self.optimizer_params.iter().enumerate() {
+                if !names.is_empty() && names.iter().all(|n| grads.get(n).is_none()) {
+                    return Err(Error::NoGradients {
+                        optimizer: i,
+                        kind: self.optimizers[i].kind().to_string(),
+                        n_params: names.len(),
+                        step: self.state.global_step + 1,
+                    });
+                }
+            }
+        }
         for o in self.optimizers.iter_mut() {
             o.step(&grads)?;
         }
@@ -816,6 +867,7 @@ where
         }
         let components = view.components(self.module.on_save_checkpoint()?)?;
         let progress = self.state.progress_json();
+        let group = boundary_group(&saves);
         for (name, extra) in saves {
             let mut metrics = self.state.metrics.latest().clone();
             metrics.extend(extra);
@@ -826,6 +878,7 @@ where
                 progress.clone(),
                 (*self.config).clone(),
                 metrics.clone(),
+                group.clone(),
             )?;
             tracing::debug!(
                 "saved checkpoint {} at step {}",
@@ -894,6 +947,7 @@ where
         let shared = Arc::new(SharedSnapshot::new(snapshot, saves.len()));
         let progress = self.state.progress();
         let finished = self.state.finished;
+        let group = boundary_group(&saves);
         let Some(a) = self.async_saves.as_mut() else {
             unreachable!("created above")
         };
@@ -902,10 +956,11 @@ where
             let mut metrics = self.state.metrics.latest().clone();
             metrics.extend(extra);
             metrics.retain(|_, v| v.is_finite());
-            let (shared, config, m) = (
+            let (shared, config, m, group) = (
                 Arc::clone(&shared),
                 Arc::clone(&self.config),
                 metrics.clone(),
+                group.clone(),
             );
             let build = move || {
                 Ok(relume_ckpt::Checkpoint {
@@ -913,6 +968,7 @@ where
                     progress: progress_json(progress, finished),
                     config: (*config).clone(),
                     metrics: m,
+                    group,
                 })
             };
             a.submit_deferred(&name, build, progress, metrics)?;
@@ -961,6 +1017,17 @@ where
             }
         }
         Ok(())
+    }
+}
+
+/// The manifest `group` of a boundary's saves: every name when there are several
+/// (they share one state, whose callback bookkeeping may name each of them), none
+/// for a single save.
+fn boundary_group(saves: &[(String, BTreeMap<String, f64>)]) -> Vec<String> {
+    if saves.len() > 1 {
+        saves.iter().map(|(n, _)| n.clone()).collect()
+    } else {
+        Vec::new()
     }
 }
 
