@@ -258,6 +258,12 @@ pub enum Error {
         /// Length of the file.
         file_len: u64,
     },
+    /// A checkpoint directory, or an entry inside it, is a symbolic link.
+    #[error("{path}: is a symlink; relume never follows symlinks in a checkpoint, replace it with a regular file or directory")]
+    Symlink {
+        /// The symlink (the checkpoint directory itself, or the entry inside it).
+        path: PathBuf,
+    },
     /// Another process holds the run directory's writer lock.
     #[error("{path}: another process is writing checkpoints to this run directory (lock held); stop it or use another run directory")]
     Locked {
