@@ -215,6 +215,55 @@ pub enum Error {
         /// Bytes in the file's offsets.
         got: u64,
     },
+    /// A tensor in a safetensors file starts after the end of the tensor before it in
+    /// offset order, or the first tensor does not start at data offset 0: some bytes
+    /// belong to no tensor.
+    #[error("{path}: tensor {tensor:?} starts at data offset {got} but {} ends at {expected}, leaving {} bytes that belong to no tensor; the file is corrupt or was not written by a safetensors writer, re-save it", previous.as_ref().map(|p| format!("the previous tensor {p:?}")).unwrap_or_else(|| "the header".into()), got.saturating_sub(*expected))]
+    TensorGap {
+        /// The file.
+        path: PathBuf,
+        /// The tensor that starts too late.
+        tensor: String,
+        /// The tensor before it in offset order (`None` for the first tensor).
+        previous: Option<String>,
+        /// Data offset where the tensor should start (the previous tensor's end, or 0).
+        expected: u64,
+        /// Data offset where it starts.
+        got: u64,
+    },
+    /// A tensor in a safetensors file starts before the end of the tensor before it in
+    /// offset order: their bytes overlap.
+    #[error("{path}: tensor {tensor:?} starts at data offset {got}, inside tensor {previous:?} which ends at {expected}; the two overlap, the file is corrupt or was not written by a safetensors writer, re-save it")]
+    TensorOverlap {
+        /// The file.
+        path: PathBuf,
+        /// The tensor that starts too early.
+        tensor: String,
+        /// The tensor it overlaps (the one before it in offset order).
+        previous: String,
+        /// Data offset where the tensor should start (the previous tensor's end).
+        expected: u64,
+        /// Data offset where it starts.
+        got: u64,
+    },
+    /// A safetensors file has bytes after the end of its last tensor.
+    #[error("{path}: {} bytes follow the end of the tensor data at byte {data_end}{} in the {file_len}-byte file; the file is corrupt or was not written by a safetensors writer, re-save it", file_len.saturating_sub(*data_end), last_tensor.as_ref().map(|t| format!(" (after tensor {t:?})")).unwrap_or_default())]
+    TrailingBytes {
+        /// The file.
+        path: PathBuf,
+        /// The last tensor in offset order (`None` when the file has no tensors).
+        last_tensor: Option<String>,
+        /// Absolute byte offset where the tensor data ends.
+        data_end: u64,
+        /// Length of the file.
+        file_len: u64,
+    },
+    /// A checkpoint directory, or an entry inside it, is a symbolic link.
+    #[error("{path}: is a symlink; relume never follows symlinks in a checkpoint, replace it with a regular file or directory")]
+    Symlink {
+        /// The symlink (the checkpoint directory itself, or the entry inside it).
+        path: PathBuf,
+    },
     /// Another process holds the run directory's writer lock.
     #[error("{path}: another process is writing checkpoints to this run directory (lock held); stop it or use another run directory")]
     Locked {

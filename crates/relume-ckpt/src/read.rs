@@ -6,12 +6,17 @@
 //! verified files. [`verify`] runs the same checks but collects every problem
 //! instead of stopping at the first.
 //!
+//! Neither follows a symlink: a checkpoint directory that is a symlink, or a symlink
+//! anywhere inside one (listed in the manifest or not), is [`Error::Symlink`]; the
+//! directory is scanned without following links, and every file is opened with
+//! `O_NOFOLLOW` on unix, so a link swapped in after the scan is refused too.
+//!
 //! While a [`LoadedCheckpoint`] is alive it holds a shared lock on the checkpoint's
 //! `manifest.json`; [`crate::CheckpointDir::delete`] needs the exclusive lock, so a
 //! checkpoint being read is never deleted.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,18 +62,122 @@ impl VerifyReport {
     }
 }
 
+/// True when `path` itself (not what it points to) is a symlink.
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Opens `path` for reading without following a symlink in its last component
+/// (`O_NOFOLLOW` on unix, a `symlink_metadata` check elsewhere).
+///
+/// A symlink is [`Error::Symlink`], a missing file the error `missing` builds.
+fn open_nofollow(path: &Path, missing: impl FnOnce() -> Error) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    #[cfg(not(unix))]
+    if is_symlink(path) {
+        return Err(Error::Symlink {
+            path: path.to_path_buf(),
+        });
+    }
+    match options.open(path) {
+        Ok(f) => Ok(f),
+        Err(_) if is_symlink(path) => Err(Error::Symlink {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing()),
+        Err(e) => Err(io_err("open", path)(e)),
+    }
+}
+
+/// Refuses a checkpoint directory that is itself a symlink.
+///
+/// A missing directory passes: [`open_manifest`] reports it as
+/// [`Error::MissingManifest`].
+fn check_dir_not_symlink(dir: &Path) -> Result<()> {
+    // Rebuilt from its components so that a trailing `/` or `/.`, which makes
+    // `lstat` follow the link, is dropped.
+    let bare: PathBuf = dir.components().collect();
+    match std::fs::symlink_metadata(&bare) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::Symlink {
+            path: dir.to_path_buf(),
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("stat", dir)(e)),
+    }
+}
+
+/// Every symlink inside checkpoint directory `dir`, at any depth, as
+/// [`Error::Symlink`] in path order; nothing is followed. A directory that cannot be
+/// read is an [`Error::Io`]; a missing `dir` yields nothing (see
+/// [`check_dir_not_symlink`]).
+fn symlinks_inside(dir: &Path) -> Vec<Error> {
+    let mut problems = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if d == dir && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                problems.push(io_err("read directory", &d)(e));
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    problems.push(io_err("read directory", &d)(e));
+                    continue;
+                }
+            };
+            let path = entry.path();
+            // `DirEntry::file_type` does not follow symlinks.
+            match entry.file_type() {
+                Ok(t) if t.is_symlink() => problems.push(Error::Symlink { path }),
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(_) => {}
+                Err(e) => problems.push(io_err("stat", &path)(e)),
+            }
+        }
+    }
+    problems.sort_by(|a, b| problem_path(a).cmp(&problem_path(b)));
+    problems
+}
+
+/// The path an error from [`symlinks_inside`] names.
+fn problem_path(e: &Error) -> Option<&Path> {
+    match e {
+        Error::Symlink { path } | Error::Io { path, .. } => Some(path),
+        _ => None,
+    }
+}
+
+/// Adds `e` to `problems` unless it is a symlink already reported by the scan.
+fn push_problem(problems: &mut Vec<Error>, e: Error) {
+    if let Error::Symlink { path } = &e {
+        if problems
+            .iter()
+            .any(|p| matches!(p, Error::Symlink { path: q } if q == path))
+        {
+            return;
+        }
+    }
+    problems.push(e);
+}
+
 /// Opens `dir/manifest.json`, takes a shared lock on it and parses it.
 fn open_manifest(dir: &Path) -> Result<(File, Manifest, u64)> {
     let mpath = dir.join(MANIFEST_FILE);
-    let mut f = match File::open(&mpath) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::MissingManifest {
-                path: dir.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(io_err("open", &mpath)(e)),
-    };
+    let mut f = open_nofollow(&mpath, || Error::MissingManifest {
+        path: dir.to_path_buf(),
+    })?;
     fs4::FileExt::lock_shared(&f).map_err(io_err("lock", &mpath))?;
     let len = f.metadata().map_err(io_err("stat", &mpath))?.len();
     if len > MAX_MANIFEST_BYTES {
@@ -89,13 +198,7 @@ fn open_manifest(dir: &Path) -> Result<(File, Manifest, u64)> {
 fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
     let fe = &m.files[idx];
     let path = dir.join(&fe.path);
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::MissingFile { path })
-        }
-        Err(e) => return Err(io_err("open", &path)(e)),
-    };
+    let file = open_nofollow(&path, || Error::MissingFile { path: path.clone() })?;
     // SAFETY: the map is read-only; checkpoints are immutable once committed and the
     // writer never modifies a file in place (see the module docs of `commit`).
     let map = unsafe { Mmap::map(&file) }.map_err(io_err("mmap", &path))?;
@@ -272,7 +375,8 @@ fn build_components(
 /// Tensor bytes are zero-copy slices of memory maps of the verified files.
 ///
 /// # Errors
-/// The first problem [`verify`] would report: [`Error::MissingManifest`],
+/// The first problem [`verify`] would report: [`Error::Symlink`] when the directory
+/// is a symlink or holds one (listed in the manifest or not), [`Error::MissingManifest`],
 /// [`Error::ManifestChecksum`], [`Error::IncompleteManifest`],
 /// [`Error::UnsupportedFormatVersion`], [`Error::OldFormatVersion`],
 /// [`Error::UnsafePath`], [`Error::MissingFile`], [`Error::FileSize`],
@@ -280,6 +384,10 @@ fn build_components(
 /// [`Error::SafetensorsHeader`], [`Error::TensorFileLength`], [`Error::Inconsistent`].
 pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
     let dir = path.as_ref();
+    check_dir_not_symlink(dir)?;
+    if let Some(e) = symlinks_inside(dir).into_iter().next() {
+        return Err(e);
+    }
     let (lock, manifest, _) = open_manifest(dir)?;
     let mut maps = BTreeMap::new();
     for (fe, r) in manifest.files.iter().zip(check_all(dir, &manifest)) {
@@ -300,9 +408,12 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
 
 /// Verifies a checkpoint directory and reports **every** problem found.
 ///
-/// Checks the manifest, then every file (presence, size, BLAKE3, naming the damaged
-/// tensor when the damage lies in a tensor's bytes), then the safetensors headers
-/// and the agreement between files and manifest.
+/// Scans the directory for symlinks (a checkpoint directory that is itself a symlink
+/// is the only problem reported: nothing is read through it), then checks the
+/// manifest, then every file (presence, size, BLAKE3, naming the damaged tensor when
+/// the damage lies in a tensor's bytes), then the safetensors headers and the
+/// agreement between files and manifest. A symlink is reported once, as
+/// [`Error::Symlink`], whether the scan or the opening of a listed file found it.
 pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
     let dir = path.as_ref();
     let mut report = VerifyReport {
@@ -311,10 +422,15 @@ pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
         problems: Vec::new(),
         bytes_checked: 0,
     };
+    if let Err(e) = check_dir_not_symlink(dir) {
+        report.problems.push(e);
+        return report;
+    }
+    report.problems.extend(symlinks_inside(dir));
     let (_lock, manifest, mlen) = match open_manifest(dir) {
         Ok(v) => v,
         Err(e) => {
-            report.problems.push(e);
+            push_problem(&mut report.problems, e);
             return report;
         }
     };
@@ -326,10 +442,58 @@ pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
                 report.bytes_checked += map.len() as u64;
                 maps.insert(fe.path.clone(), map);
             }
-            Err(e) => report.problems.push(e),
+            Err(e) => push_problem(&mut report.problems, e),
         }
     }
     build_components(dir, &manifest, &maps, &mut report.problems);
     report.manifest = Some(manifest);
     report
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_nofollow_refuses_a_symlink_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        std::fs::write(&target, b"x").unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let missing = || Error::MissingFile { path: link.clone() };
+        let err = open_nofollow(&link, missing).unwrap_err();
+        assert!(
+            matches!(&err, Error::Symlink { path } if *path == link),
+            "{err}"
+        );
+        let dangling = tmp.path().join("dangling");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        let err = open_nofollow(&dangling, || Error::MissingFile {
+            path: dangling.clone(),
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Symlink { .. }), "{err}");
+        assert!(open_nofollow(&target, || Error::MissingFile {
+            path: target.clone()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn symlinks_inside_finds_nested_links_without_following() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sub = tmp.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::os::unix::fs::symlink("/", sub.join("root")).unwrap();
+        std::os::unix::fs::symlink(&sub, tmp.path().join("loop")).unwrap();
+        let found: Vec<PathBuf> = symlinks_inside(tmp.path())
+            .into_iter()
+            .map(|e| match e {
+                Error::Symlink { path } => path,
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(found, [tmp.path().join("loop"), sub.join("root")]);
+    }
 }

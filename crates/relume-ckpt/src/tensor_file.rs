@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Tensors are laid out contiguously in key order; offsets are relative to the end
-//! of the header. Every safetensors reader (Python, Rust, C++) can read the file.
+//! of the header. Every safetensors reader (Python, Rust, C++) can read the file, and
+//! [`parse_header`] rejects what they reject: gaps, overlaps and trailing bytes.
 
 use std::path::Path;
 
@@ -69,13 +70,19 @@ pub fn encode_header(tensors: &[(&str, &TensorData)]) -> Vec<u8> {
 /// Parses and bounds-checks the header of a safetensors file given its first bytes.
 ///
 /// `file_len` is the real length of the file; every tensor must lie inside it and
-/// have exactly dtype × shape bytes. Entries are returned in offset order.
+/// have exactly dtype × shape bytes. The layout rules are those of safetensors'
+/// `Metadata::validate`: sorted by offsets, the first tensor starts at data offset 0,
+/// each starts exactly where the one before it ends, and the last one ends exactly at
+/// the end of the file. Entries are returned in offset order.
 ///
 /// # Errors
 /// [`Error::LimitExceeded`] for an oversized header or tensor count,
 /// [`Error::SafetensorsHeader`] for malformed JSON or offsets,
 /// [`Error::TensorFileLength`] when a tensor's byte range disagrees with dtype × shape,
-/// [`Error::FileSize`] (naming the tensor) when a tensor lies past the end of the file.
+/// [`Error::TensorGap`] when bytes between two tensors (or before the first) belong
+/// to no tensor, [`Error::TensorOverlap`] when two tensors share bytes,
+/// [`Error::FileSize`] (naming the tensor) when a tensor lies past the end of the file,
+/// [`Error::TrailingBytes`] when bytes follow the last tensor.
 pub fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Vec<TensorEntry>> {
     let bad = |reason: String| Error::SafetensorsHeader {
         path: path.to_path_buf(),
@@ -167,16 +174,56 @@ pub fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Vec<Tens
         });
     }
     out.sort_by_key(|e| (e.start, e.end));
+    let data_end = check_contiguous(path, &out, data_start)?;
     if let Some(cut) = out.iter().find(|e| e.end > file_len) {
-        let expected = out.iter().map(|e| e.end).max().unwrap_or(data_start);
         return Err(Error::FileSize {
             path: path.to_path_buf(),
             tensor: Some(cut.key.clone()),
-            expected,
+            expected: data_end,
             got: file_len,
         });
     }
+    if data_end < file_len {
+        return Err(Error::TrailingBytes {
+            path: path.to_path_buf(),
+            last_tensor: out.last().map(|e| e.key.clone()),
+            data_end,
+            file_len,
+        });
+    }
     Ok(out)
+}
+
+/// Checks that `entries` (sorted by offsets) tile the data region like safetensors'
+/// `Metadata::validate` requires: the first starts at data offset 0 and each starts
+/// exactly where the one before it ends. Returns the absolute end of the data.
+fn check_contiguous(path: &Path, entries: &[TensorEntry], data_start: u64) -> Result<u64> {
+    let mut cursor = data_start;
+    let mut previous: Option<&TensorEntry> = None;
+    for e in entries {
+        if e.start > cursor {
+            return Err(Error::TensorGap {
+                path: path.to_path_buf(),
+                tensor: e.key.clone(),
+                previous: previous.map(|p| p.key.clone()),
+                expected: cursor - data_start,
+                got: e.start - data_start,
+            });
+        }
+        if e.start < cursor {
+            return Err(Error::TensorOverlap {
+                path: path.to_path_buf(),
+                tensor: e.key.clone(),
+                // `cursor` only moves past `data_start` after a previous entry.
+                previous: previous.map(|p| p.key.clone()).unwrap_or_default(),
+                expected: cursor - data_start,
+                got: e.start - data_start,
+            });
+        }
+        cursor = e.end;
+        previous = Some(e);
+    }
+    Ok(cursor)
 }
 
 #[cfg(test)]
@@ -210,6 +257,144 @@ mod tests {
             }
         ));
         assert!(err.to_string().contains("m.safetensors"));
+    }
+
+    /// A file with header `body` (a JSON object) followed by `data` zero bytes.
+    fn file(body: &str, data: usize) -> Vec<u8> {
+        let mut bytes = (body.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(body.as_bytes());
+        bytes.resize(bytes.len() + data, 0);
+        bytes
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Vec<TensorEntry>> {
+        parse_header(Path::new("m.safetensors"), bytes, bytes.len() as u64)
+    }
+
+    #[test]
+    fn gap_between_tensors_is_rejected() {
+        let bytes = file(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+            12,
+        );
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::TensorGap { tensor, previous: Some(p), expected: 4, got: 8, .. }
+                    if tensor == "b" && p == "a"
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("m.safetensors") && msg.contains("\"b\"") && msg.contains("re-save"));
+    }
+
+    #[test]
+    fn first_tensor_not_at_offset_zero_is_a_gap() {
+        let bytes = file(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+        );
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::TensorGap { tensor, previous: None, expected: 0, got: 4, .. } if tensor == "a"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overlapping_tensors_are_rejected() {
+        let bytes = file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+        );
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::TensorOverlap { tensor, previous, expected: 8, got: 4, .. }
+                    if tensor == "b" && previous == "a"
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("\"a\"") && msg.contains("\"b\"") && msg.contains("re-save"));
+    }
+
+    #[test]
+    fn identical_offsets_overlap() {
+        let bytes = file(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TensorOverlap {
+                    got: 0,
+                    expected: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let body = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let bytes = file(body, 7);
+        let data_end = 8 + body.len() as u64 + 4;
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::TrailingBytes { last_tensor: Some(t), data_end: d, file_len, .. }
+                    if t == "a" && *d == data_end && *file_len == data_end + 3
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("3 bytes follow"), "{err}");
+        let err = parse(&file("{}", 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TrailingBytes {
+                    last_tensor: None,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_data_is_still_a_file_size_error() {
+        let bytes = file(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            2,
+        );
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            matches!(&err, Error::FileSize { tensor: Some(t), .. } if t == "a"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_tensors_at_boundaries_are_contiguous() {
+        let bytes = file(
+            r#"{"e0":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"e1":{"dtype":"U8","shape":[0,3],"data_offsets":[4,4]}}"#,
+            4,
+        );
+        let keys: Vec<String> = parse(&bytes).unwrap().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["e0", "a", "e1"]);
+        assert!(parse(&file("{}", 0)).unwrap().is_empty());
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Corruption: flip one random bit in each file of a checkpoint, in turn; `verify`
 //! and `load` must detect it every time, naming the file, and naming the tensor when
-//! the bit lies in a tensor's bytes.
+//! the bit lies in a tensor's bytes. Symlinks swapped into (or for) a checkpoint are
+//! refused by both, even when they point at intact copies.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use relume_ckpt::tensor_file::parse_header;
 use relume_ckpt::{load, verify, CheckpointDir, Error};
@@ -86,4 +87,84 @@ fn every_single_bit_flip_is_detected_and_located() {
         located > 0,
         "no flip landed in tensor bytes; the test would prove nothing"
     );
+}
+
+/// A run directory with one committed checkpoint; returns both.
+fn saved() -> (tempfile::TempDir, PathBuf) {
+    let run = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(run.path()).unwrap();
+    let ckpt = dir.save("step=000003", &common::sample(3)).unwrap();
+    (run, ckpt)
+}
+
+/// Asserts that `verify(ckpt)` reports exactly one problem, the symlink `link`, and
+/// that `load(ckpt)` fails with it.
+fn assert_refused_symlink(ckpt: &Path, link: &Path) {
+    let report = verify(ckpt);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        matches!(&report.problems[0], Error::Symlink { path } if path == link),
+        "{:?}",
+        report.problems
+    );
+    let err = load(ckpt).expect_err("load must refuse a symlink");
+    assert!(
+        matches!(&err, Error::Symlink { path } if path == link),
+        "{err}"
+    );
+    assert!(err.to_string().contains("never follows symlinks"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn listed_file_symlinked_to_an_identical_copy_is_refused() {
+    let (_run, ckpt) = saved();
+    let outside = tempfile::tempdir().unwrap();
+    let model = ckpt.join("model.safetensors");
+    let copy = outside.path().join("model.safetensors");
+    std::fs::copy(&model, &copy).unwrap();
+    std::fs::remove_file(&model).unwrap();
+    std::os::unix::fs::symlink(&copy, &model).unwrap();
+    assert_refused_symlink(&ckpt, &model);
+}
+
+#[cfg(unix)]
+#[test]
+fn checkpoint_directory_symlinked_to_a_copy_is_refused() {
+    let (_run, ckpt) = saved();
+    let outside = tempfile::tempdir().unwrap();
+    let copy = outside.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(&ckpt).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    assert!(verify(&copy).is_ok(), "the copy itself is intact");
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    std::os::unix::fs::symlink(&copy, &ckpt).unwrap();
+    assert_refused_symlink(&ckpt, &ckpt);
+    // A trailing slash would make lstat follow the link; it must not help.
+    let slash = PathBuf::from(format!("{}/", ckpt.display()));
+    let err = load(&slash).expect_err("load must refuse a symlink");
+    assert!(matches!(err, Error::Symlink { .. }), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn unlisted_symlink_to_root_inside_a_checkpoint_is_refused() {
+    let (_run, ckpt) = saved();
+    let link = ckpt.join("extra");
+    std::os::unix::fs::symlink("/", &link).unwrap();
+    assert_refused_symlink(&ckpt, &link);
+}
+
+#[cfg(unix)]
+#[test]
+fn state_json_symlinked_to_etc_passwd_is_a_symlink_error() {
+    let (_run, ckpt) = saved();
+    let state = ckpt.join("state.json");
+    std::fs::remove_file(&state).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &state).unwrap();
+    // Exactly one problem: the symlink, not a size or checksum mismatch.
+    assert_refused_symlink(&ckpt, &state);
 }

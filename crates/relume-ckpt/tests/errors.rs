@@ -177,6 +177,53 @@ fn tensor_length_disagrees_with_shape() {
     assert_names(&err, "model.safetensors");
 }
 
+/// Replaces `model.safetensors` (consistently with the manifest) with header `body`
+/// and `data` bytes; returns what `verify` reported and what `load` returned.
+fn with_model_layout(body: &str, data: usize) -> (Vec<Error>, Error) {
+    let (_run, p) = saved();
+    let mut b = (body.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(body.as_bytes());
+    b.resize(b.len() + data, 0);
+    replace_file_consistently(&p, "model.safetensors", &b);
+    let report = verify(&p);
+    let err = load(&p).unwrap_err();
+    assert_names(&err, "model.safetensors");
+    (report.problems, err)
+}
+
+#[test]
+fn tensor_gap_is_reported_by_verify_and_load() {
+    let (problems, err) = with_model_layout(
+        r#"{"layer1.bias":{"dtype":"F64","shape":[8],"data_offsets":[8,72]}}"#,
+        72,
+    );
+    let gap = |e: &Error| matches!(e, Error::TensorGap { tensor, previous: None, expected: 0, got: 8, .. } if tensor == "layer1.bias");
+    assert!(gap(&err), "{err}");
+    assert!(problems.iter().any(gap), "{problems:?}");
+}
+
+#[test]
+fn tensor_overlap_is_reported_by_verify_and_load() {
+    let (problems, err) = with_model_layout(
+        r#"{"a":{"dtype":"F64","shape":[8],"data_offsets":[0,64]},"b":{"dtype":"F64","shape":[1],"data_offsets":[56,64]}}"#,
+        64,
+    );
+    let overlap = |e: &Error| matches!(e, Error::TensorOverlap { tensor, previous, .. } if tensor == "b" && previous == "a");
+    assert!(overlap(&err), "{err}");
+    assert!(problems.iter().any(overlap), "{problems:?}");
+}
+
+#[test]
+fn trailing_bytes_are_reported_by_verify_and_load() {
+    let (problems, err) = with_model_layout(
+        r#"{"layer1.bias":{"dtype":"F64","shape":[8],"data_offsets":[0,64]}}"#,
+        65,
+    );
+    let trailing = |e: &Error| matches!(e, Error::TrailingBytes { last_tensor: Some(t), .. } if t == "layer1.bias");
+    assert!(trailing(&err), "{err}");
+    assert!(problems.iter().any(trailing), "{problems:?}");
+}
+
 #[test]
 fn missing_file() {
     let (_run, p) = saved();

@@ -1,12 +1,16 @@
 //! Interop: a tensor file written by relume-ckpt loads in Python's `safetensors`
-//! (numpy backend) with identical values. Needs `python3` with `safetensors` and
-//! `numpy` (`pip install -r .ci/requirements.txt`): when they are missing the test
-//! fails if `CI` is set and is skipped with a note otherwise.
+//! (numpy backend) with identical values, and the tensor-file layouts relume's reader
+//! rejects (gaps, overlaps, trailing bytes) are rejected by Python's and Rust's
+//! `safetensors` too. Needs `python3` with `safetensors` and `numpy`
+//! (`pip install -r .ci/requirements.txt`): when they are missing the tests fail if
+//! `CI` is set and are skipped with a note otherwise.
 
+use std::path::Path;
 use std::process::Command;
 
-use relume_ckpt::{Checkpoint, CheckpointDir, DType, StateDict, TensorBytes, TensorData};
-use serde_json::json;
+use relume_ckpt::tensor_file::{encode_header, parse_header};
+use relume_ckpt::{Checkpoint, CheckpointDir, DType, Error, StateDict, TensorBytes, TensorData};
+use serde_json::{json, Value};
 
 #[test]
 fn python_safetensors_reads_relume_files() {
@@ -130,6 +134,115 @@ fn python_safetensors_reads_relume_files() {
     }
     assert!(out.status.success(), "python safetensors disagrees: {text}");
     assert!(text.contains("ok: 9 tensors identical"), "{text}");
+}
+
+/// A safetensors file with header `body` (a JSON object) and `data` bytes after it.
+fn layout(body: &str, data: usize) -> Vec<u8> {
+    let mut bytes = (body.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(body.as_bytes());
+    bytes.extend((0..data).map(|i| i as u8));
+    bytes
+}
+
+/// The name of the error relume reports for a layout, or `"ok"`.
+fn relume_verdict(path: &Path, bytes: &[u8]) -> &'static str {
+    match parse_header(path, bytes, bytes.len() as u64) {
+        Ok(_) => "ok",
+        Err(Error::TensorGap { .. }) => "gap",
+        Err(Error::TensorOverlap { .. }) => "overlap",
+        Err(Error::TrailingBytes { .. }) => "trailing",
+        Err(other) => panic!("{}: unexpected error {other}", path.display()),
+    }
+}
+
+#[test]
+fn python_safetensors_rejects_the_layouts_relume_rejects() {
+    let one = |k: &str, b: u64| {
+        format!(
+            r#""{k}":{{"dtype":"F32","shape":[1],"data_offsets":[{b},{}]}}"#,
+            b + 4
+        )
+    };
+    let a = TensorData::from_f32(vec![2], &[1.0, 2.0]).unwrap();
+    let b = TensorData::from_i64(vec![1], &[7]).unwrap();
+    let mut written = encode_header(&[("a", &a), ("b", &b)]);
+    written.extend_from_slice(a.bytes());
+    written.extend_from_slice(b.bytes());
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("relume_writer", "ok", written),
+        (
+            "hand_written",
+            "ok",
+            layout(&format!("{{{},{}}}", one("a", 0), one("b", 4)), 8),
+        ),
+        (
+            "gap",
+            "gap",
+            layout(&format!("{{{},{}}}", one("a", 0), one("b", 8)), 12),
+        ),
+        (
+            "first_not_at_zero",
+            "gap",
+            layout(&format!("{{{}}}", one("a", 4)), 8),
+        ),
+        (
+            "overlap",
+            "overlap",
+            layout(&format!("{{{},{}}}", one("a", 0), one("b", 2)), 6),
+        ),
+        (
+            "same_offsets",
+            "overlap",
+            layout(&format!("{{{},{}}}", one("a", 0), one("b", 0)), 4),
+        ),
+        (
+            "trailing",
+            "trailing",
+            layout(&format!("{{{}}}", one("a", 0)), 5),
+        ),
+        ("trailing_no_tensors", "trailing", layout("{}", 3)),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (name, want, bytes) in &cases {
+        let path = tmp.path().join(format!("{name}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(relume_verdict(&path, bytes), *want, "{name}: relume");
+        let rust_ok = safetensors::SafeTensors::deserialize(bytes).is_ok();
+        assert_eq!(rust_ok, *want == "ok", "{name}: rust safetensors disagrees");
+        paths.push(path);
+    }
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop_layout.py");
+    let out = match Command::new("python3").arg(script).args(&paths).output() {
+        Ok(o) => o,
+        Err(e) => return missing(&format!("cannot run python3: {e}")),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(3) {
+        return missing(&text);
+    }
+    assert!(out.status.success(), "python check failed: {text}");
+    let verdicts: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(verdicts.len(), cases.len(), "{text}");
+    for ((name, want, _), v) in cases.iter().zip(&verdicts) {
+        for api in ["safe_open", "load_file"] {
+            let rejected = !v[api].is_null();
+            assert_eq!(
+                rejected,
+                *want != "ok",
+                "{name}: python {api} {} it but relume says {want}: {v}",
+                if rejected { "rejects" } else { "accepts" }
+            );
+        }
+    }
 }
 
 fn missing(why: &str) {
