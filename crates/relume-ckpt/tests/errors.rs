@@ -337,6 +337,12 @@ fn list_latest_resolve() {
     drop(dir);
     let dir = CheckpointDir::open(run.path()).unwrap();
     assert!(dir.temporaries().unwrap().is_empty());
+    // A pointer naming nothing falls back on the committed checkpoints...
+    std::fs::write(dir.path().join("latest"), "gone\n").unwrap();
+    assert_eq!(dir.latest().unwrap(), Some(p10));
+    // ...and is an error only when there are none.
+    let empty = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(empty.path()).unwrap();
     std::fs::write(dir.path().join("latest"), "gone\n").unwrap();
     let err = dir.latest().unwrap_err();
     assert!(matches!(err, Error::LatestDangling { .. }), "{err}");
