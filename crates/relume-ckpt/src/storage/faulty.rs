@@ -13,10 +13,28 @@ use super::{Storage, StorageFile};
 /// its clones). Set it with [`FaultyStorage::fail_after_bytes`]; `u64::MAX` (the
 /// default) never fails. The failure is an `io::ErrorKind::StorageFull`-style error
 /// ("injected write failure"), as a full disk would produce.
+///
+/// [`FaultyStorage::fail_rename_to`] fails the renames onto one file name instead:
+/// for example `"latest"`, the instant after a checkpoint was renamed into place
+/// and before `latest` names it, which a kill or a full disk can also hit.
+/// [`FaultyStorage::abort_before_rename_to`] aborts the process there instead, as
+/// `kill -9` would (for crash tests that run the trainer in a child process).
 #[derive(Debug, Clone)]
 pub struct FaultyStorage<S> {
     inner: S,
     budget: Arc<AtomicU64>,
+    rename_fault: Arc<std::sync::Mutex<Option<RenameFault>>>,
+}
+
+/// What [`FaultyStorage`] does to a rename onto a given file name.
+#[derive(Debug, Clone)]
+struct RenameFault {
+    /// The destination file name.
+    target: String,
+    /// Renames onto it still let through before the fault.
+    skip: u64,
+    /// Abort the process instead of returning an error.
+    abort: bool,
 }
 
 impl<S: Storage> FaultyStorage<S> {
@@ -25,7 +43,54 @@ impl<S: Storage> FaultyStorage<S> {
         FaultyStorage {
             inner,
             budget: Arc::new(AtomicU64::new(u64::MAX)),
+            rename_fault: Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// From now on, let `skip` renames onto a file named `target` through, then fail
+    /// every later one with an injected error (the source stays where it was).
+    pub fn fail_rename_to(&self, target: &str, skip: u64) {
+        self.set_rename_fault(target, skip, false);
+    }
+
+    /// As [`FaultyStorage::fail_rename_to`], but abort the process (no unwinding, no
+    /// destructors: what `kill -9` leaves behind) instead of returning an error.
+    pub fn abort_before_rename_to(&self, target: &str, skip: u64) {
+        self.set_rename_fault(target, skip, true);
+    }
+
+    fn set_rename_fault(&self, target: &str, skip: u64, abort: bool) {
+        let mut f = self
+            .rename_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *f = Some(RenameFault {
+            target: target.to_string(),
+            skip,
+            abort,
+        });
+    }
+
+    /// Whether the rename onto `to` is to fail; aborts the process for an abort fault.
+    fn rename_faults(&self, to: &Path) -> bool {
+        let mut f = self
+            .rename_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(fault) = f.as_mut() else {
+            return false;
+        };
+        if to.file_name().and_then(|n| n.to_str()) != Some(fault.target.as_str()) {
+            return false;
+        }
+        if fault.skip > 0 {
+            fault.skip -= 1;
+            return false;
+        }
+        if fault.abort {
+            std::process::abort();
+        }
+        true
     }
 
     /// From now on, let `bytes` more bytes through, then fail every write.
@@ -86,6 +151,9 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.rename_faults(to) {
+            return Err(injected());
+        }
         self.inner.rename(from, to)
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
