@@ -37,6 +37,7 @@ use relume::trainer::{
 };
 
 use relume::preempt::{Preemption, PREEMPTED_EXIT_CODE};
+use relume_ckpt::CheckpointDir;
 
 struct Args {
     data: PathBuf,
@@ -198,10 +199,18 @@ fn run() -> Result<i32> {
     let args = parse_args()?;
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
-    if args.fresh && ckpt_dir.exists() {
-        println!("--fresh: removing {}", ckpt_dir.display());
-        std::fs::remove_dir_all(&ckpt_dir)
-            .with_context(|| format!("removing {}", ckpt_dir.display()))?;
+    if args.fresh {
+        // Under the writer lock (a live run in this directory makes this an error),
+        // and crash-safe: a kill leaves the old run whole or an empty one.
+        let dir = CheckpointDir::open(&args.run_dir)
+            .with_context(|| format!("--fresh: cannot clear {}", ckpt_dir.display()))?;
+        let n = dir
+            .clear()
+            .with_context(|| format!("--fresh: clearing {}", ckpt_dir.display()))?;
+        println!(
+            "--fresh: removed {n} checkpoints from {}",
+            ckpt_dir.display()
+        );
     }
 
     // Signals only set a flag; the trainer checks it at step boundaries.

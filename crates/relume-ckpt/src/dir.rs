@@ -128,28 +128,7 @@ impl CheckpointDir {
         storage
             .create_dir_all(&dir)
             .map_err(io_err("create directory", &dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("open", &lock_path))?;
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        loop {
-            match fs4::FileExt::try_lock(&lock) {
-                Ok(()) => break,
-                // A holder that is exiting, or a forked child between fork and exec
-                // (which briefly inherits the descriptor), releases it within moments.
-                Err(fs4::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(fs4::TryLockError::WouldBlock) => {
-                    return Err(Error::Locked { path: lock_path })
-                }
-                Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
-            }
-        }
+        let lock = take_writer_lock(&dir)?;
         let me = CheckpointDir {
             dir,
             storage,
@@ -578,5 +557,35 @@ fn describe_pointer(pointer: Option<&str>) -> String {
     match pointer {
         None => "was missing".to_string(),
         Some(n) => format!("named {n:?}"),
+    }
+}
+
+/// Takes the exclusive writer lock on `dir/.lock` (creating the file), waiting up to
+/// [`LOCK_WAIT`] for a holder that is letting go. Every mutation of a checkpoints
+/// directory holds it: [`CheckpointDir::open`] for saves, retention and
+/// [`CheckpointDir::clear`], and [`crate::migrate_in_place`].
+///
+/// # Errors
+/// [`Error::Locked`] when another handle or process holds it, [`Error::Io`].
+pub(crate) fn take_writer_lock(dir: &Path) -> Result<File> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("open", &lock_path))?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match fs4::FileExt::try_lock(&lock) {
+            Ok(()) => return Ok(lock),
+            // A holder that is exiting, or a forked child between fork and exec
+            // (which briefly inherits the descriptor), releases it within moments.
+            Err(fs4::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(fs4::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
+            Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+        }
     }
 }

@@ -172,3 +172,21 @@ fn regenerate_v0_fixture() {
     )
     .unwrap();
 }
+
+#[test]
+fn in_place_migration_inside_a_run_holds_the_writer_lock() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = relume_ckpt::CheckpointDir::open(run.path()).unwrap();
+    let p = dir.path().join("step-5");
+    copy_dir(&fixture(), &p);
+    // A training run holds the directory: the migration is refused, nothing changes.
+    let err = migrate_in_place(&p, FORMAT_VERSION).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(verify(&p)
+        .problems
+        .iter()
+        .any(|e| matches!(e, Error::OldFormatVersion { .. })));
+    drop(dir);
+    migrate_in_place(&p, FORMAT_VERSION).unwrap();
+    check_migrated(&p);
+}

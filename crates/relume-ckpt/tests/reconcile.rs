@@ -58,7 +58,10 @@ fn latest_behind_after_a_failed_pointer_update_is_reconciled_and_the_step_recomm
     faulty.fail_rename_to("latest", 0);
     let err = dir.save("step=000002", &sample(2)).unwrap_err();
     assert!(err.to_string().contains("latest"), "{err}");
-    assert!(run.path().join("checkpoints/step=000002/manifest.json").is_file());
+    assert!(run
+        .path()
+        .join("checkpoints/step=000002/manifest.json")
+        .is_file());
     assert_eq!(pointer(&dir).as_deref(), Some("step=000001"));
     drop(dir);
     let ro = CheckpointDir::open_read_only(run.path()).unwrap();
@@ -94,7 +97,10 @@ fn full_disk_while_latest_is_replaced_does_not_wedge_the_run() {
     faulty.fail_after_bytes(size + 1);
     let err = dir.save("step=000002", &sample(2)).unwrap_err();
     assert!(err.to_string().contains(".tmp-latest"), "{err}");
-    assert!(run.path().join("checkpoints/step=000002/manifest.json").is_file());
+    assert!(run
+        .path()
+        .join("checkpoints/step=000002/manifest.json")
+        .is_file());
     drop(dir);
     // Space is back: the next writer reconciles, and the replayed save is idempotent.
     let dir = CheckpointDir::open(run.path()).unwrap();

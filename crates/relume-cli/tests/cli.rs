@@ -911,3 +911,13 @@ fn lightning_convert_weights_only_files() {
     ]);
     assert_eq!(code(&o), 2);
 }
+
+#[test]
+fn verify_on_a_run_without_checkpoints_fails_saying_so() {
+    let run = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(run.path().join("checkpoints")).unwrap();
+    let o = relume(["verify".as_ref(), run.path().as_os_str()]);
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(all.contains("no committed checkpoint"), "{all}");
+}

@@ -237,8 +237,13 @@ pub fn migrate_dir(src: &Path, dst: &Path, to: u64) -> Result<PathBuf> {
 /// is committed next to it and the two are swapped atomically; the old one is then
 /// removed. A crash leaves one of them at `path` and the other as a `.tmp-*`.
 ///
+/// Inside a run's `checkpoints/` directory it takes the writer lock first, like
+/// every other mutation of a run directory.
+///
 /// # Errors
-/// As [`migrate_dir`]; [`Error::Io`] when the atomic exchange is not supported.
+/// [`Error::Locked`] when a training run (or another writer) holds the run
+/// directory; as [`migrate_dir`]; [`Error::Io`] when the atomic exchange is not
+/// supported.
 pub fn migrate_in_place(path: &Path, to: u64) -> Result<()> {
     if to != FORMAT_VERSION {
         return Err(Error::UnsupportedFormatVersion {
@@ -251,6 +256,17 @@ pub fn migrate_in_place(path: &Path, to: u64) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // In a run's checkpoints directory, a migration is a mutation like any other:
+    // it holds the writer lock, so it never races a training run.
+    let in_run = parent.join(crate::dir::LOCK_FILE).exists()
+        || parent
+            .file_name()
+            .is_some_and(|n| n == crate::dir::CHECKPOINTS_DIR);
+    let _lock = if in_run {
+        Some(crate::dir::take_writer_lock(parent)?)
+    } else {
+        None
+    };
     let (from, m) = read_any(path)?;
     let ckpt = to_checkpoint(upgrade(m, from, to)?)?;
     let storage = LocalStorage;

@@ -232,7 +232,16 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
     paths.sort();
     notes.sort();
     if paths.is_empty() {
-        notes.push(format!("no checkpoints in {}", dir.path().display()));
+        // Nothing verified is not "ok": a run directory without checkpoints cannot
+        // resume, and a script checking `relume verify RUN` must hear it.
+        problems.push(Problem {
+            file: Some(dir.path().to_path_buf()),
+            tensor: None,
+            message: format!(
+                "{}: no committed checkpoint to verify; check the run directory (a run writes them under checkpoints/)",
+                dir.path().display()
+            ),
+        });
     }
     Ok((paths.iter().map(|p| check(p)).collect(), problems, notes))
 }

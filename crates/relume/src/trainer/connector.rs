@@ -409,6 +409,7 @@ pub(crate) fn restore(
     // All or nothing: the live state before anything is applied, put back if any
     // step fails (a copy of the state, held only during the restore).
     let before = live.view().components(user_after()?)?;
+    let (rng_before, state_before) = (live.rng.clone(), live.state.clone());
     let cause = match restore_unguarded(
         path,
         live,
@@ -421,6 +422,10 @@ pub(crate) fn restore(
         Ok(r) => return Ok(r),
         Err(e) => e,
     };
+    // The RNG streams and the loop state are plain values: put back as they were
+    // (a restore may have created streams that a load of the old state keeps).
+    *live.rng = rng_before;
+    *live.state = state_before;
     if let Err(rb) = roll_back(live, &before, load_user, user_after) {
         return Err(Error::RollbackFailed {
             checkpoint: path.to_path_buf(),
@@ -443,7 +448,6 @@ fn roll_back(
 ) -> Result<()> {
     let empty = StateDict::new();
     let get = |n: &str| before.get(n).unwrap_or(&empty);
-    live.state.load_state_dict(get("loop"))?;
     live.params.load_state_dict(get("model"))?;
     for (i, o) in live.optimizers.iter_mut().enumerate() {
         o.load_state_dict(get(&optimizer_component(i)))?;
@@ -453,7 +457,6 @@ fn roll_back(
             s.scheduler.load_state_dict(get(&scheduler_component(i)))?;
         }
     }
-    live.rng.load_state_dict(get("rng"))?;
     live.loader.load_state_dict(get("train_loader"))?;
     let cbs = get("callbacks");
     for cb in live.callbacks.iter_mut() {

@@ -66,6 +66,13 @@ pub struct Spec {
     pub resume: bool,
     /// Resume from `Source::Best` (required).
     pub resume_best: bool,
+    /// Built-in checkpoint every n optimizer steps.
+    pub every_n_steps: Option<u64>,
+    /// Abort the process (as `kill -9` would) before the n-th rename onto
+    /// `latest` (0: the first), right after a checkpoint was renamed into place.
+    pub abort_at_latest_rename: Option<u64>,
+    /// Fail the save of the checkpoint of this name (its rename into place).
+    pub fail_save_of: Option<String>,
 }
 
 impl Default for Spec {
@@ -86,6 +93,9 @@ impl Default for Spec {
             async_ckpt: false,
             resume: true,
             resume_best: false,
+            every_n_steps: None,
+            abort_at_latest_rename: None,
+            fail_save_of: None,
         }
     }
 }
@@ -244,6 +254,19 @@ pub fn builder(spec: &Spec, run_dir: &Path, preempt: Arc<Preemption>) -> Result<
         });
     if let Some(n) = spec.val_steps {
         b = b.val_check_interval(ValCheck::Steps(n));
+    }
+    if let Some(n) = spec.every_n_steps {
+        b = b.checkpoint_every_n_steps(n);
+    }
+    if spec.abort_at_latest_rename.is_some() || spec.fail_save_of.is_some() {
+        let faulty = relume_ckpt::FaultyStorage::new(relume_ckpt::LocalStorage);
+        if let Some(n) = spec.abort_at_latest_rename {
+            faulty.abort_before_rename_to("latest", n);
+        }
+        if let Some(name) = &spec.fail_save_of {
+            faulty.fail_rename_to(name, 0);
+        }
+        b = b.checkpoint_storage(Arc::new(faulty));
     }
     if let Some(k) = spec.top_k {
         b = b.checkpoint_every_n_epochs(0).callback(Box::new(
