@@ -17,7 +17,10 @@
 //! kept set are requested for deletion; the trainer deletes them only after
 //! the boundary's save has committed. The names evicted by a save are also
 //! recorded in the state (`pending_deletes`): a run killed between the commit
-//! and the deletion deletes them after resuming from that checkpoint.
+//! and the deletion deletes them after resuming from that checkpoint. The
+//! checkpoint the run resumed from is recorded there too when the top k drop it
+//! (its deletion itself is deferred, below), so the list is the same as in an
+//! uninterrupted run.
 //!
 //! ## The checkpoint the run resumed from
 //! It is protected for as long as the run may still need it: while the run is
@@ -320,8 +323,13 @@ impl ModelCheckpoint {
                         "ModelCheckpoint: keeping {name} while the run that resumed from it is in progress; it is deleted when the run completes"
                     );
                     if !self.deferred_deletes.contains(&name) {
-                        self.deferred_deletes.push(name);
+                        self.deferred_deletes.push(name.clone());
                     }
+                    // Evicted by this save all the same: the state records it as an
+                    // uninterrupted run's does (a run resumed from a later checkpoint
+                    // no longer needs it), so a killed-and-resumed run ends with the
+                    // same state, byte for byte.
+                    self.pending_deletes.push(name);
                 }
                 Retain::Keep { name, reason } => {
                     let why = match reason {

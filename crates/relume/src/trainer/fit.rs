@@ -465,6 +465,14 @@ where
             );
             tracing::info!("{msg}");
             self.progress.println(&msg);
+            // Deletions the final save requested and a kill interrupted
+            // (`ModelCheckpoint`'s pending deletions, re-requested on load).
+            for r in std::mem::take(&mut self.requests) {
+                if let Request::Delete { name } = r {
+                    let keep = self.resumed_from.clone();
+                    self.connector.delete(&name, keep.as_deref())?;
+                }
+            }
             return Ok(FitOutcome::AlreadyFinished(self.summary()));
         }
         if !resumed {

@@ -397,7 +397,14 @@ pub fn assert_identical(a: &Path, b: &Path) {
     let (ca, cb) = (final_components(a), final_components(b));
     assert_eq!(ca.keys().collect::<Vec<_>>(), cb.keys().collect::<Vec<_>>());
     for (name, sd) in &ca {
-        assert!(sd == &cb[name], "component {name} differs after resume");
+        if sd != &cb[name] {
+            let differing: Vec<String> = sd
+                .json_leaves()
+                .filter(|(k, v)| cb[name].get_json(k) != Some(*v))
+                .map(|(k, v)| format!("{k}: {v} vs {:?}", cb[name].get_json(k)))
+                .collect();
+            panic!("component {name} differs after resume: {differing:?}");
+        }
     }
     assert_eq!(relume_ckpt::fingerprint(&ca), relume_ckpt::fingerprint(&cb));
 }
