@@ -382,14 +382,9 @@ mod tests {
     use super::*;
 
     fn tensor(shape: &[usize], dtype: TorchDType) -> TorchTensor {
-        let n: usize = shape.iter().product::<usize>().max(1);
-        TorchTensor {
-            dtype,
-            shape: shape.to_vec(),
-            data: Arc::from(vec![0u8; n * dtype.size_in_bytes()]),
-            storage_key: "0".into(),
-            requires_grad: false,
-        }
+        let n: usize = shape.iter().product::<usize>();
+        let bytes = Arc::from(vec![0u8; n * dtype.size_in_bytes()]);
+        TorchTensor::from_bytes(dtype, shape.to_vec(), "0", bytes).unwrap()
     }
 
     fn s(x: &str) -> PyValue {
