@@ -30,11 +30,18 @@
 //! that keeps the count cannot be detected, and shapes are checked against the
 //! named parameter to catch most of them.
 //!
+//! ## Memory
+//! No tensor is loaded into memory. The `.ckpt` is memory-mapped and each tensor of a
+//! stored zip entry (what `torch.save` writes) is handed to the writer as a slice of the
+//! map, so the pages it touches are file-backed and reclaimable, not heap; only a
+//! non-contiguous view or a tensor of a compressed entry is copied into memory, and held
+//! until the checkpoint is written. `OUT/model.safetensors` is copied from the checkpoint by the
+//! kernel (`std::io::copy`), not through a buffer the size of the file.
+//!
 //! The result is for weights and inspection: it has no relume RNG, data cursor or
 //! loop state, so `relume inspect` reports it as not resumable.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -242,14 +249,15 @@ fn json_leaves(v: &PyValue, skip: &[&str]) -> StateDict {
 }
 
 /// Copies `src` to `dst` durably: a temporary in `dst`'s directory, fsync, rename,
-/// fsync of the directory.
+/// fsync of the directory. The bytes are streamed through a small buffer, so memory
+/// does not grow with the file.
 fn copy_durable(src: &Path, dst: &Path) -> anyhow::Result<()> {
     let dir = dst.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".tmp-{WEIGHTS_FILE}-{}", std::process::id()));
-    let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+    let mut from = std::fs::File::open(src).with_context(|| format!("open {}", src.display()))?;
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(&bytes)
-        .with_context(|| format!("write {}", tmp.display()))?;
+    std::io::copy(&mut from, &mut f)
+        .with_context(|| format!("copy {} to {}", src.display(), tmp.display()))?;
     f.sync_all()
         .with_context(|| format!("fsync {}", tmp.display()))?;
     drop(f);
