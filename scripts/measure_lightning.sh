@@ -8,6 +8,7 @@
 # big_lightning_ckpt), then for each binary runs, under /usr/bin/time -v,
 #   BIN lightning inspect WORKDIR/big.ckpt --json
 #   BIN lightning convert WORKDIR/big.ckpt WORKDIR/out-<n> --json
+# (BIG_CKPT_GEN=path/to/big_lightning_ckpt uses a prebuilt generator instead of cargo run)
 # and prints peak RSS ("Maximum resident set size", anonymous and file-backed pages
 # together), the peak of anonymous memory alone (RssAnon, sampled from /proc every 20 ms)
 # and wall time. Everything under WORKDIR is deleted at the end.
@@ -23,7 +24,11 @@ shift 2
 mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 
-cargo run --release -q -p relume-ckpt --example big_lightning_ckpt -- "$work/big.ckpt" "$mib"
+if [ -n "${BIG_CKPT_GEN:-}" ]; then
+    "$BIG_CKPT_GEN" "$work/big.ckpt" "$mib"
+else
+    cargo run --release -q -p relume-ckpt --example big_lightning_ckpt -- "$work/big.ckpt" "$mib"
+fi
 ls -l "$work/big.ckpt"
 
 # Runs "$@" under /usr/bin/time -v; prints max RSS, peak RssAnon and wall time.

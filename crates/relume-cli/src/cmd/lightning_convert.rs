@@ -36,7 +36,9 @@
 //! map, so the pages it touches are file-backed and reclaimable, not heap; only a
 //! non-contiguous view or a tensor of a compressed entry is copied into memory, and held
 //! until the checkpoint is written. `OUT/model.safetensors` is copied from the checkpoint by the
-//! kernel (`std::io::copy`), not through a buffer the size of the file.
+//! kernel (`std::io::copy`), not through a buffer the size of the file. The source is
+//! unmapped before the written checkpoint is verified (the verifier maps its files in
+//! turn), so the two sets of file-backed pages are not resident at once.
 //!
 //! The result is for weights and inspection: it has no relume RNG, data cursor or
 //! loop state, so `relume inspect` reports it as not resumable.
@@ -338,6 +340,16 @@ pub fn run(opts: &ConvertOpts) -> anyhow::Result<Status> {
     };
     let dir = CheckpointDir::open(&opts.out)?;
     let path = dir.save(&name, &ckpt)?;
+    let components = ckpt
+        .components
+        .iter()
+        .map(|(k, v)| (k.clone(), v.len()))
+        .collect();
+    // Unmap the source before verifying: the verifier maps the written files, and the
+    // source's pages touched while writing need not stay resident beside them.
+    drop(ckpt);
+    drop(weights);
+    drop(l);
     let weights_path = opts.out.join(WEIGHTS_FILE);
     copy_durable(&path.join(WEIGHTS_FILE), &weights_path)?;
     let verification = check(&path);
@@ -346,11 +358,7 @@ pub fn run(opts: &ConvertOpts) -> anyhow::Result<Status> {
         source: opts.ckpt.clone(),
         checkpoint: path,
         weights: weights_path,
-        components: ckpt
-            .components
-            .iter()
-            .map(|(k, v)| (k.clone(), v.len()))
-            .collect(),
+        components,
         optimizer_params_mapped: mapped,
         verification,
     };
