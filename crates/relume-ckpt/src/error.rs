@@ -370,6 +370,15 @@ pub enum Error {
         /// The recorded byte order.
         got: String,
     },
+    /// A tensor's view does not fit its storage (its public shape was changed after the
+    /// pickle was read, or the tensor was built inconsistently).
+    #[error("{entry}: the tensor view does not fit its storage: {reason}")]
+    TorchTensorView {
+        /// The storage's zip entry (`"archive/data/0"`).
+        entry: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The pickle is malformed.
     #[error("{file} at byte {offset}: malformed pickle: {reason}")]
     Pickle {

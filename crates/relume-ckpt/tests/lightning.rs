@@ -2,7 +2,7 @@
 //! `.expected.json` value for value; hostile pickles stay inert; bad input is a clear,
 //! bounded error.
 
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -106,15 +106,15 @@ fn compare(expected: &Value, actual: &PyValue, at: &str, checked: &mut usize) {
                 .map(|d| d.as_u64().unwrap() as usize)
                 .collect();
             assert_eq!(t.shape, shape, "{at}: shape");
-            let abs_sum: f64 = t.to_f64_vec().iter().map(|x| x.abs()).sum();
+            let abs_sum: f64 = t.to_f64_vec().unwrap().iter().map(|x| x.abs()).sum();
             let want_sum = expected_f64(&spec["sum"], at);
+            let sum = t.sum_f64().unwrap();
             assert!(
-                close(want_sum, t.sum_f64(), abs_sum),
-                "{at}: sum {} != expected {want_sum}",
-                t.sum_f64()
+                close(want_sum, sum, abs_sum),
+                "{at}: sum {sum} != expected {want_sum}"
             );
             let want_first = expected_f64(&spec["first"], at);
-            let first = t.first_f64().unwrap();
+            let first = t.first_f64().unwrap().unwrap();
             // serde_json's float parsing may be one ulp off the exact decimal; compare at
             // the tensor's own precision.
             assert!(
@@ -485,8 +485,29 @@ fn state_dict_pickle(
     size: &[i32],
     stride: &[i32],
 ) -> Vec<u8> {
-    let mut p = P::default()
-        .proto()
+    state_dict_ops(
+        P::default().proto(),
+        name,
+        storage,
+        numel,
+        offset,
+        size,
+        stride,
+    )
+    .stop()
+}
+
+/// Appends the opcodes that push an `OrderedDict` of one tensor `name` over storage "0".
+fn state_dict_ops(
+    p: P,
+    name: &str,
+    storage: &str,
+    numel: i32,
+    offset: i32,
+    size: &[i32],
+    stride: &[i32],
+) -> P {
+    let mut p = p
         .global("collections", "OrderedDict")
         .op(b')')
         .op(b'R')
@@ -518,7 +539,6 @@ fn state_dict_pickle(
         .op(b't')
         .op(b'R')
         .op(b's') // SETITEM
-        .stop()
 }
 
 #[test]
@@ -546,7 +566,10 @@ fn plain_torch_save_state_dict_is_weights_only() {
     let sd = ckpt.state_dict();
     assert_eq!(sd.len(), 1);
     assert_eq!(sd[0].1.shape, [3, 2]);
-    assert_eq!(sd[0].1.to_f64_vec(), [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    assert_eq!(
+        sd[0].1.to_f64_vec().unwrap(),
+        [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+    );
     let findings = ckpt.diagnose();
     assert_eq!(findings.len(), 1);
     assert_eq!(findings[0].code, "plain-state-dict");
@@ -614,7 +637,7 @@ fn every_storage_dtype_and_offsets_decode() {
         let v = parse_pickle(&pickle, "t.pkl", &mut storages, &Limits::small()).unwrap();
         let t = v.get("t").unwrap().as_tensor().unwrap();
         assert_eq!(t.dtype, dtype, "{class}");
-        assert_eq!(t.to_f64_vec(), [value], "{class}");
+        assert_eq!(t.to_f64_vec().unwrap(), [value], "{class}");
     }
 }
 
@@ -934,7 +957,7 @@ fn tensors_convert_to_relume_leaves_except_int8_and_int16() {
             .iter()
             .map(|&x| f64::from(x))
             .collect();
-        assert_eq!(as_f64, t.to_f64_vec());
+        assert_eq!(as_f64, t.to_f64_vec().unwrap());
     }
     let mut storages = MemoryStorages::default();
     storages
@@ -952,5 +975,217 @@ fn tensors_convert_to_relume_leaves_except_int8_and_int16() {
     assert!(
         matches!(&err, Error::UnsupportedTorchDType { tensor, dtype: "int8" } if tensor == "c"),
         "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Laziness: reading a checkpoint reads no storage; conversion reads exactly the storages
+// ---------------------------------------------------------------------------------------
+
+/// Overwrites 16 bytes at `at` inside the data of stored entry `entry`, so that its
+/// CRC-32 no longer matches and any read of the entry fails.
+fn damage_entry(path: &Path, entry: &str, at: u64) {
+    let start = {
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+        let index = zip.index_for_name(entry).unwrap();
+        let file = zip.by_index_raw(index).unwrap();
+        assert_eq!(file.compression(), zip::CompressionMethod::Stored);
+        assert!(at + 16 <= file.size());
+        file.data_start().unwrap()
+    };
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(std::io::SeekFrom::Start(start + at)).unwrap();
+    f.write_all(&[0xab; 16]).unwrap();
+}
+
+#[test]
+fn inspecting_a_large_storage_reads_none_of_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.ckpt");
+    // 64 MiB of float32: a 4096 x 4096 weight in a stored entry, as torch.save writes it.
+    let (rows, cols) = (4096i32, 4096i32);
+    let bytes = (rows * cols) as usize * 4;
+    let p = P::default()
+        .proto()
+        .op(b'}')
+        .op(b'(')
+        .str("pytorch-lightning_version")
+        .str("2.6.6")
+        .str("epoch")
+        .int(0)
+        .str("global_step")
+        .int(0)
+        .str("state_dict");
+    let pickle = state_dict_ops(
+        p,
+        "big.weight",
+        "FloatStorage",
+        rows * cols,
+        0,
+        &[rows, cols],
+        &[cols, 1],
+    )
+    .op(b'u') // SETITEMS
+    .stop();
+    write_zip(
+        &path,
+        &[
+            ("big/data.pkl", &pickle),
+            ("big/byteorder", b"little"),
+            ("big/data/0", &vec![0u8; bytes]),
+            ("big/version", b"3\n"),
+        ],
+    );
+    // Damage the storage: reading any of it in full now fails its CRC, so the reader
+    // succeeding below proves it did not read it.
+    damage_entry(&path, "big/data/0", bytes as u64 / 2);
+
+    let ckpt = LightningCheckpoint::open(&path).unwrap();
+    // Everything `relume lightning inspect` shows.
+    assert_eq!(ckpt.kind(), CheckpointKind::WeightsOnly);
+    let sd = ckpt.state_dict();
+    assert_eq!(sd.len(), 1);
+    let (name, t) = &sd[0];
+    assert_eq!(name, "big.weight");
+    assert_eq!(t.shape, [4096, 4096]);
+    assert_eq!(t.nbytes(), bytes as u64);
+    assert_eq!(t.storage().len(), bytes as u64);
+    assert!(t.storage().is_zero_copy());
+    assert_eq!(t.scalar_f64(), None);
+    let json = ckpt.root().to_json();
+    assert_eq!(
+        json["state_dict"]["big.weight"]["tensor"]["shape"],
+        serde_json::json!([4096, 4096])
+    );
+    let _ = ckpt.diagnose();
+    let _ = (ckpt.optimizers(), ckpt.callbacks(), ckpt.loop_progress());
+    assert_eq!(
+        ckpt.storage_bytes_read(),
+        0,
+        "inspection read storage bytes"
+    );
+    assert_eq!(t.storage().bytes_read(), 0);
+
+    // Reading the tensor does read the storage, and finds the damage.
+    let err = t.to_tensor_data(name).unwrap_err();
+    assert!(
+        matches!(&err, Error::ZipTruncated { reason, .. } if reason.contains("big/data/0") && reason.contains("checksum")),
+        "{err}"
+    );
+}
+
+/// The view `(offset, shape, stride)` of `storage` gathered row-major, element by element.
+fn gather(storage: &[u8], offset: u64, shape: &[usize], stride: &[u64], esize: usize) -> Vec<u8> {
+    let numel: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(numel * esize);
+    for flat in 0..numel {
+        let (mut rest, mut pos) = (flat, offset as usize);
+        for d in (0..shape.len()).rev() {
+            pos += (rest % shape[d]) * stride[d] as usize;
+            rest /= shape[d];
+        }
+        out.extend_from_slice(&storage[pos * esize..(pos + 1) * esize]);
+    }
+    out
+}
+
+/// Every tensor of a checkpoint (weights, then optimizer state) with a label.
+fn all_tensors(ckpt: &LightningCheckpoint) -> Vec<(String, relume_ckpt::TorchTensor)> {
+    let mut out: Vec<_> = ckpt
+        .state_dict()
+        .into_iter()
+        .map(|(n, t)| (n, t.clone()))
+        .collect();
+    for (i, o) in ckpt.optimizers().iter().enumerate() {
+        out.extend(
+            o.state_tensors()
+                .into_iter()
+                .map(|(n, t)| (format!("optimizer.{i}/{n}"), t.clone())),
+        );
+    }
+    out
+}
+
+#[test]
+fn converted_tensors_are_the_stored_bytes_without_a_copy() {
+    for fixture in [
+        "adam_steplr_epoch_end.ckpt",
+        "sgd_cosine_mid_epoch.ckpt",
+        "weights_only.ckpt",
+    ] {
+        let path = data_dir().join(fixture);
+        let ckpt = LightningCheckpoint::open(&path).unwrap();
+        assert_eq!(ckpt.storage_bytes_read(), 0, "{fixture}");
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let prefix = zip
+            .file_names()
+            .find_map(|n| n.ok()?.strip_suffix("/data.pkl").map(str::to_string))
+            .unwrap();
+        let tensors = all_tensors(&ckpt);
+        assert!(!tensors.is_empty(), "{fixture}");
+        for (name, t) in &tensors {
+            let leaf = t.to_tensor_data(name).unwrap();
+            // What the eager reader did: inflate the entry (CRC-checked by the zip
+            // crate), then copy the view out.
+            let mut storage = Vec::new();
+            zip.by_name(&format!("{prefix}/data/{}", t.storage_key()))
+                .unwrap()
+                .read_to_end(&mut storage)
+                .unwrap();
+            let esize = t.dtype.size_in_bytes();
+            let want = gather(&storage, t.storage_offset(), &t.shape, t.stride(), esize);
+            assert_eq!(&leaf.bytes()[..], &want[..], "{fixture}: {name}");
+            assert!(leaf.bytes().is_mapped(), "{fixture}: {name} was copied");
+        }
+        assert!(ckpt.storage_bytes_read() > 0, "{fixture}");
+    }
+}
+
+#[test]
+fn a_compressed_storage_is_inflated_on_demand() {
+    let src = data_dir().join("adam_steplr_epoch_end.ckpt");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deflated.ckpt");
+    {
+        let mut from = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+        let mut to = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for i in 0..from.len() {
+            let mut entry = from.by_index(i).unwrap();
+            let name = entry.name().unwrap().to_string();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            to.start_file(name, opts).unwrap();
+            to.write_all(&bytes).unwrap();
+        }
+        to.finish().unwrap();
+    }
+    let stored = LightningCheckpoint::open(&src).unwrap();
+    let deflated = LightningCheckpoint::open(&path).unwrap();
+    let (a, b) = (all_tensors(&stored), all_tensors(&deflated));
+    assert_eq!(a.len(), b.len());
+    assert_eq!(deflated.storage_bytes_read(), 0);
+    for ((name, s), (_, d)) in a.iter().zip(&b) {
+        assert!(!d.storage().is_zero_copy(), "{name}");
+        let (s, d) = (
+            s.to_tensor_data(name).unwrap(),
+            d.to_tensor_data(name).unwrap(),
+        );
+        assert_eq!(s, d, "{name}");
+        assert!(!d.bytes().is_mapped(), "{name}");
+    }
+    // A scalar's value is one element, read without inflating past it.
+    let best = stored
+        .callbacks()
+        .iter()
+        .find_map(|c| c.state.get("best_model_score").cloned());
+    let best_d = deflated
+        .callbacks()
+        .iter()
+        .find_map(|c| c.state.get("best_model_score").cloned());
+    assert_eq!(
+        best.as_ref().and_then(PyValue::as_f64),
+        best_d.as_ref().and_then(PyValue::as_f64)
     );
 }

@@ -96,7 +96,7 @@ pub fn report_json(ckpt: &LightningCheckpoint) -> Value {
         .state_dict()
         .iter()
         .map(|(name, t)| {
-            json!({ "name": name, "dtype": t.dtype.torch_name(), "shape": t.shape, "bytes": t.data.len() })
+            json!({ "name": name, "dtype": t.dtype.torch_name(), "shape": t.shape, "bytes": t.nbytes() })
         })
         .collect();
     let optimizers: Vec<Value> = ckpt
@@ -251,7 +251,7 @@ pub fn report_text(ckpt: &LightningCheckpoint) -> String {
     out.push_str(&table(&head, ""));
 
     let sd = ckpt.state_dict();
-    let total: usize = sd.iter().map(|(_, t)| t.data.len()).sum();
+    let total: u64 = sd.iter().map(|(_, t)| t.nbytes()).sum();
     out.push_str(&format!(
         "\nstate_dict: {} tensor(s), {total} bytes\n",
         sd.len()
@@ -267,7 +267,7 @@ pub fn report_text(ckpt: &LightningCheckpoint) -> String {
             n.clone(),
             t.dtype.to_string(),
             format!("{:?}", t.shape),
-            t.data.len().to_string(),
+            t.nbytes().to_string(),
         ]
     }));
     out.push_str(&table(&rows, "  "));

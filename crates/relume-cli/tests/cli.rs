@@ -759,6 +759,55 @@ fn lightning_inspect_is_wired_with_exit_codes() {
 }
 
 #[test]
+fn lightning_inspect_reads_no_storage_and_convert_checks_it() {
+    // Damage the bytes of the largest weight's storage in place: its CRC-32 no longer
+    // matches, so a reader that read it would fail.
+    let t = tempfile::tempdir().unwrap();
+    let src = lightning_fixture("weights_only.ckpt");
+    let damaged = t.path().join("damaged.ckpt");
+    let mut file = std::fs::read(&src).unwrap();
+    let ckpt = relume_ckpt::LightningCheckpoint::open(&src).unwrap();
+    let (name, tensor) = ckpt
+        .state_dict()
+        .into_iter()
+        .max_by_key(|(_, t)| t.nbytes())
+        .unwrap();
+    let bytes = tensor.to_tensor_data(&name).unwrap().into_bytes();
+    let at = file
+        .windows(bytes.len())
+        .position(|w| w == &bytes[..])
+        .unwrap();
+    file[at + bytes.len() / 2] ^= 0xff;
+    std::fs::write(&damaged, &file).unwrap();
+
+    let o = relume([
+        "lightning".as_ref(),
+        "inspect".as_ref(),
+        damaged.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(code(&o), 1, "inspect read a storage: {}", stderr(&o));
+    let j = json_out(&o);
+    let listed = j["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name.as_str())
+        .unwrap();
+    assert_eq!(listed["bytes"], tensor.nbytes());
+
+    let out = t.path().join("conv");
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        damaged.as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code(&o), 2, "{}", stdout(&o));
+    assert!(stderr(&o).contains("checksum"), "{}", stderr(&o));
+}
+
+#[test]
 fn lightning_convert_maps_optimizer_state_to_names() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("conv");

@@ -2,6 +2,8 @@
 //! resumability diagnosis.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::archive::TorchArchive;
 use super::limits::Limits;
@@ -69,13 +71,15 @@ pub struct Finding {
     pub message: String,
 }
 
-/// A decoded Lightning (or plain torch) checkpoint. Nothing in it was executed.
+/// A decoded Lightning (or plain torch) checkpoint. Nothing in it was executed, and no
+/// tensor bytes were read: its tensors are lazy views of the file's storages.
 #[derive(Debug, Clone)]
 pub struct LightningCheckpoint {
     path: PathBuf,
     format_version: Option<String>,
     root: PyValue,
     kind: CheckpointKind,
+    reads: Arc<AtomicU64>,
 }
 
 impl LightningCheckpoint {
@@ -99,7 +103,9 @@ impl LightningCheckpoint {
         let mut archive = TorchArchive::open(path, limits)?;
         let format_version = archive.format_version()?;
         let root = archive.load()?;
-        Self::from_value(path, format_version, root)
+        let mut ckpt = Self::from_value(path, format_version, root)?;
+        ckpt.reads = archive.reads();
+        Ok(ckpt)
     }
 
     /// Wraps an already decoded top-level value.
@@ -138,7 +144,16 @@ impl LightningCheckpoint {
             format_version,
             root,
             kind,
+            reads: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Storage bytes read so far from the file (0 after [`open`](Self::open): tensors are
+    /// lazy). Reading a scalar's value reads its one element; converting a tensor
+    /// ([`TorchTensor::to_tensor_data`]) counts its whole storage. Always 0 for a
+    /// checkpoint made with [`from_value`](Self::from_value).
+    pub fn storage_bytes_read(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// The file read.

@@ -24,9 +24,11 @@ pub const MAX_STRING_BYTES: usize = 64 << 20;
 pub const MAX_TOTAL_STRING_BYTES: usize = 1 << 30;
 /// Longest `LONG1`/`LONG4` integer encoding, in bytes.
 pub const MAX_LONG_BYTES: usize = 256;
-/// Most tensor bytes a checkpoint may load: storages read plus tensors materialised.
+/// Most tensor bytes a checkpoint may reference: its storages plus its tensor views, counted
+/// as if all were materialised (they are read lazily, but a conversion may copy them).
 pub const MAX_TOTAL_TENSOR_BYTES: u64 = 16 << 30;
-/// Largest zip entry (the pickle or one storage) the reader will inflate.
+/// Largest zip entry (the pickle or one storage) the reader accepts, by the size the zip
+/// directory declares and, for an entry it inflates, by the bytes inflated.
 pub const MAX_ZIP_ENTRY_BYTES: u64 = 8 << 30;
 /// Most dimensions a tensor may have.
 pub const MAX_TENSOR_DIMS: usize = 64;

@@ -7,7 +7,8 @@
 //! (as pure functions over the zip's storages), and keeps every other global as an inert
 //! [`PyValue::Global`] / [`PyValue::Call`]. All sizes are bounded by [`Limits`].
 //!
-//! - [`archive`]: the zip container and its storages.
+//! - [`archive`]: the zip container, memory-mapped; [`storage`]: lazy handles on its
+//!   storages, whose bytes are read only on demand (inspecting reads none).
 //! - [`pickle`]: the interpreter; [`value`]: what it produces.
 //! - [`LightningCheckpoint`]: typed accessors (epoch, tensors, optimizers, schedulers,
 //!   callbacks, loop progress) and the resumability [`diagnose`](LightningCheckpoint::diagnose).
@@ -28,8 +29,9 @@ mod heap;
 pub mod limits;
 mod opcodes;
 pub mod pickle;
+pub mod storage;
 pub mod summary;
-pub mod tensor;
+mod tensor;
 pub mod value;
 
 pub use archive::TorchArchive;
@@ -38,9 +40,9 @@ pub use checkpoint::{
 };
 pub use limits::Limits;
 pub use pickle::{parse_pickle, MAX_PROTOCOL};
+pub use storage::{MemoryStorages, StorageSource, TorchStorage};
 pub use summary::{
     CallbackSummary, LoopProgress, OptimizerKind, OptimizerSummary, ParamGroupSummary,
     SchedulerSummary,
 };
-pub use tensor::{MemoryStorages, StorageSource};
 pub use value::{CallKind, PyValue, TorchDType, TorchTensor};

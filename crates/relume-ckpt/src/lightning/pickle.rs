@@ -8,22 +8,25 @@
 //! | global | result |
 //! |---|---|
 //! | `collections.OrderedDict()` | an empty [`PyValue::Dict`] |
-//! | `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` | a [`PyValue::Tensor`] |
+//! | `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` | a [`PyValue::Tensor`]: a checked view of a lazy storage, no bytes read |
 //! | `torch._utils._rebuild_parameter(tensor, requires_grad, ...)` (and `_with_state`) | the tensor |
 //!
 //! `torch.<Name>Storage` globals are inert markers naming the dtype of a persistent
 //! storage id `('storage', torch.FloatStorage, key, location, numel)`.
 //!
 //! Every size is checked against [`Limits`] before anything is allocated, so memory is
-//! bounded and time is linear in the input (plus the tensor bytes copied).
+//! bounded and time is linear in the input. Storage bytes are never read here: a
+//! storage's size comes from its [`StorageSource`] (the zip directory), and
+//! [`Limits::total_tensor_bytes`] is charged with what the storages and views would
+//! cost if they were all materialised.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use super::heap::{Converter, Node, Val};
 use super::limits::Limits;
 use super::opcodes::{decode_long, op};
-use super::tensor::{StorageSource, View, ViewError};
+use super::storage::{StorageSource, TorchStorage};
+use super::tensor::{View, ViewError};
 use super::value::{CallKind, PyValue, TorchDType, TorchTensor};
 use crate::error::{Error, Result};
 
@@ -33,7 +36,7 @@ pub const MAX_PROTOCOL: u8 = 5;
 /// Runs the pickle `data` and returns the value it builds.
 ///
 /// `file` names the pickle in errors (e.g. `"model.ckpt:archive/data.pkl"`); `storages`
-/// supplies the bytes of persistent storages when a tensor is rebuilt.
+/// supplies lazy handles on persistent storages when a tensor is rebuilt.
 ///
 /// # Errors
 /// [`Error::UnknownOpcode`] for an opcode outside the supported set,
@@ -85,7 +88,7 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: BTreeMap<u32, Val>,
     storages: &'a mut dyn StorageSource,
-    loaded: BTreeMap<String, Arc<[u8]>>,
+    loaded: BTreeMap<String, TorchStorage>,
     tensor_bytes: u64,
 }
 
@@ -628,17 +631,15 @@ impl Machine<'_> {
                 )),
             })?;
         let storage = self.load_storage(&key, dtype, storage_numel)?;
+        // What the view would cost materialised, charged as if it were.
         let bytes = numel.saturating_mul(dtype.size_in_bytes() as u64);
         self.charge_tensor_bytes(bytes)?;
-        let data = view.materialise(&storage, dtype, numel);
-        let shape = view.size.iter().map(|&d| d as usize).collect();
-        Ok(self.alloc(Node::Tensor(TorchTensor {
+        Ok(self.alloc(Node::Tensor(TorchTensor::view(
             dtype,
-            shape,
-            data,
-            storage_key: key,
+            &view,
+            storage,
             requires_grad,
-        })))
+        ))))
     }
 
     /// `_rebuild_parameter(data, requires_grad, hooks)`: the tensor, marked trainable.
@@ -665,21 +666,23 @@ impl Machine<'_> {
         Ok(())
     }
 
-    fn load_storage(&mut self, key: &str, dtype: TorchDType, numel: u64) -> Result<Arc<[u8]>> {
+    /// The handle on storage `key`, its size (from the zip directory, no bytes read)
+    /// checked against the `numel` the pickle declares.
+    fn load_storage(&mut self, key: &str, dtype: TorchDType, numel: u64) -> Result<TorchStorage> {
         if let Some(s) = self.loaded.get(key) {
-            return Ok(Arc::clone(s));
+            return Ok(s.clone());
         }
         let expected = numel.saturating_mul(dtype.size_in_bytes() as u64);
         self.charge_tensor_bytes(expected)?;
-        let bytes = self.storages.load(key)?;
-        if bytes.len() as u64 != expected {
+        let storage = self.storages.storage(key)?;
+        if storage.len() != expected {
             return Err(self.err(format!(
                 "storage {key} holds {} bytes but declares {numel} {dtype} elements ({expected} bytes); the checkpoint is corrupt",
-                bytes.len()
+                storage.len()
             )));
         }
-        self.loaded.insert(key.to_string(), Arc::clone(&bytes));
-        Ok(bytes)
+        self.loaded.insert(key.to_string(), storage.clone());
+        Ok(storage)
     }
 
     /// `BINPERSID` on `('storage', torch.XStorage, key, location, numel)`.

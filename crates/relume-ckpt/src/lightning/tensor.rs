@@ -2,42 +2,11 @@
 //!
 //! A torch tensor is a view `(storage_offset, size, stride)` into a flat storage saved as
 //! the zip entry `<prefix>/data/<key>`. The reader checks that every element the view
-//! touches lies inside the storage, then copies it out contiguously (sharing the storage
-//! when the view already is the whole storage in row-major order).
-
-use std::collections::BTreeMap;
-use std::sync::Arc;
+//! touches lies inside the storage when the pickle is read; the bytes are taken only when
+//! asked for, as a slice of the storage when the view is row-major contiguous, copied
+//! out element by element otherwise.
 
 use super::value::TorchDType;
-use crate::error::{Error, Result};
-
-/// Where the interpreter gets storage bytes from, by zip storage key.
-pub trait StorageSource {
-    /// The raw bytes of storage `key`.
-    ///
-    /// # Errors
-    /// [`Error::ZipEntryMissing`] when there is no such storage, or a read error.
-    fn load(&mut self, key: &str) -> Result<Arc<[u8]>>;
-}
-
-/// Storages held in memory, keyed by storage key; used for pickles outside a zip.
-#[derive(Debug, Default, Clone)]
-pub struct MemoryStorages {
-    /// Storage bytes by key.
-    pub storages: BTreeMap<String, Arc<[u8]>>,
-}
-
-impl StorageSource for MemoryStorages {
-    fn load(&mut self, key: &str) -> Result<Arc<[u8]>> {
-        self.storages
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::ZipEntryMissing {
-                path: "<memory>".into(),
-                entry: format!("data/{key}"),
-            })
-    }
-}
 
 /// Why a view cannot be taken; the interpreter turns it into a positioned error.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,6 +19,20 @@ pub(crate) enum ViewError {
     BadGeometry(String),
     /// The view reaches past the storage.
     OutOfBounds { needed: u64, available: u64 },
+}
+
+impl std::fmt::Display for ViewError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ViewError::Dims(d) => write!(f, "{d} dimensions"),
+            ViewError::Overflow => f.write_str("the tensor size overflows"),
+            ViewError::BadGeometry(r) => f.write_str(r),
+            ViewError::OutOfBounds { needed, available } => write!(
+                f,
+                "the view needs {needed} elements but the storage holds {available}"
+            ),
+        }
+    }
 }
 
 /// The geometry of a view into a storage.
@@ -102,7 +85,7 @@ impl View {
     }
 
     /// Whether the view is the row-major contiguous layout of its shape.
-    fn is_contiguous(&self) -> bool {
+    pub(crate) fn is_contiguous(&self) -> bool {
         let mut expected = 1u64;
         for (&d, &s) in self.size.iter().zip(&self.stride).rev() {
             if d != 1 && s != expected {
@@ -113,25 +96,17 @@ impl View {
         true
     }
 
-    /// Copies the (already [`check`](Self::check)ed) view out of `storage` contiguously.
-    pub(crate) fn materialise(
-        &self,
-        storage: &Arc<[u8]>,
-        dtype: TorchDType,
-        numel: u64,
-    ) -> Arc<[u8]> {
+    /// Copies the (already [`check`](Self::check)ed) view of `numel` elements out of
+    /// `storage` contiguously.
+    pub(crate) fn materialise(&self, storage: &[u8], dtype: TorchDType, numel: u64) -> Vec<u8> {
         let esize = dtype.size_in_bytes();
         let numel = numel as usize;
-        let start = self.offset as usize * esize;
         if numel == 0 {
-            return Arc::from(Vec::new());
+            return Vec::new();
         }
         if self.is_contiguous() {
-            let end = start + numel * esize;
-            if start == 0 && end == storage.len() {
-                return Arc::clone(storage);
-            }
-            return Arc::from(&storage[start..end]);
+            let start = self.offset as usize * esize;
+            return storage[start..start + numel * esize].to_vec();
         }
         let mut out = Vec::with_capacity(numel * esize);
         let dims = self.size.len();
@@ -151,7 +126,7 @@ impl View {
                 index[d] = 0;
             }
         }
-        Arc::from(out)
+        out
     }
 }
 
@@ -159,8 +134,8 @@ impl View {
 mod tests {
     use super::*;
 
-    fn storage(n: u8) -> Arc<[u8]> {
-        Arc::from((0..n).collect::<Vec<u8>>())
+    fn storage(n: u8) -> Vec<u8> {
+        (0..n).collect()
     }
 
     #[test]

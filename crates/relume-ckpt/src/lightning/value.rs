@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use super::storage::{Backing, StorageBytes, TorchStorage};
+use super::tensor::View;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::state::{TensorBytes, TensorData};
@@ -102,55 +104,217 @@ impl std::fmt::Display for TorchDType {
     }
 }
 
-/// A tensor rebuilt from a zip storage: contiguous, row-major, little-endian bytes.
+/// A tensor rebuilt from a zip storage: a view `(offset, shape, stride)` of a lazy
+/// [`TorchStorage`]. Reading the pickle reads no tensor bytes; [`bytes`](Self::bytes) and
+/// the methods built on it read them on demand.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TorchTensor {
     /// Element type.
     pub dtype: TorchDType,
     /// Shape (empty for a scalar).
     pub shape: Vec<usize>,
-    /// `numel × dtype size` bytes, contiguous and little-endian (views are materialised).
-    pub data: Arc<[u8]>,
-    /// The zip storage key the tensor was read from (`<prefix>/data/<key>`).
-    pub storage_key: String,
     /// Whether the tensor was saved as a parameter or with `requires_grad`.
     pub requires_grad: bool,
+    stride: Vec<u64>,
+    offset: u64,
+    storage: TorchStorage,
 }
 
 impl TorchTensor {
+    /// A view of `storage`, already checked by the interpreter to lie inside it.
+    pub(crate) fn view(
+        dtype: TorchDType,
+        view: &View,
+        storage: TorchStorage,
+        requires_grad: bool,
+    ) -> Self {
+        TorchTensor {
+            dtype,
+            shape: view.size.iter().map(|&d| d as usize).collect(),
+            requires_grad,
+            stride: view.stride.clone(),
+            offset: view.offset,
+            storage,
+        }
+    }
+
+    /// A contiguous tensor over `bytes` held in memory, as storage `key`.
+    ///
+    /// # Errors
+    /// [`Error::TensorByteLength`] when `bytes` is not `shape`'s element count times the
+    /// dtype's size.
+    pub fn from_bytes(
+        dtype: TorchDType,
+        shape: Vec<usize>,
+        key: &str,
+        bytes: Arc<[u8]>,
+    ) -> Result<Self> {
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        if expected != Some(bytes.len()) {
+            return Err(Error::TensorByteLength {
+                tensor: key.to_string(),
+                dtype: dtype.to_relume().unwrap_or(DType::U8),
+                shape,
+                expected: expected.unwrap_or(usize::MAX),
+                got: bytes.len(),
+            });
+        }
+        let mut stride = vec![0u64; shape.len()];
+        let mut step = 1u64;
+        for (s, &d) in stride.iter_mut().zip(&shape).rev() {
+            *s = step;
+            step = step.saturating_mul(d as u64);
+        }
+        Ok(TorchTensor {
+            dtype,
+            shape,
+            requires_grad: false,
+            stride,
+            offset: 0,
+            storage: TorchStorage::memory(key, bytes),
+        })
+    }
+
     /// Number of elements (1 for a scalar).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
-    /// Every element widened to `f64` (booleans as 0/1).
-    pub fn to_f64_vec(&self) -> Vec<f64> {
-        let size = self.dtype.size_in_bytes();
-        self.data
-            .chunks_exact(size)
-            .map(|c| element_f64(self.dtype, c))
-            .collect()
+    /// The size of the tensor's bytes (`numel × dtype size`), known without reading them.
+    pub fn nbytes(&self) -> u64 {
+        (self.numel() as u64).saturating_mul(self.dtype.size_in_bytes() as u64)
     }
 
-    /// The first element as `f64`, `None` for an empty tensor.
-    pub fn first_f64(&self) -> Option<f64> {
+    /// The storage the tensor views.
+    pub fn storage(&self) -> &TorchStorage {
+        &self.storage
+    }
+
+    /// The zip storage key the tensor was read from (`<prefix>/data/<key>`).
+    pub fn storage_key(&self) -> &str {
+        self.storage.key()
+    }
+
+    /// The offset of the first element in the storage, in elements.
+    pub fn storage_offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The strides, in elements, one per dimension.
+    pub fn stride(&self) -> &[u64] {
+        &self.stride
+    }
+
+    fn geometry(&self) -> View {
+        View {
+            offset: self.offset,
+            size: self.shape.iter().map(|&d| d as u64).collect(),
+            stride: self.stride.clone(),
+        }
+    }
+
+    /// The view, re-checked against the storage (the public `shape` may have been
+    /// changed since the pickle was read); returns it with its element count.
+    fn checked_geometry(&self) -> Result<(View, u64)> {
+        let view = self.geometry();
+        let esize = self.dtype.size_in_bytes() as u64;
+        let numel = view
+            .check(self.storage.len() / esize, usize::MAX)
+            .map_err(|e| Error::TorchTensorView {
+                entry: self.storage.entry().to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok((view, numel))
+    }
+
+    /// The tensor's bytes: `numel × dtype size`, contiguous, row-major, little-endian.
+    ///
+    /// For a contiguous view of a stored entry of a memory-mapped file the bytes are a
+    /// slice of the map (no copy, file-backed pages); otherwise they are copied out.
+    ///
+    /// # Errors
+    /// [`Error::ZipTruncated`] when the storage's bytes fail their CRC-32 or cannot be
+    /// inflated, [`Error::TorchTensorView`] when the view no longer fits its storage.
+    pub fn bytes(&self) -> Result<TensorBytes> {
+        let (view, numel) = self.checked_geometry()?;
+        let esize = self.dtype.size_in_bytes();
+        let storage = self.storage.read_all()?;
+        if view.is_contiguous() {
+            let start = view.offset as usize * esize;
+            let len = numel as usize * esize;
+            if let StorageBytes::Archive {
+                bytes, start: at, ..
+            } = &storage
+            {
+                if let Backing::Map(map) = &*bytes.0 {
+                    return TensorBytes::mapped(
+                        Arc::clone(map),
+                        at + start,
+                        len,
+                        self.storage.key(),
+                    );
+                }
+            }
+        }
+        Ok(TensorBytes::owned(view.materialise(
+            storage.as_slice(),
+            self.dtype,
+            numel,
+        )))
+    }
+
+    /// Every element widened to `f64` (booleans as 0/1).
+    ///
+    /// # Errors
+    /// As [`bytes`](Self::bytes).
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         let size = self.dtype.size_in_bytes();
-        self.data.get(..size).map(|c| element_f64(self.dtype, c))
+        Ok(self
+            .bytes()?
+            .chunks_exact(size)
+            .map(|c| element_f64(self.dtype, c))
+            .collect())
+    }
+
+    /// The first element as `f64`, `None` for an empty tensor. Reads that one element.
+    ///
+    /// # Errors
+    /// [`Error::ZipTruncated`] when a compressed storage cannot be inflated that far,
+    /// [`Error::TorchTensorView`] when the view no longer fits its storage.
+    pub fn first_f64(&self) -> Result<Option<f64>> {
+        let (view, numel) = self.checked_geometry()?;
+        if numel == 0 {
+            return Ok(None);
+        }
+        let size = self.dtype.size_in_bytes();
+        let bytes = self
+            .storage
+            .read_range(view.offset.saturating_mul(size as u64), size)?;
+        Ok(Some(element_f64(self.dtype, &bytes)))
     }
 
     /// The sum of all elements, accumulated in `f64`.
-    pub fn sum_f64(&self) -> f64 {
-        let size = self.dtype.size_in_bytes();
-        self.data
-            .chunks_exact(size)
-            .map(|c| element_f64(self.dtype, c))
-            .sum()
-    }
-
-    /// A relume tensor leaf with the same dtype, shape and bytes, for conversion.
     ///
     /// # Errors
-    /// [`Error::UnsupportedTorchDType`] for int16 and int8, which relume does not store.
+    /// As [`bytes`](Self::bytes).
+    pub fn sum_f64(&self) -> Result<f64> {
+        let size = self.dtype.size_in_bytes();
+        Ok(self
+            .bytes()?
+            .chunks_exact(size)
+            .map(|c| element_f64(self.dtype, c))
+            .sum())
+    }
+
+    /// A relume tensor leaf with the same dtype, shape and bytes, for conversion; the
+    /// bytes are those of [`bytes`](Self::bytes) (a slice of the mapped file when they can be).
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedTorchDType`] for int16 and int8, which relume does not store,
+    /// and the errors of [`bytes`](Self::bytes).
     pub fn to_tensor_data(&self, name: &str) -> Result<TensorData> {
         let Some(dtype) = self.dtype.to_relume() else {
             return Err(Error::UnsupportedTorchDType {
@@ -158,18 +322,15 @@ impl TorchTensor {
                 dtype: self.dtype.torch_name(),
             });
         };
-        TensorData::new(
-            dtype,
-            self.shape.clone(),
-            TensorBytes::owned(self.data.to_vec()),
-        )
-        .map_err(|e| e.with_key(name))
+        let bytes = self.bytes()?;
+        TensorData::new(dtype, self.shape.clone(), bytes).map_err(|e| e.with_key(name))
     }
 
-    /// The value of a one-element tensor (a scalar such as a monitored score).
+    /// The value of a one-element tensor (a scalar such as a monitored score); reads that
+    /// one element. `None` for other tensors, or when the element cannot be read.
     pub fn scalar_f64(&self) -> Option<f64> {
         if self.numel() == 1 {
-            self.first_f64()
+            self.first_f64().ok().flatten()
         } else {
             None
         }

@@ -30,11 +30,20 @@
 //! that keeps the count cannot be detected, and shapes are checked against the
 //! named parameter to catch most of them.
 //!
+//! ## Memory
+//! No tensor is loaded into memory. The `.ckpt` is memory-mapped and each tensor of a
+//! stored zip entry (what `torch.save` writes) is handed to the writer as a slice of the
+//! map, so the pages it touches are file-backed and reclaimable, not heap; only a
+//! non-contiguous view or a tensor of a compressed entry is copied into memory, and held
+//! until the checkpoint is written. `OUT/model.safetensors` is copied from the checkpoint by the
+//! kernel (`std::io::copy`), not through a buffer the size of the file. The source is
+//! unmapped before the written checkpoint is verified (the verifier maps its files in
+//! turn), so the two sets of file-backed pages are not resident at once.
+//!
 //! The result is for weights and inspection: it has no relume RNG, data cursor or
 //! loop state, so `relume inspect` reports it as not resumable.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -242,14 +251,15 @@ fn json_leaves(v: &PyValue, skip: &[&str]) -> StateDict {
 }
 
 /// Copies `src` to `dst` durably: a temporary in `dst`'s directory, fsync, rename,
-/// fsync of the directory.
+/// fsync of the directory. The bytes are streamed through a small buffer, so memory
+/// does not grow with the file.
 fn copy_durable(src: &Path, dst: &Path) -> anyhow::Result<()> {
     let dir = dst.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".tmp-{WEIGHTS_FILE}-{}", std::process::id()));
-    let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+    let mut from = std::fs::File::open(src).with_context(|| format!("open {}", src.display()))?;
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(&bytes)
-        .with_context(|| format!("write {}", tmp.display()))?;
+    std::io::copy(&mut from, &mut f)
+        .with_context(|| format!("copy {} to {}", src.display(), tmp.display()))?;
     f.sync_all()
         .with_context(|| format!("fsync {}", tmp.display()))?;
     drop(f);
@@ -330,6 +340,16 @@ pub fn run(opts: &ConvertOpts) -> anyhow::Result<Status> {
     };
     let dir = CheckpointDir::open(&opts.out)?;
     let path = dir.save(&name, &ckpt)?;
+    let components = ckpt
+        .components
+        .iter()
+        .map(|(k, v)| (k.clone(), v.len()))
+        .collect();
+    // Unmap the source before verifying: the verifier maps the written files, and the
+    // source's pages touched while writing need not stay resident beside them.
+    drop(ckpt);
+    drop(weights);
+    drop(l);
     let weights_path = opts.out.join(WEIGHTS_FILE);
     copy_durable(&path.join(WEIGHTS_FILE), &weights_path)?;
     let verification = check(&path);
@@ -338,11 +358,7 @@ pub fn run(opts: &ConvertOpts) -> anyhow::Result<Status> {
         source: opts.ckpt.clone(),
         checkpoint: path,
         weights: weights_path,
-        components: ckpt
-            .components
-            .iter()
-            .map(|(k, v)| (k.clone(), v.len()))
-            .collect(),
+        components,
         optimizer_params_mapped: mapped,
         verification,
     };
@@ -382,14 +398,9 @@ mod tests {
     use super::*;
 
     fn tensor(shape: &[usize], dtype: TorchDType) -> TorchTensor {
-        let n: usize = shape.iter().product::<usize>().max(1);
-        TorchTensor {
-            dtype,
-            shape: shape.to_vec(),
-            data: Arc::from(vec![0u8; n * dtype.size_in_bytes()]),
-            storage_key: "0".into(),
-            requires_grad: false,
-        }
+        let n: usize = shape.iter().product::<usize>();
+        let bytes = Arc::from(vec![0u8; n * dtype.size_in_bytes()]);
+        TorchTensor::from_bytes(dtype, shape.to_vec(), "0", bytes).unwrap()
     }
 
     fn s(x: &str) -> PyValue {
