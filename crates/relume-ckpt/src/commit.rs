@@ -38,7 +38,8 @@ use crate::fingerprint::fingerprint;
 use crate::manifest::{
     rfc3339, ComponentEntry, FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
 };
-use crate::state::StateDict;
+use crate::pages::RELEASE_PIECE;
+use crate::state::{StateDict, TensorBytes};
 use crate::storage::Storage;
 use crate::tensor_file::encode_header;
 
@@ -133,11 +134,16 @@ const HASH_PIECE: usize = 64 << 10;
 /// Writes `chunks` to a new file, hashing them on a second thread. The file is
 /// returned open, not yet synced. Returns the file entry and the CRC32 of each
 /// chunk from index `crc_from` on.
+///
+/// `sources[i]`, when given, is the tensor whose bytes `chunks[i]` are: a memory-mapped
+/// one has its pages released as they are written and hashed (see `crate::pages`), so
+/// writing a large mapped tensor does not keep it resident.
 fn write_hashed(
     storage: &dyn Storage,
     dir: &Path,
     rel: &str,
     chunks: &[&[u8]],
+    sources: &[Option<&TensorBytes>],
     crc_from: usize,
 ) -> Result<(FileEntry, Vec<u32>, Unsynced)> {
     let path = dir.join(rel);
@@ -156,19 +162,36 @@ fn write_hashed(
                 // Both checksums per cache-sized piece: a large tensor is read
                 // from memory once, not twice.
                 let mut crc = crc32fast::Hasher::new();
-                for piece in c.chunks(HASH_PIECE) {
+                let source = sources.get(i).copied().flatten();
+                for (j, piece) in c.chunks(HASH_PIECE).enumerate() {
                     h.update(piece);
                     crc.update(piece);
+                    let done = (j + 1) * HASH_PIECE;
+                    if let Some(src) = source.filter(|_| done % RELEASE_PIECE == 0) {
+                        src.release(done - RELEASE_PIECE, RELEASE_PIECE);
+                    }
+                }
+                if let Some(src) = source {
+                    let tail = c.len() % RELEASE_PIECE;
+                    src.release(c.len() - tail, tail);
                 }
                 crcs.push(crc.finalize());
             }
             (h.finalize(), crcs)
         });
         let mut written = Ok(0u64);
-        for c in chunks {
-            if let Err(e) = file.write_all(c) {
-                written = Err(e);
-                break;
+        'chunks: for (i, c) in chunks.iter().enumerate() {
+            let source = sources.get(i).copied().flatten();
+            let mut off = 0;
+            for piece in c.chunks(RELEASE_PIECE) {
+                if let Err(e) = file.write_all(piece) {
+                    written = Err(e);
+                    break 'chunks;
+                }
+                if let Some(src) = source {
+                    src.release(off, piece.len());
+                }
+                off += piece.len();
             }
             if let Ok(n) = &mut written {
                 *n += c.len() as u64;
@@ -343,7 +366,9 @@ fn write_contents(
             let mut chunks: Vec<&[u8]> = Vec::with_capacity(tensors.len() + 1);
             chunks.push(&header);
             chunks.extend(tensors.iter().map(|(_, t)| &t.bytes()[..]));
-            let (fe, crcs, u) = write_hashed(storage, tmp, &rel, &chunks, 1)?;
+            let mut sources: Vec<Option<&TensorBytes>> = vec![None];
+            sources.extend(tensors.iter().map(|(_, t)| Some(t.bytes())));
+            let (fe, crcs, u) = write_hashed(storage, tmp, &rel, &chunks, &sources, 1)?;
             unsynced.push(u);
             entry.tensor_crc32 = tensors
                 .iter()
@@ -364,7 +389,7 @@ fn write_contents(
         key: STATE_FILE.into(),
         reason: e.to_string(),
     })?;
-    let (fe, _, u) = write_hashed(storage, tmp, STATE_FILE, &[&state_bytes], 1)?;
+    let (fe, _, u) = write_hashed(storage, tmp, STATE_FILE, &[&state_bytes], &[], 1)?;
     unsynced.push(u);
     files.push(fe);
     let secs = SystemTime::now()

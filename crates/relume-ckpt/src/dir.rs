@@ -377,7 +377,15 @@ impl CheckpointDir {
         Ok(out)
     }
 
-    /// What the `latest` file says, if it exists.
+    /// What the `latest` file itself says, if it exists (a hint: [`CheckpointDir::latest`]
+    /// resolves the newest checkpoint from the committed ones).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when it exists but cannot be read.
+    pub fn latest_pointer(&self) -> Result<Option<String>> {
+        self.read_pointer()
+    }
+
     fn read_pointer(&self) -> Result<Option<String>> {
         let p = self.dir.join(LATEST_FILE);
         match fs::read_to_string(&p) {

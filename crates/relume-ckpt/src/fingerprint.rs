@@ -61,7 +61,9 @@ fn hash_state_dict(h: &mut blake3::Hasher, sd: &StateDict) {
                     put_u64(h, *d as u64);
                 }
                 put_u64(h, t.bytes().len() as u64);
-                h.update(t.bytes());
+                t.bytes().for_each_piece(|p| {
+                    h.update(p);
+                });
             }
             Leaf::Json(v) => {
                 h.update(b"J");

@@ -61,6 +61,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod manifest;
 pub mod migrate;
+mod pages;
 pub mod read;
 pub mod snapshot;
 pub mod state;

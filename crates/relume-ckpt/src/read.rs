@@ -218,11 +218,11 @@ fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
             got: map.len() as u64,
         });
     }
-    let got = blake3::Hasher::new()
-        .update(&map)
-        .finalize()
-        .to_hex()
-        .to_string();
+    let mut hasher = blake3::Hasher::new();
+    crate::pages::for_each_piece(&map, 0, map.len(), |p| {
+        hasher.update(p);
+    });
+    let got = hasher.finalize().to_hex().to_string();
     if got != fe.blake3 {
         let tensor = component.and_then(|c| {
             let entries = parse_header(&path, &map, map.len() as u64).ok()?;

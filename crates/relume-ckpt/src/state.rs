@@ -97,6 +97,25 @@ impl TensorBytes {
     }
 }
 
+impl TensorBytes {
+    /// Calls `f` on the bytes, in pieces; a mapped view drops each piece's pages
+    /// from the resident set after `f` has seen it (see `crate::pages`).
+    pub(crate) fn for_each_piece(&self, mut f: impl FnMut(&[u8])) {
+        match &self.0 {
+            Repr::Mapped { map, start, len } => crate::pages::for_each_piece(map, *start, *len, f),
+            _ => f(self),
+        }
+    }
+
+    /// Drops the pages of bytes `offset..offset + len` of a mapped view from the
+    /// resident set (nothing for other views).
+    pub(crate) fn release(&self, offset: usize, len: usize) {
+        if let Repr::Mapped { map, start, .. } = &self.0 {
+            crate::pages::release(map, start + offset, len);
+        }
+    }
+}
+
 impl Deref for TensorBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -192,7 +192,23 @@ fn ls_and_verify_run_beside_a_writer_and_flag_a_dangling_latest() {
     assert_eq!(code(&relume(["ls".as_ref(), run.as_os_str()])), 0);
     assert_eq!(code(&relume(["verify".as_ref(), run.as_os_str()])), 0);
     drop(writer);
+    // `latest` is a hint: naming nothing beside committed checkpoints, it is noted
+    // and the newest committed checkpoint is used.
     std::fs::write(run.join("checkpoints/latest"), "step=000099\n").unwrap();
+    for cmd in ["ls", "verify"] {
+        let o = relume([cmd.as_ref(), run.as_os_str()]);
+        assert_eq!(code(&o), 0, "{cmd}: {}", stdout(&o));
+        assert!(
+            stdout(&o)
+                .contains("`latest` names \"step=000099\", but the newest committed checkpoint is"),
+            "{cmd}: {}",
+            stdout(&o)
+        );
+    }
+    // With no committed checkpoint left, a dangling `latest` is a problem.
+    for c in CheckpointDir::open_read_only(&run).unwrap().list().unwrap() {
+        std::fs::remove_dir_all(&c.path).unwrap();
+    }
     let o = relume(["ls".as_ref(), run.as_os_str()]);
     assert_eq!(code(&o), 1);
     assert!(

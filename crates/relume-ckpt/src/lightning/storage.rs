@@ -250,7 +250,16 @@ impl TorchStorage {
                 let len = self.0.len as usize;
                 let slice = &bytes.as_ref()[*start..*start + len];
                 let check = checked.get_or_init(|| {
-                    let got = crc32fast::hash(slice);
+                    let got = match &*bytes.0 {
+                        // In pieces, releasing the pages read: a large storage is
+                        // not kept resident by its check.
+                        Backing::Map(m) => {
+                            let mut h = crc32fast::Hasher::new();
+                            crate::pages::for_each_piece(m, *start, len, |p| h.update(p));
+                            h.finalize()
+                        }
+                        Backing::Memory(_) => crc32fast::hash(slice),
+                    };
                     if got == *crc32 {
                         Ok(())
                     } else {

@@ -217,6 +217,18 @@ fn others(dir: &Path, listed: &BTreeSet<&str>) -> anyhow::Result<Vec<Other>> {
     Ok(out)
 }
 
+/// The note for a `latest` file that names something else than the newest committed
+/// checkpoint (shared with `verify`).
+pub(crate) fn pointer_note(pointer: Option<&str>, newest: &str) -> String {
+    let said = match pointer {
+        None => "is missing".to_string(),
+        Some(p) => format!("names {p:?}"),
+    };
+    format!(
+        "`latest` {said}, but the newest committed checkpoint is {newest}; resuming uses {newest} (the next training run rewrites `latest`)"
+    )
+}
+
 fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
     let dir = CheckpointDir::open_read_only(&opts.run_dir)?;
     let infos: Vec<CheckpointInfo> = dir.list()?;
@@ -233,11 +245,16 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
         .as_ref()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
+    let mut notes = Vec::new();
+    if let (Some(name), Ok(pointer)) = (&latest_name, dir.latest_pointer()) {
+        if pointer.as_deref() != Some(name.as_str()) {
+            notes.push(pointer_note(pointer.as_deref(), name));
+        }
+    }
     // The newest checkpoint holds the newest callback state.
     let newest = latest
         .clone()
         .or_else(|| infos.last().map(|i| i.path.clone()));
-    let mut notes = Vec::new();
     let best = match newest.as_deref().map(best_from) {
         Some(Ok(b)) => b,
         Some(Err(note)) => {

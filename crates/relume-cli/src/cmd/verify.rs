@@ -202,8 +202,19 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
     let dir = CheckpointDir::open_read_only(run_dir)?;
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    if let Err(e) = dir.latest() {
-        problems.push(problem(&e));
+    match dir.latest() {
+        Err(e) => problems.push(problem(&e)),
+        Ok(Some(newest)) => {
+            let name = newest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let pointer = dir.latest_pointer()?;
+            if pointer.as_deref() != Some(name.as_str()) {
+                notes.push(super::ls::pointer_note(pointer.as_deref(), &name));
+            }
+        }
+        Ok(None) => {}
     }
     for t in dir.temporaries()? {
         notes.push(format!(

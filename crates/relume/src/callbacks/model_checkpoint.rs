@@ -31,7 +31,9 @@
 //! save committed and every async save was flushed), if it is then still not
 //! wanted (not in the top k, not `last`, not best) and is a plain name inside
 //! this run's `checkpoints/`. A preempted, killed, stopped or failed run
-//! deletes nothing deferred; the next run inherits the list through the state.
+//! deletes nothing deferred; the next run inherits the list through the state,
+//! and, resumed from a later checkpoint whose `pending_deletes` name it, deletes
+//! it on load.
 //! At the boundary where training completes ([`Callback::on_train_end`]) the
 //! list leaves the state, before the final checkpoint is taken: the deletion is
 //! then due right after that checkpoint commits. So a run that was killed and
@@ -685,9 +687,16 @@ mod tests {
             sd.get_json("deferred_deletes"),
             Some(&serde_json::json!(["s10"]))
         );
+        // s10 is recorded as evicted by s20 all the same, as in an uninterrupted
+        // run's state.
+        assert_eq!(
+            sd.get_json("pending_deletes"),
+            Some(&serde_json::json!(["s10"]))
+        );
         // The run is interrupted here (preempted or killed): `on_fit_end` never
-        // runs, so nothing deletes s10. The next run inherits the list; resuming
-        // from s20 does not delete it either ...
+        // runs, so nothing deletes s10. The next run resumes from s20 and no
+        // longer needs s10: it deletes it on load, as the uninterrupted run did
+        // when s20 committed ...
         let mut next = new();
         assert!(next.load_state_dict(&sd).unwrap().is_clean());
         assert_eq!(next.deferred_deletes(), ["s10".to_string()]);
@@ -696,9 +705,9 @@ mod tests {
         let mut ctx = HookCtx::new(Progress::default(), &metrics, run.path(), None, &mut reqs);
         next.on_load_checkpoint(&mut ctx, &run.path().join("checkpoints/s20"))
             .unwrap();
-        assert_eq!(names(&reqs), (vec![], vec![]));
-        assert!(src.join("manifest.json").is_file());
-        // ... but its completed fit does, and keeps s20, the best. At the
+        assert_eq!(names(&reqs), (vec![], vec!["s10".to_string()]));
+        // ... and so does its completed fit (a no-op once it is gone), keeping
+        // s20, the best. At the
         // boundary where training completes the list leaves the state (the final
         // checkpoint equals an uninterrupted run's), and the deletion is still due.
         let mut reqs = Vec::new();
