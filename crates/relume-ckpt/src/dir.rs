@@ -207,10 +207,15 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn temporaries(&self) -> Result<Vec<PathBuf>> {
+        self.entries_starting_with(TMP_PREFIX)
+    }
+
+    /// The entries of the checkpoints directory whose names start with `prefix`, sorted.
+    fn entries_starting_with(&self, prefix: &str) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))? {
             let e = e.map_err(io_err("read directory", &self.dir))?;
-            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
                 out.push(e.path());
             }
         }
@@ -269,15 +274,7 @@ impl CheckpointDir {
 
     /// `.trash-*` directories: clears that were started and not finished.
     fn pending_clears(&self) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))? {
-            let e = e.map_err(io_err("read directory", &self.dir))?;
-            if e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
-                out.push(e.path());
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.entries_starting_with(TRASH_PREFIX)
     }
 
     /// Moves every entry but the lock and the trash directories into `trash`, then
