@@ -272,6 +272,15 @@ impl CheckpointDir {
         Ok(n)
     }
 
+    /// Whether a [`CheckpointDir::clear`] was started and not finished (a kill
+    /// interrupted it): the run then counts as empty, and the next writer finishes it.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be read.
+    pub fn clear_pending(&self) -> Result<bool> {
+        Ok(!self.pending_clears()?.is_empty())
+    }
+
     /// `.trash-*` directories: clears that were started and not finished.
     fn pending_clears(&self) -> Result<Vec<PathBuf>> {
         self.entries_starting_with(TRASH_PREFIX)

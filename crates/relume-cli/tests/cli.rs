@@ -986,3 +986,16 @@ fn verify_on_a_run_without_checkpoints_fails_saying_so() {
     let all = format!("{}{}", stdout(&o), stderr(&o));
     assert!(all.contains("no committed checkpoint"), "{all}");
 }
+
+#[test]
+fn verify_sees_an_interrupted_clear_as_an_empty_run() {
+    let (_t, run) = run_dir();
+    // As a kill in the middle of `--fresh` leaves it: the trash marker is durable,
+    // some checkpoints were not moved yet.
+    std::fs::create_dir(run.join("checkpoints/.trash-0123")).unwrap();
+    let o = relume(["verify".as_ref(), run.as_os_str()]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    assert!(stdout(&o).contains("was interrupted"), "{}", stdout(&o));
+    let o = relume(["ls".as_ref(), run.as_os_str(), "--json".as_ref()]);
+    assert_eq!(json_out(&o)["checkpoints"], json!([]), "{}", stdout(&o));
+}

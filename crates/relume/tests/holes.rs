@@ -462,3 +462,35 @@ fn preemption_with_a_monitored_model_checkpoint_ends_byte_identical() {
     // The files differ by design: the checkpoint saved at the preemption is kept
     // (it is what the run resumed from, and ModelCheckpoint does not own it).
 }
+
+#[test]
+fn clearing_a_run_another_process_is_training_in_is_refused() {
+    use std::io::BufRead;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec {
+        max_epochs: 2,
+        // Long enough that the child outlives the lock wait (`LOCK_WAIT`, 500 ms).
+        sleep_ms: 200,
+        ..Spec::default()
+    };
+    let mut child = command(&spec, dir.path()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    // Wait until the child trains past its first checkpoint.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("STEP 10") {
+            break;
+        }
+    }
+    // `--fresh` (CheckpointDir::open, then clear) cannot even start: the lock is held.
+    let e = relume_ckpt::CheckpointDir::open(dir.path()).unwrap_err();
+    assert!(matches!(e, relume_ckpt::Error::Locked { .. }), "{e}");
+    assert!(e.to_string().contains("another process"), "{e}");
+    for _ in lines.by_ref() {}
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        checkpoint_names(dir.path()),
+        vec!["step=000008-epoch=1", "step=000016-epoch=2"]
+    );
+}

@@ -223,6 +223,15 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
         ));
     }
     let mut paths = Vec::new();
+    if dir.clear_pending()? {
+        // Readers see an interrupted clear as an empty run, as the trainer does.
+        notes.push(format!(
+            "{}: a clear (`--fresh`) was interrupted; the run counts as empty and the next training run finishes the clear",
+            dir.path().display()
+        ));
+        problems.push(no_checkpoint(dir.path()));
+        return Ok((Vec::new(), problems, notes));
+    }
     let entries = std::fs::read_dir(dir.path())
         .with_context(|| format!("read directory {}", dir.path().display()))?;
     for e in entries {
@@ -245,16 +254,21 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
     if paths.is_empty() {
         // Nothing verified is not "ok": a run directory without checkpoints cannot
         // resume, and a script checking `relume verify RUN` must hear it.
-        problems.push(Problem {
-            file: Some(dir.path().to_path_buf()),
-            tensor: None,
-            message: format!(
-                "{}: no committed checkpoint to verify; check the run directory (a run writes them under checkpoints/)",
-                dir.path().display()
-            ),
-        });
+        problems.push(no_checkpoint(dir.path()));
     }
     Ok((paths.iter().map(|p| check(p)).collect(), problems, notes))
+}
+
+/// The problem of a run directory with no committed checkpoint.
+fn no_checkpoint(dir: &Path) -> Problem {
+    Problem {
+        file: Some(dir.to_path_buf()),
+        tensor: None,
+        message: format!(
+            "{}: no committed checkpoint to verify; check the run directory (a run writes them under checkpoints/)",
+            dir.display()
+        ),
+    }
 }
 
 fn render(o: &Outcome) -> String {
