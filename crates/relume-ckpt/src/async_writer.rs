@@ -144,9 +144,10 @@ pub const WRITER_THREAD_NAME: &str = "relume-ckpt-writer";
 /// How the writer thread is scheduled against the threads that train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriterPriority {
-    /// Runs only on CPU time no normal thread wants (Linux `SCHED_IDLE`; on other
-    /// systems, the lowest `nice` level), so it never preempts training. Its
-    /// hashing and fsync threads inherit it. The default.
+    /// Runs only on CPU time no normal thread wants (Linux `SCHED_IDLE`), so it
+    /// never preempts training. Its hashing and fsync threads inherit it. Other
+    /// systems have no per-thread equivalent: the writer runs at normal priority
+    /// there, with a warning. The default.
     #[default]
     Background,
     /// The priority of the thread that started the writer.
@@ -191,14 +192,15 @@ fn apply_priority(priority: WriterPriority) -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    #[cfg(all(unix, not(target_os = "linux")))]
-    {
-        // SAFETY: plain system call on the calling process's priority.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    // Elsewhere there is no portable per-thread priority: `setpriority(PRIO_PROCESS,
+    // 0, ...)` would renice the whole training process, not the writer. The writer
+    // then runs at normal priority, and says so.
+    #[cfg(not(target_os = "linux"))]
+    return Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "a background priority for one thread is implemented on Linux only",
+    ));
+    #[cfg(target_os = "linux")]
     Ok(())
 }
 
@@ -331,7 +333,9 @@ impl AsyncCheckpointer {
             .name(WRITER_THREAD_NAME.into())
             .spawn(move || {
                 if let Err(e) = apply_priority(priority) {
-                    tracing::debug!("checkpoint writer keeps normal priority: {e}");
+                    tracing::warn!(
+                        "checkpoint writer runs at normal priority ({e}); it may slow training while it saves"
+                    );
                 }
                 writer_loop(&writer_dir, &job_rx, &outcome_tx)
             })

@@ -47,12 +47,6 @@ pub enum Error {
         /// Parameter name.
         name: String,
     },
-    /// A gradient is missing for a parameter the optimizer updates.
-    #[error("no gradient for parameter {name:?}")]
-    MissingGradient {
-        /// Parameter name.
-        name: String,
-    },
     /// Reading a dataset failed.
     #[error("dataset {path}: line {line}: {reason}")]
     Dataset {

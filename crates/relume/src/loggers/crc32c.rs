@@ -1,39 +1,10 @@
-//! CRC-32C (Castagnoli), as TFRecord framing requires. `crc32fast` computes the
-//! IEEE polynomial, which TensorBoard rejects.
-
-/// Reflected Castagnoli polynomial.
-const POLY: u32 = 0x82F6_3B78;
-
-/// Byte-at-a-time lookup table, built at compile time.
-const TABLE: [u32; 256] = build_table();
-
-const fn build_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
-}
+//! The masked CRC-32C (Castagnoli) of TFRecord framing, on the `crc32c` crate
+//! (hardware-accelerated where the CPU has it). `crc32fast` computes the IEEE
+//! polynomial, which TensorBoard rejects.
 
 /// CRC-32C of `data`.
 pub(crate) fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
+    ::crc32c::crc32c(data)
 }
 
 /// The masked CRC-32C stored in TFRecord framing.
