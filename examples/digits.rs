@@ -6,6 +6,11 @@
 //! then cosine annealing, batch 32, 30 epochs. It reaches ≥ 97% validation
 //! accuracy in seconds on a laptop CPU.
 //!
+//! Checkpoints: a `ModelCheckpoint` keeps the 3 best epochs by `val_loss` and the
+//! newest (`last-…`); the trainer adds the final one and one per interrupt. Metrics
+//! go to `logs/metrics.csv` (with `epoch` and `lr-AdamW` columns) and to a
+//! TensorBoard event file in `logs/`.
+//!
 //! ```text
 //! cargo run --release --example digits                 # train (resumes if a checkpoint exists)
 //! cargo run --release --example digits -- --fresh      # delete the run's checkpoints, start over
@@ -24,8 +29,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use relume::callbacks::{LearningRateMonitor, Mode, ModelCheckpoint};
 use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
-use relume::loggers::CsvLogger;
+use relume::loggers::{CsvLogger, TensorBoardLogger};
 use relume::nn::{cross_entropy, dropout, Linear};
 use relume::optim::{AdamConfig, AdamW};
 use relume::params::ParamStore;
@@ -237,14 +243,31 @@ fn run() -> Result<i32> {
     );
 
     let mut module = Mlp::new(args.seed, steps_per_epoch, args.max_epochs)?;
+    let logs = args.run_dir.join("logs");
     let mut trainer = Trainer::builder()
         .max_epochs(args.max_epochs)
         .seed(args.seed)
         .default_root_dir(&args.run_dir)
-        .checkpoint_every_n_epochs(1)
+        // What is kept: the 3 best epochs by val_loss and the newest one (`last`),
+        // chosen by ModelCheckpoint; plus the final checkpoint and one saved by an
+        // interrupt, which the trainer always writes.
+        .checkpoint_every_n_epochs(0)
+        .callback(Box::new(
+            ModelCheckpoint::new()
+                .monitor("val_loss", Mode::Min)
+                .save_top_k(3)
+                .save_last(true)
+                .filename("epoch={epoch}-step={step}-val_loss={val_loss:.4f}"),
+        ))
+        .callback(Box::new(LearningRateMonitor::new()))
         .resume(ResumePolicy::IfExists(Source::Last))
         .preemption(preemption)
-        .logger(Box::new(CsvLogger::new(args.run_dir.join("logs"))))
+        .logger(Box::new(CsvLogger::new(&logs)))
+        // A fixed event-file name: two runs of the job (an interrupted and resumed
+        // one, an uninterrupted one) then end with identical logger state.
+        .logger(Box::new(
+            TensorBoardLogger::new(&logs).with_file_name("events.out.tfevents.digits")?,
+        ))
         .build()?;
     let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;
     let s = outcome.summary();

@@ -432,3 +432,37 @@ fn max_steps_mid_epoch_stops_exactly_and_continues() {
     );
     assert_identical(split.path(), whole.path());
 }
+
+#[test]
+fn metrics_csv_has_an_epoch_column_as_lightning_writes_it() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        &Spec {
+            max_epochs: 2,
+            loggers: true,
+            lr_monitor: true,
+            ..Spec::default()
+        },
+        dir.path(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.path().join("logs/metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} column in {header:?}"))
+    };
+    let (step, epoch, lr) = (col("step"), col("epoch"), col("lr-AdamW"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    for r in &rows {
+        let s: u64 = r[step].parse().unwrap();
+        let e: f64 = r[epoch].parse().unwrap();
+        // 8 steps per epoch; the epoch-end row of step 8 still belongs to epoch 0.
+        assert_eq!(e as u64, (s - 1) / 8, "step {s}: {r:?}");
+    }
+    assert!(rows.iter().any(|r| !r[lr].is_empty()), "{text}");
+}

@@ -128,6 +128,51 @@ pub fn find_best(callbacks: &serde_json::Map<String, Value>) -> Option<Best> {
             callback: prefix.trim_end_matches('/').to_string(),
         });
     }
+    find_relume_best(callbacks)
+}
+
+/// relume's own `ModelCheckpoint` state: `ModelCheckpoint{monitor=M,mode=min|max,...}/best_k`,
+/// an object of checkpoint name → score. The best is the lowest score in `min` mode
+/// and the highest in `max` mode; without a monitor the score is the step (`max`).
+fn find_relume_best(callbacks: &serde_json::Map<String, Value>) -> Option<Best> {
+    for (key, value) in callbacks {
+        let Some(prefix) = key.strip_suffix("/best_k") else {
+            continue;
+        };
+        if !prefix.starts_with("ModelCheckpoint{") {
+            continue;
+        }
+        let setting = |name: &str| {
+            prefix
+                .trim_start_matches("ModelCheckpoint{")
+                .trim_end_matches('}')
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .map(str::to_string)
+        };
+        let monitor = setting("monitor").filter(|m| m != "none");
+        let max = monitor.is_none() || setting("mode").as_deref() == Some("max");
+        let best = value
+            .as_object()?
+            .iter()
+            .filter_map(|(name, v)| v.as_f64().filter(|x| !x.is_nan()).map(|x| (name, x)))
+            .reduce(|a, b| {
+                let better = if max { b.1 > a.1 } else { b.1 < a.1 };
+                if better {
+                    b
+                } else {
+                    a
+                }
+            });
+        if let Some((name, score)) = best {
+            return Some(Best {
+                path: name.clone(),
+                score: Some(score),
+                monitor,
+                callback: prefix.to_string(),
+            });
+        }
+    }
     None
 }
 
@@ -431,6 +476,21 @@ mod tests {
         assert_eq!(b.score, Some(0.25));
         assert_eq!(b.monitor.as_deref(), Some("val_loss"));
         assert_eq!(b.callback, "ModelCheckpoint{val_loss}");
+    }
+
+    #[test]
+    fn best_from_relume_model_checkpoint_state() {
+        let key = "ModelCheckpoint{monitor=val_loss,mode=min,every_n_train_steps=0,every_n_epochs=1,train_time_interval=none}";
+        let cbs = map(json!({
+            format!("{key}/best_k"): {"epoch=3-step=40": 0.2, "epoch=5-step=60": 0.1, "epoch=4-step=50": 0.3},
+            format!("{key}/last"): "epoch=5-step=60",
+        }));
+        let b = find_best(&cbs).unwrap();
+        assert_eq!((b.path.as_str(), b.score), ("epoch=5-step=60", Some(0.1)));
+        assert_eq!(b.monitor.as_deref(), Some("val_loss"));
+        let max = key.replace("mode=min", "mode=max");
+        let cbs = map(json!({format!("{max}/best_k"): {"a": 0.2, "b": 0.9}}));
+        assert_eq!(find_best(&cbs).unwrap().path, "b");
     }
 
     #[test]

@@ -596,9 +596,7 @@ where
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
             let step = self.state.global_step;
-            for l in self.loggers.iter_mut() {
-                l.log_metrics(step, &epoch_metrics)?;
-            }
+            log_all(self.loggers, step, self.state.epoch - 1, &epoch_metrics)?;
             self.state.logger_step = step;
             let saved_before = self.last_checkpoint.clone();
             let out = self.boundary(train, true)?;
@@ -671,9 +669,7 @@ where
         self.step_schedulers(Interval::Step, step)?;
         let step_metrics = self.state.metrics.take_step();
         if step % self.cfg.log_every_n_steps == 0 && !step_metrics.is_empty() {
-            for l in self.loggers.iter_mut() {
-                l.log_metrics(step, &step_metrics)?;
-            }
+            log_all(self.loggers, step, self.state.epoch, &step_metrics)?;
             self.state.logger_step = step;
         }
         Ok(())
@@ -729,9 +725,7 @@ where
         self.progress.update_validation(n);
         self.progress.finish_validation(&m);
         let step = self.state.global_step;
-        for l in self.loggers.iter_mut() {
-            l.log_metrics(step, &m)?;
-        }
+        log_all(self.loggers, step, self.state.epoch, &m)?;
         self.state.logger_step = step;
         hook!(self, |cb, ctx| cb.on_validation_end(&mut ctx));
         Ok(())
@@ -804,9 +798,9 @@ where
                 Request::Stop { .. } => {}
                 Request::Log { metrics } => {
                     let step = self.state.global_step;
-                    for l in self.loggers.iter_mut() {
-                        l.log_metrics(step, &metrics)?;
-                    }
+                    // At an epoch's end the loop already stands in the next epoch.
+                    let epoch = self.state.epoch - u64::from(epoch_end);
+                    log_all(self.loggers, step, epoch, &metrics)?;
                     self.state.logger_step = step;
                 }
             }
@@ -1026,6 +1020,23 @@ where
         }
         Ok(())
     }
+}
+
+/// Sends `metrics` to every logger at `step`, with the `epoch` they belong to as
+/// one more value (as Lightning's loggers record it), unless a metric of that name
+/// was logged.
+fn log_all(
+    loggers: &mut [Box<dyn crate::loggers::Logger>],
+    step: u64,
+    epoch: u64,
+    metrics: &BTreeMap<String, f64>,
+) -> Result<()> {
+    let mut m = metrics.clone();
+    m.entry("epoch".to_string()).or_insert(epoch as f64);
+    for l in loggers.iter_mut() {
+        l.log_metrics(step, &m)?;
+    }
+    Ok(())
 }
 
 /// The manifest `group` of a boundary's saves: every name when there are several
