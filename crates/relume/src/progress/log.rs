@@ -148,7 +148,9 @@ pub fn init_logging(default_filter: &str) -> Result<()> {
         .map_err(|e| Error::InvalidSetting {
             setting: "global tracing subscriber".into(),
             value: "already installed".into(),
-            rule: format!("init_logging must be called once, before any other subscriber is set ({e})"),
+            rule: format!(
+                "init_logging must be called once, before any other subscriber is set ({e})"
+            ),
         })
 }
 

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressDrawTarget, ProgressStyle};
 
@@ -500,6 +500,7 @@ fn format_metrics(metrics: &BTreeMap<String, f64>, precision: usize) -> String {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     /// Serialises the tests that draw bars: the active bars are global.
     static BARS: Mutex<()> = Mutex::new(());
@@ -606,7 +607,11 @@ mod tests {
         let lines: Vec<String> = out.lines().iter().map(|l| untimed(l)).collect();
         assert_eq!(
             lines,
-            ["epoch 3 7 step 100", "epoch 3 8 step 101", "epoch 3 done 8 step 101"]
+            [
+                "epoch 3 7 step 100",
+                "epoch 3 8 step 101",
+                "epoch 3 done 8 step 101"
+            ]
         );
     }
 
@@ -770,11 +775,15 @@ mod tests {
         }
         let screen = term.screen();
         assert!(
-            screen.iter().any(|r| r == "INFO interrupted: saved at step 1"),
+            screen
+                .iter()
+                .any(|r| r == "INFO interrupted: saved at step 1"),
             "{screen:#?}"
         );
         assert!(
-            screen.last().is_some_and(|r| r.starts_with("epoch 1/30 100% ")),
+            screen
+                .last()
+                .is_some_and(|r| r.starts_with("epoch 1/30 100% ")),
             "{screen:#?}"
         );
         p.finish_epoch(&BTreeMap::new());
@@ -782,8 +791,36 @@ mod tests {
         drop(p);
         let screen = term.screen();
         assert_eq!(screen.len(), 3, "{screen:#?}");
-        assert!(screen[1].starts_with("epoch 1/30 done 45/45 in "), "{screen:#?}");
+        assert!(
+            screen[1].starts_with("epoch 1/30 done 45/45 in "),
+            "{screen:#?}"
+        );
         assert_eq!(screen[2], "checkpoint step=000045-epoch=1");
+
+        // An epoch interrupted mid-way: its bar, drawn at a rate limit, is cleared
+        // when the progress is dropped and leaves no stale line behind.
+        let term = FakeTerm::default();
+        let target = ProgressDrawTarget::term_like_with_hz(Box::new(term.clone()), 20);
+        let mut p = ProgressBar::with_target(ProgressConfig::new().max_epochs(30), target);
+        p.start_epoch(0, 45);
+        for s in 1..=45 {
+            p.update(s, s, &BTreeMap::new());
+        }
+        p.finish_epoch(&BTreeMap::new());
+        p.println("checkpoint 1");
+        p.start_epoch(1, 45);
+        for s in 1..=33 {
+            p.update(s, 45 + s, &BTreeMap::new());
+        }
+        p.println("checkpoint 2");
+        log_writer().write_all(b"INFO interrupted\n").unwrap();
+        drop(p);
+        let screen = term.screen();
+        assert_eq!(screen.len(), 4, "{screen:#?}");
+        assert_eq!(
+            screen[1..],
+            ["checkpoint 1", "checkpoint 2", "INFO interrupted"]
+        );
 
         // The check has teeth: with two bars drawn (training and validation), a
         // line written straight past them is overwritten by their next redraw,
