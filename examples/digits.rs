@@ -27,8 +27,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use clap::Parser;
 use relume::callbacks::{LearningRateMonitor, Mode, ModelCheckpoint};
 use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
 use relume::loggers::{CsvLogger, TensorBoardLogger};
@@ -45,42 +46,29 @@ use relume::trainer::{
 use relume::preempt::{Preemption, PREEMPTED_EXIT_CODE};
 use relume_ckpt::CheckpointDir;
 
+/// Trains an MLP on the UCI optical digits; resumes from the run's latest
+/// checkpoint when there is one.
+#[derive(Parser, Debug)]
+#[command(
+    name = "digits",
+    override_usage = "digits [--data FILE] [--run-dir DIR] [--fresh] [--max-epochs N] [--seed N]"
+)]
 struct Args {
+    /// The digits CSV (label first, then 64 pixels).
+    #[arg(long, value_name = "FILE", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/digits.csv"))]
     data: PathBuf,
+    /// The run directory: checkpoints/ and logs/ go under it.
+    #[arg(long, value_name = "DIR", default_value = "runs/digits")]
     run_dir: PathBuf,
+    /// Delete the run's checkpoints first and start over.
+    #[arg(long)]
     fresh: bool,
+    /// Epochs to train (raise it to continue a finished run).
+    #[arg(long, value_name = "N", default_value_t = 30)]
     max_epochs: u64,
+    /// Seed of the initialisation, shuffling and dropout.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        data: PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../examples/data/digits.csv"
-        )),
-        run_dir: PathBuf::from("runs/digits"),
-        fresh: false,
-        max_epochs: 30,
-        seed: 0,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--data" => a.data = value()?.into(),
-            "--run-dir" => a.run_dir = value()?.into(),
-            "--fresh" => a.fresh = true,
-            "--max-epochs" => a.max_epochs = value()?.parse().context("--max-epochs")?,
-            "--seed" => a.seed = value()?.parse().context("--seed")?,
-            "-h" | "--help" => {
-                println!("usage: digits [--data FILE] [--run-dir DIR] [--fresh] [--max-epochs N] [--seed N]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
-    Ok(a)
 }
 
 /// The MLP.
@@ -185,14 +173,14 @@ impl TrainModule for Mlp {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
-    match run() {
+    let args = Args::parse();
+    // Log lines print above the progress bar (so it cannot erase them), coloured
+    // only on a terminal without NO_COLOR.
+    if let Err(e) = relume::progress::init_logging("info") {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    match run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -201,8 +189,7 @@ fn main() {
     }
 }
 
-fn run() -> Result<i32> {
-    let args = parse_args()?;
+fn run(args: Args) -> Result<i32> {
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
     if args.fresh {
@@ -222,8 +209,8 @@ fn run() -> Result<i32> {
     // Signals only set a flag; the trainer checks it at step boundaries.
     let preemption = Arc::new(Preemption::builder().sigint(true).install()?);
 
-    let data = CsvDataset::from_path(&args.data, 0)
-        .with_context(|| format!("loading {}", args.data.display()))?
+    // The error names the file and carries the OS error once.
+    let data = CsvDataset::from_path(&args.data, 0)?
         .into_tensor_dataset()
         .scaled(1.0 / 16.0);
     let (train_set, val_set) = data.split(0.8, 42)?;
@@ -285,7 +272,8 @@ fn run() -> Result<i32> {
             return Ok(PREEMPTED_EXIT_CODE);
         }
         FitOutcome::AlreadyFinished(_) => {
-            println!("already finished: val_acc={acc:.4}; use --fresh to start over or --max-epochs to train longer");
+            // The trainer's INFO line said so and why; add this job's flags.
+            println!("val_acc={acc:.4}; --fresh starts over, --max-epochs N trains longer");
         }
         _ => println!(
             "done: step {} val_acc={acc:.4} in {:.1} s; last checkpoint: {last}",

@@ -57,8 +57,11 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// An I/O operation failed on a path.
-    #[error("{op} {path}: {source}")]
+    /// An I/O operation failed on a path. The OS error is the [`source`]
+    /// (printed once by a cause-chain printer such as anyhow's `{:#}`).
+    ///
+    /// [`source`]: std::error::Error::source
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,

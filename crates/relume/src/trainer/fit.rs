@@ -205,7 +205,11 @@ impl Trainer {
             last_checkpoint: None,
             config: Arc::new(config),
             progress: if self.cfg.enable_progress_bar {
-                ProgressBar::new(ProgressConfig::new().every_n_steps(self.cfg.log_every_n_steps))
+                ProgressBar::new(
+                    ProgressConfig::new()
+                        .every_n_steps(self.cfg.log_every_n_steps)
+                        .max_epochs(self.cfg.max_epochs),
+                )
             } else {
                 ProgressBar::disabled()
             },
@@ -464,7 +468,6 @@ where
                 self.cfg.max_steps,
             );
             tracing::info!("{msg}");
-            self.progress.println(&msg);
             // Deletions the final save requested and a kill interrupted
             // (`ModelCheckpoint`'s pending deletions, re-requested on load).
             for r in std::mem::take(&mut self.requests) {
@@ -549,8 +552,11 @@ where
                 if boundary {
                     self.optimizer_step(grads.take().unwrap_or_default())?;
                     let shown = self.state.metrics.prog_bar();
-                    self.progress
-                        .update(self.state.batch_in_epoch.div_ceil(accum), &shown);
+                    self.progress.update(
+                        self.state.batch_in_epoch.div_ceil(accum),
+                        self.state.global_step,
+                        &shown,
+                    );
                 }
                 hook!(self, |cb, ctx| cb.on_train_batch_end(&mut ctx, boundary));
                 if boundary && !last {
@@ -602,12 +608,7 @@ where
             let out = self.boundary(train, true)?;
             let shown = self.state.metrics.prog_bar();
             self.progress.finish_epoch(&shown);
-            if let Some(p) = &self.last_checkpoint {
-                if self.last_checkpoint != saved_before {
-                    self.progress
-                        .println(&format!("checkpoint {}", p.display()));
-                }
-            }
+            self.print_checkpoint(saved_before.as_deref());
             if let Some(out) = out {
                 return Ok(out);
             }
@@ -737,6 +738,7 @@ where
         train: &DataLoader<M::Batch>,
         epoch_end: bool,
     ) -> Result<Option<FitOutcome>> {
+        let saved_before = self.last_checkpoint.clone();
         // Preemption hook point: a flag set by a signal handler is read here only.
         let interrupted = self.interrupt.iter().any(Interrupt::is_set);
         let stopping = self
@@ -820,6 +822,10 @@ where
             let keep = self.resumed_from.clone();
             self.connector.delete(&name, keep.as_deref())?;
         }
+        if !epoch_end {
+            // At an epoch end the caller prints it after the epoch's summary line.
+            self.print_checkpoint(saved_before.as_deref());
+        }
         if let Some(reason) = stop {
             tracing::info!("stopping at step {}: {reason}", self.state.global_step);
             return Ok(Some(FitOutcome::Stopped {
@@ -841,6 +847,16 @@ where
             return Ok(Some(FitOutcome::Interrupted(self.summary())));
         }
         Ok(None)
+    }
+
+    /// Prints `checkpoint PATH` when a checkpoint newer than `before` was saved.
+    fn print_checkpoint(&mut self, before: Option<&std::path::Path>) {
+        if let Some(p) = &self.last_checkpoint {
+            if Some(p.as_path()) != before {
+                self.progress
+                    .println(&format!("checkpoint {}", p.display()));
+            }
+        }
     }
 
     /// Commits every save of this boundary (one snapshot of the state), then runs
