@@ -127,6 +127,59 @@ pub fn num(x: f64) -> String {
     }
 }
 
+/// Formats one column of numbers so that, right-aligned, they line up on the
+/// decimal point: every value gets the same number of decimals. A column whose
+/// non-zero magnitudes all lie in `[1e-3, 1e6)` is fixed-point, with enough
+/// decimals for four significant digits of its smallest magnitude (one to six;
+/// none when every value is an integer); any other column is in exponent form
+/// with three decimals and a two-digit exponent (`3.244e-06`). Missing values
+/// are `-`; non-finite ones keep their names (`NaN`, `inf`).
+pub fn num_column(values: &[Option<f64>]) -> Vec<String> {
+    let finite: Vec<f64> = values
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|x| x.is_finite())
+        .collect();
+    let smallest = finite
+        .iter()
+        .map(|x| x.abs())
+        .filter(|a| *a > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    let largest = finite.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    let exponent = smallest.is_finite() && (smallest < 1e-3 || largest >= 1e6);
+    let decimals = if finite.iter().all(|x| x.fract() == 0.0) {
+        0
+    } else {
+        // 3 - floor(log10(smallest)), clamped: 0.13 -> 4, 1.7 -> 3, 0.0012 -> 6.
+        (3 - smallest.log10().floor() as i64).clamp(1, 6) as usize
+    };
+    values
+        .iter()
+        .map(|v| match v {
+            None => "-".to_string(),
+            Some(x) if !x.is_finite() => x.to_string(),
+            Some(x) if exponent => exp_form(*x),
+            Some(x) => format!("{x:.decimals$}"),
+        })
+        .collect()
+}
+
+/// `x` as `d.ddde±XX`: three decimals, an exponent of at least two digits.
+fn exp_form(x: f64) -> String {
+    let s = format!("{x:.3e}");
+    match s.split_once('e') {
+        Some((mantissa, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
+}
+
 /// Shortens `s` to at most `max` characters, ending in `…` when cut.
 pub fn ellipsize(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
@@ -170,5 +223,15 @@ mod tests {
         assert_eq!(num(1e-7), "1.000e-7");
         assert_eq!(ellipsize("abcdef", 4), "abc…");
         assert_eq!(ellipsize("abc", 4), "abc");
+    }
+
+    #[test]
+    fn columns_share_their_decimals() {
+        let col = num_column(&[Some(1.7188), Some(0.1313), None, Some(0.98)]);
+        assert_eq!(col, ["1.7188", "0.1313", "-", "0.9800"]);
+        let col = num_column(&[Some(3.244e-6), Some(1.546e-5), Some(1.2e-12)]);
+        assert_eq!(col, ["3.244e-06", "1.546e-05", "1.200e-12"]);
+        assert_eq!(num_column(&[Some(3.0), Some(12.0)]), ["3", "12"]);
+        assert_eq!(num_column(&[Some(f64::NAN), Some(0.5)]), ["NaN", "0.5000"]);
     }
 }

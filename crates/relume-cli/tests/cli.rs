@@ -999,3 +999,93 @@ fn verify_sees_an_interrupted_clear_as_an_empty_run() {
     let o = relume(["ls".as_ref(), run.as_os_str(), "--json".as_ref()]);
     assert_eq!(json_out(&o)["checkpoints"], json!([]), "{}", stdout(&o));
 }
+
+/// Issue #8 A.10: `ls` SIZE and `verify` BYTES count the same bytes (every file,
+/// the manifest included), in text and in JSON.
+#[test]
+fn ls_size_equals_verify_bytes() {
+    let (_t, run) = run_dir();
+    let ls = json_out(&relume(["ls".as_ref(), run.as_os_str(), "--json".as_ref()]));
+    let verify = json_out(&relume([
+        "verify".as_ref(),
+        run.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    for name in [A, B] {
+        let listed = ls["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        let checked = verify["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        let on_disk: u64 = std::fs::read_dir(ckpt(&run, name))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(listed["bytes"], on_disk, "{name}");
+        assert_eq!(checked["bytes_checked"], on_disk, "{name}");
+    }
+    // The text columns print the same string.
+    let cell = |out: &str, name: &str, header: &str| -> String {
+        let lines: Vec<&str> = out.lines().collect();
+        let end = lines[0].find(header).unwrap() + header.len();
+        let line = lines.iter().find(|l| l.contains(name)).unwrap();
+        line[..end].rsplit("  ").next().unwrap().trim().to_string()
+    };
+    let ls = stdout(&relume(["ls".as_ref(), run.as_os_str()]));
+    let verify = stdout(&relume(["verify".as_ref(), run.as_os_str()]));
+    for name in [A, B] {
+        let size = cell(&ls, name, "SIZE");
+        assert!(size.ends_with("KiB"), "{size}");
+        assert_eq!(size, cell(&verify, name, "BYTES"), "{ls}\n{verify}");
+    }
+}
+
+/// Issue #8 A.10: each metric column of `ls` is right-aligned with a fixed
+/// number of decimals, so the decimal points line up.
+#[test]
+fn ls_metric_columns_align_on_the_decimal_point() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let dir = CheckpointDir::open(&run).unwrap();
+    let values = [
+        (1u64, 12.5, 3e-6, 0.9),
+        (2, 0.125, 1.5e-5, 0.95),
+        (3, 1.0, 2e-10, 0.9875),
+    ];
+    for (step, val_loss, train_loss, val_acc) in values {
+        let mut c = checkpoint(step * 10, 0.0, "");
+        c.metrics.clear();
+        c.metrics.insert("val_loss".into(), val_loss);
+        c.metrics.insert("train_loss".into(), train_loss);
+        c.metrics.insert("val_acc".into(), val_acc);
+        dir.save(&format!("step={:06}", step * 10), &c).unwrap();
+    }
+    let out = stdout(&relume(["ls".as_ref(), run.as_os_str()]));
+    println!("{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    for header in ["train_loss", "val_acc", "val_loss"] {
+        let end = lines[0].find(header).unwrap() + header.len();
+        let mut dots = Vec::new();
+        for line in &lines[1..4] {
+            let cell = line[..end].rsplit(' ').next().unwrap();
+            assert!(!cell.is_empty(), "{header} not right-aligned in\n{out}");
+            let decimals = cell.len() - cell.find('.').unwrap();
+            dots.push(decimals);
+            // Fixed decimals: nothing of the shortest-form `1` or `0.9`.
+            assert_ne!(cell, "1", "{out}");
+        }
+        assert!(dots.windows(2).all(|w| w[0] == w[1]), "{header}: {out}");
+    }
+    assert!(
+        out.contains("3.000e-06") && out.contains("2.000e-10"),
+        "{out}"
+    );
+    assert!(out.contains("12.5000") && out.contains(" 0.1250"), "{out}");
+}

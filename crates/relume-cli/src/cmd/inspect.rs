@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use relume_ckpt::manifest::MANIFEST_FILE;
 use relume_ckpt::migrate::{detect_version, read_any};
 use relume_ckpt::{CheckpointDir, StateDict, FORMAT_VERSION};
 use serde::Serialize;
@@ -112,7 +113,8 @@ pub fn read(path: &Path) -> anyhow::Result<Read> {
             "metrics": m.metrics.iter().map(|(k, v)| (k.clone(), json_f64(*v))).collect::<serde_json::Map<_, _>>(),
             "fingerprint": m.fingerprint,
             "files": m.files.len() + 1,
-            "bytes": m.total_bytes(),
+            // Every file, the manifest included, as `ls` and `verify` count.
+            "bytes": m.total_bytes() + std::fs::metadata(path.join(MANIFEST_FILE)).map_or(0, |m| m.len()),
         });
         return Ok(Read {
             format_version: version,
@@ -407,7 +409,7 @@ fn render(r: &Report) -> String {
     }
     if let (Some(f), Some(b)) = (h.get("files"), h.get("bytes").and_then(Value::as_u64)) {
         out.push_str(&format!(
-            "files        {f} incl. the manifest; {} of data, every checksum verified\n",
+            "files        {f} incl. the manifest, {} in all, every checksum verified\n",
             human_bytes(b)
         ));
     }
