@@ -1089,3 +1089,74 @@ fn ls_metric_columns_align_on_the_decimal_point() {
     );
     assert!(out.contains("12.5000") && out.contains(" 0.1250"), "{out}");
 }
+
+/// Issue #8 A.8: floats the trainer stores in an exact encoding (metric
+/// aggregation as u64 bit patterns, scheduler rates as decimal strings) are shown
+/// as numbers; `--json` keeps their bit patterns, labelled, under `exact`.
+#[test]
+fn inspect_shows_exactly_stored_floats_as_numbers() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = checkpoint(10, 0.0, "");
+    let bits = 0.0123f64.to_bits();
+    c.components.get_mut("loop").unwrap().insert_json(
+        "metrics",
+        json!({"epoch": {"val_loss": {"sum": 2.5f64.to_bits(), "weight": 4.0f64.to_bits()}},
+               "latest": {"train_loss": bits}, "prog_bar": []}),
+    );
+    let sched = c.components.get_mut("scheduler.0").unwrap();
+    sched.insert_json("lrs", json!(["0.003"]));
+    sched.insert_json("base_lrs", json!(["0.00030000000000000003"]));
+    let p = CheckpointDir::open(t.path())
+        .unwrap()
+        .save("step=000010", &c)
+        .unwrap();
+    let o = relume(["inspect".as_ref(), p.as_os_str()]);
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{out}{}", stderr(&o));
+    assert!(out.contains(r#""latest":{"train_loss":0.0123}"#), "{out}");
+    assert!(
+        out.contains(r#""val_loss":{"sum":2.5,"weight":4}"#),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&bits.to_string()),
+        "bit pattern shown:\n{out}"
+    );
+    let lrs = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("lrs"))
+        .unwrap();
+    assert!(lrs.ends_with(" [0.003]"), "{lrs}");
+    assert!(!out.contains(r#"["0.003"]"#), "{out}");
+
+    let j = json_out(&relume([
+        "inspect".as_ref(),
+        p.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    let lp = &j["components"]["loop"];
+    assert_eq!(lp["json"]["metrics"]["latest"]["train_loss"], json!(0.0123));
+    assert_eq!(
+        lp["exact"]["metrics/latest/train_loss"],
+        format!("{bits:#018x}")
+    );
+    assert_eq!(
+        lp["exact"]["metrics/epoch/val_loss/weight"],
+        "0x4010000000000000"
+    );
+    let s = &j["components"]["scheduler.0"];
+    assert_eq!(s["json"]["lrs"], json!([0.003]));
+    assert_eq!(
+        s["json"]["base_lrs"][0].as_f64(),
+        Some(0.00030000000000000003)
+    );
+    assert_eq!(s["exact"]["lrs/0"], format!("{:#018x}", 0.003f64.to_bits()));
+    // Components without exactly-encoded floats carry no `exact`.
+    assert!(j["components"]["model"].get("exact").is_none());
+    // The manifest's metrics are numbers already, and numbers in text too.
+    assert_eq!(j["header"]["metrics"]["val_loss"], json!(0.1));
+    assert!(
+        out.contains("metrics      train_loss=0.2 val_loss=0.1"),
+        "{out}"
+    );
+}
