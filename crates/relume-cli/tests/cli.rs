@@ -1160,3 +1160,62 @@ fn inspect_shows_exactly_stored_floats_as_numbers() {
         "{out}"
     );
 }
+
+/// Issue #8 A.10: `diff`'s tables fit `COLUMNS`, or 100 columns when stdout is
+/// not a terminal; `--json` keeps whole values.
+#[test]
+fn diff_fits_the_terminal_width() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(t.path()).unwrap();
+    let mut paths = Vec::new();
+    for (i, step) in [10u64, 20].into_iter().enumerate() {
+        let mut c = checkpoint(step, 0.0, "");
+        let long: Vec<String> = (0..40).map(|k| format!("value-{}-{k}", i)).collect();
+        c.components.get_mut("callbacks").unwrap().insert_json(
+            "SomeVeryLongCallbackName{monitor=val_loss}/history",
+            json!(long),
+        );
+        c.config["note"] = json!("x".repeat(150 + i));
+        paths.push(dir.save(&format!("step={step:06}"), &c).unwrap());
+    }
+    let diff = |columns: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relume"));
+        cmd.arg("diff").args(&paths).env_remove("RELUME_LOG");
+        match columns {
+            Some(c) => cmd.env("COLUMNS", c),
+            None => cmd.env_remove("COLUMNS"),
+        };
+        cmd.output().unwrap()
+    };
+    for (columns, limit) in [(None, 100), (Some("80"), 80), (Some("60"), 60)] {
+        let o = diff(columns);
+        assert_eq!(code(&o), 1, "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains("history"), "{out}");
+        assert!(out.contains("  note"), "{out}");
+        for line in out.lines().skip(2) {
+            assert!(
+                line.chars().count() <= limit,
+                "{} > {limit} columns: {line}",
+                line.chars().count()
+            );
+        }
+        assert!(out.contains('…'), "{out}");
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relume"));
+    let o = cmd
+        .arg("diff")
+        .args(&paths)
+        .arg("--json")
+        .env("COLUMNS", "40")
+        .output()
+        .unwrap();
+    let j = json_out(&o);
+    let changed = j["json"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["key"].as_str().unwrap().ends_with("/history"))
+        .unwrap();
+    assert_eq!(changed["a"].as_array().unwrap().len(), 40);
+}
