@@ -1219,3 +1219,77 @@ fn diff_fits_the_terminal_width() {
         .unwrap();
     assert_eq!(changed["a"].as_array().unwrap().len(), 40);
 }
+
+/// Issue #8 A.7: `plot` titles the image with the run's name, labels both axes,
+/// uses a log y axis for positive losses, writes ticks as `0.95` (not `0. 95`)
+/// and says what it wrote.
+#[test]
+fn plot_draws_title_axis_labels_and_log_loss() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("digits-run");
+    std::fs::create_dir_all(run.join("logs")).unwrap();
+    let mut csv = String::from("step,train_loss,val_acc,val_loss\n");
+    for i in 1..=40u32 {
+        let loss = 2.0 * 0.7f64.powi(i as i32);
+        let acc = 0.80 + 0.18 * (1.0 - 0.9f64.powi(i as i32));
+        csv.push_str(&format!("{},{loss},{acc},{}\n", i * 10, loss * 1.5 + 0.1));
+    }
+    std::fs::write(run.join("logs/metrics.csv"), csv).unwrap();
+    let svg_path = t.path().join("curves.svg");
+    let plot = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "plot".as_ref(),
+            run.as_os_str(),
+            "-o".as_ref(),
+            svg_path.as_os_str(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        relume(args)
+    };
+    let o = plot(&[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("wrote "), "{out}");
+    assert!(out.contains(svg_path.to_str().unwrap()), "{out}");
+    assert!(out.contains("loss (log y)"), "{out}");
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>').and_then(|(_, r)| r.split_once("</text>")))
+        .map(|(inner, _)| inner.trim())
+        .collect();
+    for want in [
+        "digits-run",
+        "loss",
+        "val_acc",
+        "step",
+        "loss (log scale)",
+        "0.95",
+        "0.1",
+        "1e-4",
+    ] {
+        assert!(texts.contains(&want), "no text {want:?} in {texts:?}");
+    }
+    // No tick label split around its decimal point or padded inside.
+    for text in &texts {
+        assert!(!text.contains(". ") && !text.contains(" ."), "{text:?}");
+        if let Ok(x) = text.parse::<f64>() {
+            assert!(!text.ends_with('0') || !text.contains('.'), "{text:?} {x}");
+        }
+    }
+    // --linear-y: no log axis.
+    let o = plot(&["--linear-y"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(!svg.contains("log scale"), "linear y asked for");
+    assert!(!stdout(&o).contains("(log y)"), "{}", stdout(&o));
+    // --log-y: every positive panel, val_acc included.
+    let o = plot(&["--log-y"]);
+    assert!(stdout(&o).contains("val_acc (log y)"), "{}", stdout(&o));
+    let help = stdout(&relume(["plot", "--help"]));
+    assert!(
+        help.contains("--log-y") && help.contains("containing `loss`"),
+        "{help}"
+    );
+}
