@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 mod cmd;
+mod decode;
 mod lightning;
 // `plot::plot` (default size) is kept for callers and plot.rs's own tests.
 #[allow(dead_code)]

@@ -7,14 +7,24 @@
 //! partner keeps its own name. Empty, unparsable and non-finite cells are
 //! skipped.
 //!
+//! The image is titled with the run directory's name; each panel has `step` on
+//! its x axis and the metric's name on its y axis. Panels of loss metrics (the
+//! name contains `loss`) whose values are all positive use a logarithmic y axis,
+//! so a train loss near zero stays readable; `--log-y` does so for every panel
+//! with positive values, `--linear-y` for none.
+//!
 //! The output format follows the extension: `.png` (plotters' bitmap backend,
 //! encoded with the `png` crate) or `.svg`. Text is rendered with an embedded
-//! DejaVu Sans Mono (`assets/`), so no system font is needed.
+//! DejaVu Sans Mono (`assets/`), so no system font is needed. In PNGs it is
+//! rasterised by [`GlyphText`], which places each glyph at its side bearing
+//! (plotters' own bitmap text drops it, printing `0.95` as `0. 95`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -44,7 +54,7 @@ const COLORS: [RGBColor; 4] = [
 #[derive(Debug, Clone, clap::Args)]
 #[command(
     about = "Draw training and validation curves from a run's metrics.csv",
-    after_help = "Example:\n  relume plot runs/digits -o curves.png\n  relume plot runs/digits/logs/metrics.csv -o curves.svg --width 1600 --height 900"
+    after_help = "Example:\n  relume plot runs/digits -o curves.png\n  relume plot runs/digits/logs/metrics.csv -o curves.svg --width 1600 --height 900 --log-y\n\nOne panel per metric (train/val/test splits share one), x axis: step, y axis: the\nmetric; the title is the run directory's name. The y axis is logarithmic for loss\nmetrics (names containing `loss`) when all their values are positive, linear\notherwise; --log-y makes it logarithmic for every panel with positive values,\n--linear-y for none. Prints the path written."
 )]
 pub struct PlotArgs {
     /// Run directory (reads `<RUN_DIR>/logs/metrics.csv`) or a metrics CSV file.
@@ -58,6 +68,33 @@ pub struct PlotArgs {
     /// Image height in pixels.
     #[arg(long, default_value_t = DEFAULT_HEIGHT)]
     pub height: u32,
+    /// Logarithmic y axis for every panel whose values are all positive (default:
+    /// only loss panels).
+    #[arg(long, conflicts_with = "linear_y")]
+    pub log_y: bool,
+    /// Linear y axis for every panel, loss panels included.
+    #[arg(long)]
+    pub linear_y: bool,
+}
+
+/// Which panels get a logarithmic y axis (only ever those with all values > 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YScale {
+    /// Loss panels (title containing `loss`).
+    Auto,
+    /// Every panel.
+    Log,
+    /// None.
+    Linear,
+}
+
+/// What was drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drawn {
+    /// The title: the run directory's name.
+    pub title: String,
+    /// Panel titles, each with whether its y axis is logarithmic.
+    pub panels: Vec<(String, bool)>,
 }
 
 /// Runs `relume plot` with parsed arguments.
@@ -65,7 +102,32 @@ pub struct PlotArgs {
 /// # Errors
 /// As [`plot_with_size`].
 pub fn run(args: &PlotArgs) -> anyhow::Result<()> {
-    plot_with_size(&args.run_dir, &args.out, args.width, args.height)
+    let scale = match (args.log_y, args.linear_y) {
+        (true, _) => YScale::Log,
+        (_, true) => YScale::Linear,
+        _ => YScale::Auto,
+    };
+    let drawn = plot_with(&args.run_dir, &args.out, args.width, args.height, scale)?;
+    let panels: Vec<String> = drawn
+        .panels
+        .iter()
+        .map(|(t, log)| {
+            if *log {
+                format!("{t} (log y)")
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    println!(
+        "wrote {} ({}x{}; {}: {})",
+        args.out.display(),
+        args.width,
+        args.height,
+        drawn.title,
+        panels.join(", ")
+    );
+    Ok(())
 }
 
 /// Plots `run_dir_or_csv` into `out` at the default size.
@@ -89,6 +151,20 @@ pub fn plot_with_size(
     width: u32,
     height: u32,
 ) -> anyhow::Result<()> {
+    plot_with(run_dir_or_csv, out, width, height, YScale::Auto).map(|_| ())
+}
+
+/// As [`plot_with_size`], with the y-axis choice `scale`; says what was drawn.
+///
+/// # Errors
+/// As [`plot_with_size`].
+pub fn plot_with(
+    run_dir_or_csv: &Path,
+    out: &Path,
+    width: u32,
+    height: u32,
+    scale: YScale,
+) -> anyhow::Result<Drawn> {
     for (what, v) in [("width", width), ("height", height)] {
         if !(MIN_SIZE..=MAX_SIZE).contains(&v) {
             bail!("--{what} {v} is out of range: use {MIN_SIZE}..={MAX_SIZE} pixels");
@@ -110,14 +186,22 @@ pub fn plot_with_size(
     let text = std::fs::read_to_string(&csv)
         .with_context(|| format!("cannot read metrics file {}", csv.display()))?;
     let panels = panels(&text).with_context(|| format!("metrics file {}", csv.display()))?;
+    let title = run_name(run_dir_or_csv);
+    let drawn = Drawn {
+        panels: panels
+            .iter()
+            .map(|p| (p.title.clone(), log_y(p, scale)))
+            .collect(),
+        title,
+    };
     register_font()?;
     let bytes = match format {
         Format::Png => {
             let mut buf = vec![0u8; width as usize * height as usize * 3];
             {
-                let root =
-                    BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
-                draw(&root, &panels)?;
+                let bitmap = BitMapBackend::with_buffer(&mut buf, (width, height));
+                let root = GlyphText::new(bitmap)?.into_drawing_area();
+                draw(&root, &panels, &drawn)?;
                 root.present()
                     .map_err(|e| anyhow!("drawing failed: {e:?}"))?;
             }
@@ -127,14 +211,46 @@ pub fn plot_with_size(
             let mut svg = String::new();
             {
                 let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
-                draw(&root, &panels)?;
+                draw(&root, &panels, &drawn)?;
                 root.present()
                     .map_err(|e| anyhow!("drawing failed: {e:?}"))?;
             }
             svg.into_bytes()
         }
     };
-    write_file(out, &bytes)
+    write_file(out, &bytes)?;
+    Ok(drawn)
+}
+
+/// The run's name for the title: the run directory's name (for a CSV path, the
+/// directory holding `logs/`, or the CSV's own directory).
+fn run_name(p: &Path) -> String {
+    let abs = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let dir = if abs.is_dir() {
+        Some(abs.as_path())
+    } else {
+        abs.parent().map(|d| match d.file_name() {
+            Some(n) if n == "logs" => d.parent().unwrap_or(d),
+            _ => d,
+        })
+    };
+    dir.and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// Whether `panel` gets a logarithmic y axis under `scale`.
+fn log_y(panel: &Panel, scale: YScale) -> bool {
+    let positive = panel
+        .series
+        .iter()
+        .all(|(_, pts)| pts.iter().all(|&(_, y)| y > 0.0));
+    positive
+        && match scale {
+            YScale::Auto => panel.title.contains("loss"),
+            YScale::Log => true,
+            YScale::Linear => false,
+        }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -252,15 +368,20 @@ fn panels(text: &str) -> anyhow::Result<Vec<Panel>> {
     Ok(panels)
 }
 
-/// Draws the panels in a near-square grid.
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> anyhow::Result<()> {
+/// Draws the title and the panels in a near-square grid below it.
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    panels: &[Panel],
+    drawn: &Drawn,
+) -> anyhow::Result<()> {
     let fail = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
     root.fill(&WHITE).map_err(fail)?;
+    let body = root.titled(&drawn.title, (FAMILY, 22)).map_err(fail)?;
     let n = panels.len();
     let cols = (1..=n).find(|c| c * c >= n).unwrap_or(1);
     let rows = n.div_ceil(cols);
-    let areas = root.split_evenly((rows, cols));
-    for (panel, area) in panels.iter().zip(areas.iter()) {
+    let areas = body.split_evenly((rows, cols));
+    for ((panel, area), (_, log)) in panels.iter().zip(areas.iter()).zip(&drawn.panels) {
         let points = panel.series.iter().flat_map(|(_, p)| p.iter());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
         for &(x, y) in points {
@@ -272,59 +393,123 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
         if x1 <= x0 {
             x1 = x0 + 1.0;
         }
-        let pad = if y1 > y0 {
-            (y1 - y0) * 0.05
-        } else {
-            y0.abs().max(1.0) * 0.1
-        };
-        let (y0, y1) = (y0 - pad, y1 + pad);
-        let mut chart = ChartBuilder::on(area)
+        let mut builder = ChartBuilder::on(area);
+        builder
             .caption(&panel.title, (FAMILY, 18))
             .margin(10)
-            .x_label_area_size(32)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(fail)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .label_style((FAMILY, 12))
-            .axis_desc_style((FAMILY, 13))
-            .x_labels(6)
-            .x_label_formatter(&step_label)
-            .y_labels(6)
-            .draw()
-            .map_err(fail)?;
-        for (i, (label, pts)) in panel.series.iter().enumerate() {
-            let color = COLORS[(["train", "val", "test"]
-                .iter()
-                .position(|s| s == label)
-                .unwrap_or(i))
-                % COLORS.len()];
-            let style = ShapeStyle::from(&color).stroke_width(2);
-            let series = chart
-                .draw_series(LineSeries::new(pts.iter().copied(), style))
+            .x_label_area_size(40)
+            .y_label_area_size(78);
+        if *log {
+            let (y0, y1) = if y1 > y0 {
+                (y0 / 1.5, y1 * 1.5)
+            } else {
+                (y0 / 2.0, y0 * 2.0)
+            };
+            let chart = builder
+                .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
                 .map_err(fail)?;
-            series
-                .label(label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
-            if pts.len() < 2 {
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                    .map_err(fail)?;
-            }
-        }
-        if panel.series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .label_font((FAMILY, 12))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
+            draw_panel(chart, panel, "log scale")?;
+        } else {
+            let pad = if y1 > y0 {
+                (y1 - y0) * 0.05
+            } else {
+                y0.abs().max(1.0) * 0.1
+            };
+            let chart = builder
+                .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
                 .map_err(fail)?;
+            draw_panel(chart, panel, "")?;
         }
     }
     Ok(())
+}
+
+/// Draws one panel's mesh, axis labels, curves and legend into `chart`;
+/// `scale_note` is appended to the y-axis label.
+fn draw_panel<'a, DB, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    panel: &Panel,
+    scale_note: &str,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let fail = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
+    let y_desc = if scale_note.is_empty() {
+        panel.title.clone()
+    } else {
+        format!("{} ({scale_note})", panel.title)
+    };
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .label_style((FAMILY, 12))
+        .axis_desc_style((FAMILY, 13))
+        .x_labels(6)
+        .x_label_formatter(&step_label)
+        .y_labels(6)
+        .y_label_formatter(&tick_label)
+        .draw()
+        .map_err(fail)?;
+    for (i, (label, pts)) in panel.series.iter().enumerate() {
+        let color = COLORS[(["train", "val", "test"]
+            .iter()
+            .position(|s| s == label)
+            .unwrap_or(i))
+            % COLORS.len()];
+        let style = ShapeStyle::from(&color).stroke_width(2);
+        let series = chart
+            .draw_series(LineSeries::new(pts.iter().copied(), style))
+            .map_err(fail)?;
+        series
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        if pts.len() < 2 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(fail)?;
+        }
+    }
+    if panel.series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .label_font((FAMILY, 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// A y tick: up to four significant digits without trailing zeros (`0.95`,
+/// `1.5`, `0`), exponent form for tiny or huge values (`1e-5`, `2.5e6`).
+fn tick_label(y: &f64) -> String {
+    let y = *y;
+    if y == 0.0 || !y.is_finite() {
+        return format!("{y}");
+    }
+    let a = y.abs();
+    if (1e-3..1e5).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i64).clamp(0, 6) as usize;
+        let s = format!("{y:.decimals$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    } else {
+        let s = format!("{y:.3e}");
+        match s.split_once('e') {
+            Some((m, e)) => {
+                let m = m.trim_end_matches('0').trim_end_matches('.');
+                format!("{m}e{e}")
+            }
+            None => s,
+        }
+    }
 }
 
 /// Steps are integers: `200`, not `200.0`; fractional ticks of short runs keep
@@ -334,6 +519,182 @@ fn step_label(x: &f64) -> String {
         format!("{x:.0}")
     } else {
         format!("{x}")
+    }
+}
+
+/// A bitmap backend whose text is rasterised with `ab_glyph` directly, each glyph
+/// placed at its side bearing. Everything else goes to the wrapped backend.
+///
+/// plotters 0.3.7's `ab_glyph` text drops the bearing, so narrow glyphs such as
+/// `.` sit at the left of their cell and `0.95` reads `0. 95`.
+struct GlyphText<DB> {
+    inner: DB,
+    font: ab_glyph::FontRef<'static>,
+}
+
+impl<DB: DrawingBackend> GlyphText<DB> {
+    fn new(inner: DB) -> anyhow::Result<Self> {
+        let font = ab_glyph::FontRef::try_from_slice(FONT)
+            .map_err(|e| anyhow!("the embedded font is invalid: {e}"))?;
+        Ok(GlyphText { inner, font })
+    }
+}
+
+type BackendResult<E> = Result<(), plotters_backend::DrawingErrorKind<E>>;
+
+impl<DB: DrawingBackend> DrawingBackend for GlyphText<DB> {
+    type ErrorType = DB::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.inner.get_size()
+    }
+
+    fn ensure_prepared(&mut self) -> BackendResult<DB::ErrorType> {
+        self.inner.ensure_prepared()
+    }
+
+    fn present(&mut self) -> BackendResult<DB::ErrorType> {
+        self.inner.present()
+    }
+
+    fn draw_pixel(
+        &mut self,
+        point: plotters_backend::BackendCoord,
+        color: plotters_backend::BackendColor,
+    ) -> BackendResult<DB::ErrorType> {
+        self.inner.draw_pixel(point, color)
+    }
+
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: plotters_backend::BackendCoord,
+        to: plotters_backend::BackendCoord,
+        style: &S,
+    ) -> BackendResult<DB::ErrorType> {
+        self.inner.draw_line(from, to, style)
+    }
+
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: plotters_backend::BackendCoord,
+        bottom_right: plotters_backend::BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> BackendResult<DB::ErrorType> {
+        self.inner.draw_rect(upper_left, bottom_right, style, fill)
+    }
+
+    fn draw_path<S: plotters_backend::BackendStyle, I>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> BackendResult<DB::ErrorType>
+    where
+        I: IntoIterator<Item = plotters_backend::BackendCoord>,
+    {
+        self.inner.draw_path(path, style)
+    }
+
+    fn draw_circle<S: plotters_backend::BackendStyle>(
+        &mut self,
+        center: plotters_backend::BackendCoord,
+        radius: u32,
+        style: &S,
+        fill: bool,
+    ) -> BackendResult<DB::ErrorType> {
+        self.inner.draw_circle(center, radius, style, fill)
+    }
+
+    fn fill_polygon<S: plotters_backend::BackendStyle, I>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> BackendResult<DB::ErrorType>
+    where
+        I: IntoIterator<Item = plotters_backend::BackendCoord>,
+    {
+        self.inner.fill_polygon(vert, style)
+    }
+
+    fn blit_bitmap(
+        &mut self,
+        pos: plotters_backend::BackendCoord,
+        size: (u32, u32),
+        src: &[u8],
+    ) -> BackendResult<DB::ErrorType> {
+        self.inner.blit_bitmap(pos, size, src)
+    }
+
+    /// plotters' default text drawing (anchor, rotation, clipping) with glyphs
+    /// offset by their bearing.
+    fn draw_text<T: plotters_backend::BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &T,
+        pos: plotters_backend::BackendCoord,
+    ) -> BackendResult<DB::ErrorType> {
+        use ab_glyph::{Font, ScaleFont};
+        use plotters_backend::text_anchor::{HPos, VPos};
+        let color = style.color();
+        if color.alpha == 0.0 {
+            return Ok(());
+        }
+        let ((min_x, min_y), (max_x, max_y)) = style
+            .layout_box(text)
+            .map_err(|e| plotters_backend::DrawingErrorKind::FontError(Box::new(e)))?;
+        let (width, height) = (max_x - min_x, max_y - min_y);
+        let dx = match style.anchor().h_pos {
+            HPos::Left => 0,
+            HPos::Right => -width,
+            HPos::Center => -width / 2,
+        };
+        let dy = match style.anchor().v_pos {
+            VPos::Top => 0,
+            VPos::Center => -height / 2,
+            VPos::Bottom => -height,
+        };
+        let trans = style.transform();
+        let (w, h) = self.get_size();
+        let size = style.size() as f32;
+        let font = self.font.as_scaled(size);
+        let mut pixels = Vec::new();
+        let mut pen = 0f32;
+        let mut prev = None;
+        for c in text.chars() {
+            let id = font.glyph_id(c);
+            if let Some(p) = prev {
+                pen += font.kern(p, id);
+            }
+            prev = Some(id);
+            if let Some(q) = font.outline_glyph(font.scaled_glyph(c)) {
+                let rect = q.px_bounds();
+                // As plotters: the text's vertical middle at half the size.
+                let y0 = (size / 2.0 + rect.min.y) as i32;
+                let x0 = (pen + rect.min.x).round() as i32;
+                q.draw(|x, y, cover| pixels.push((x0 + x as i32, y0 + y as i32, cover)));
+            }
+            pen += font.h_advance(id);
+        }
+        for (x, y, cover) in pixels {
+            let (x, y) = trans.transform(x + dx - min_x, y + dy - min_y);
+            let (x, y) = (pos.0 + x, pos.1 + y);
+            if x >= 0 && x < w as i32 && y >= 0 && y < h as i32 {
+                let c = plotters_backend::BackendColor {
+                    alpha: color.alpha * f64::from(cover.clamp(0.0, 1.0)),
+                    rgb: color.rgb,
+                };
+                self.inner.draw_pixel((x, y), c)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn estimate_text_size<T: plotters_backend::BackendTextStyle>(
+        &self,
+        text: &str,
+        style: &T,
+    ) -> Result<(u32, u32), plotters_backend::DrawingErrorKind<DB::ErrorType>> {
+        self.inner.estimate_text_size(text, style)
     }
 }
 
@@ -479,6 +840,37 @@ mod tests {
         for text in ["loss", "val_acc", "lr", "step"] {
             assert!(svg.contains(&format!(">\n{text}\n<")), "missing {text}");
         }
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        let l = |y: f64| tick_label(&y);
+        assert_eq!(
+            [
+                l(0.95),
+                l(1.5),
+                l(0.0),
+                l(100.0),
+                l(0.001),
+                l(1e-5),
+                l(2.5e6)
+            ],
+            ["0.95", "1.5", "0", "100", "0.001", "1e-5", "2.5e6"]
+        );
+        assert_eq!(l(0.30000000000000004), "0.3");
+    }
+
+    #[test]
+    fn run_name_is_the_run_directory() {
+        let dir = run_dir();
+        let name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(run_name(dir.path()), name);
+        assert_eq!(run_name(&dir.path().join("logs/metrics.csv")), name);
     }
 
     #[test]

@@ -999,3 +999,297 @@ fn verify_sees_an_interrupted_clear_as_an_empty_run() {
     let o = relume(["ls".as_ref(), run.as_os_str(), "--json".as_ref()]);
     assert_eq!(json_out(&o)["checkpoints"], json!([]), "{}", stdout(&o));
 }
+
+/// Issue #8 A.10: `ls` SIZE and `verify` BYTES count the same bytes (every file,
+/// the manifest included), in text and in JSON.
+#[test]
+fn ls_size_equals_verify_bytes() {
+    let (_t, run) = run_dir();
+    let ls = json_out(&relume(["ls".as_ref(), run.as_os_str(), "--json".as_ref()]));
+    let verify = json_out(&relume([
+        "verify".as_ref(),
+        run.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    for name in [A, B] {
+        let listed = ls["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        let checked = verify["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        let on_disk: u64 = std::fs::read_dir(ckpt(&run, name))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(listed["bytes"], on_disk, "{name}");
+        assert_eq!(checked["bytes_checked"], on_disk, "{name}");
+    }
+    // The text columns print the same string.
+    let cell = |out: &str, name: &str, header: &str| -> String {
+        let lines: Vec<&str> = out.lines().collect();
+        let end = lines[0].find(header).unwrap() + header.len();
+        let line = lines.iter().find(|l| l.contains(name)).unwrap();
+        line[..end].rsplit("  ").next().unwrap().trim().to_string()
+    };
+    let ls = stdout(&relume(["ls".as_ref(), run.as_os_str()]));
+    let verify = stdout(&relume(["verify".as_ref(), run.as_os_str()]));
+    for name in [A, B] {
+        let size = cell(&ls, name, "SIZE");
+        assert!(size.ends_with("KiB"), "{size}");
+        assert_eq!(size, cell(&verify, name, "BYTES"), "{ls}\n{verify}");
+    }
+}
+
+/// Issue #8 A.10: each metric column of `ls` is right-aligned with a fixed
+/// number of decimals, so the decimal points line up.
+#[test]
+fn ls_metric_columns_align_on_the_decimal_point() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let dir = CheckpointDir::open(&run).unwrap();
+    let values = [
+        (1u64, 12.5, 3e-6, 0.9),
+        (2, 0.125, 1.5e-5, 0.95),
+        (3, 1.0, 2e-10, 0.9875),
+    ];
+    for (step, val_loss, train_loss, val_acc) in values {
+        let mut c = checkpoint(step * 10, 0.0, "");
+        c.metrics.clear();
+        c.metrics.insert("val_loss".into(), val_loss);
+        c.metrics.insert("train_loss".into(), train_loss);
+        c.metrics.insert("val_acc".into(), val_acc);
+        dir.save(&format!("step={:06}", step * 10), &c).unwrap();
+    }
+    let out = stdout(&relume(["ls".as_ref(), run.as_os_str()]));
+    println!("{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    for header in ["train_loss", "val_acc", "val_loss"] {
+        let end = lines[0].find(header).unwrap() + header.len();
+        let mut dots = Vec::new();
+        for line in &lines[1..4] {
+            let cell = line[..end].rsplit(' ').next().unwrap();
+            assert!(!cell.is_empty(), "{header} not right-aligned in\n{out}");
+            let decimals = cell.len() - cell.find('.').unwrap();
+            dots.push(decimals);
+            // Fixed decimals: nothing of the shortest-form `1` or `0.9`.
+            assert_ne!(cell, "1", "{out}");
+        }
+        assert!(dots.windows(2).all(|w| w[0] == w[1]), "{header}: {out}");
+    }
+    assert!(
+        out.contains("3.000e-06") && out.contains("2.000e-10"),
+        "{out}"
+    );
+    assert!(out.contains("12.5000") && out.contains(" 0.1250"), "{out}");
+}
+
+/// Issue #8 A.8: floats the trainer stores in an exact encoding (metric
+/// aggregation as u64 bit patterns, scheduler rates as decimal strings) are shown
+/// as numbers; `--json` keeps their bit patterns, labelled, under `exact`.
+#[test]
+fn inspect_shows_exactly_stored_floats_as_numbers() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = checkpoint(10, 0.0, "");
+    let bits = 0.0123f64.to_bits();
+    c.components.get_mut("loop").unwrap().insert_json(
+        "metrics",
+        json!({"epoch": {"val_loss": {"sum": 2.5f64.to_bits(), "weight": 4.0f64.to_bits()}},
+               "latest": {"train_loss": bits}, "prog_bar": []}),
+    );
+    let sched = c.components.get_mut("scheduler.0").unwrap();
+    sched.insert_json("lrs", json!(["0.003"]));
+    sched.insert_json("base_lrs", json!(["0.00030000000000000003"]));
+    let p = CheckpointDir::open(t.path())
+        .unwrap()
+        .save("step=000010", &c)
+        .unwrap();
+    let o = relume(["inspect".as_ref(), p.as_os_str()]);
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{out}{}", stderr(&o));
+    assert!(out.contains(r#""latest":{"train_loss":0.0123}"#), "{out}");
+    assert!(
+        out.contains(r#""val_loss":{"sum":2.5,"weight":4}"#),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&bits.to_string()),
+        "bit pattern shown:\n{out}"
+    );
+    let lrs = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("lrs"))
+        .unwrap();
+    assert!(lrs.ends_with(" [0.003]"), "{lrs}");
+    assert!(!out.contains(r#"["0.003"]"#), "{out}");
+
+    let j = json_out(&relume([
+        "inspect".as_ref(),
+        p.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    let lp = &j["components"]["loop"];
+    assert_eq!(lp["json"]["metrics"]["latest"]["train_loss"], json!(0.0123));
+    assert_eq!(
+        lp["exact"]["metrics/latest/train_loss"],
+        format!("{bits:#018x}")
+    );
+    assert_eq!(
+        lp["exact"]["metrics/epoch/val_loss/weight"],
+        "0x4010000000000000"
+    );
+    let s = &j["components"]["scheduler.0"];
+    assert_eq!(s["json"]["lrs"], json!([0.003]));
+    assert_eq!(
+        s["json"]["base_lrs"][0].as_f64(),
+        Some(0.00030000000000000003)
+    );
+    assert_eq!(s["exact"]["lrs/0"], format!("{:#018x}", 0.003f64.to_bits()));
+    // Components without exactly-encoded floats carry no `exact`.
+    assert!(j["components"]["model"].get("exact").is_none());
+    // The manifest's metrics are numbers already, and numbers in text too.
+    assert_eq!(j["header"]["metrics"]["val_loss"], json!(0.1));
+    assert!(
+        out.contains("metrics      train_loss=0.2 val_loss=0.1"),
+        "{out}"
+    );
+}
+
+/// Issue #8 A.10: `diff`'s tables fit `COLUMNS`, or 100 columns when stdout is
+/// not a terminal; `--json` keeps whole values.
+#[test]
+fn diff_fits_the_terminal_width() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(t.path()).unwrap();
+    let mut paths = Vec::new();
+    for (i, step) in [10u64, 20].into_iter().enumerate() {
+        let mut c = checkpoint(step, 0.0, "");
+        let long: Vec<String> = (0..40).map(|k| format!("value-{}-{k}", i)).collect();
+        c.components.get_mut("callbacks").unwrap().insert_json(
+            "SomeVeryLongCallbackName{monitor=val_loss}/history",
+            json!(long),
+        );
+        c.config["note"] = json!("x".repeat(150 + i));
+        paths.push(dir.save(&format!("step={step:06}"), &c).unwrap());
+    }
+    let diff = |columns: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relume"));
+        cmd.arg("diff").args(&paths).env_remove("RELUME_LOG");
+        match columns {
+            Some(c) => cmd.env("COLUMNS", c),
+            None => cmd.env_remove("COLUMNS"),
+        };
+        cmd.output().unwrap()
+    };
+    for (columns, limit) in [(None, 100), (Some("80"), 80), (Some("60"), 60)] {
+        let o = diff(columns);
+        assert_eq!(code(&o), 1, "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains("history"), "{out}");
+        assert!(out.contains("  note"), "{out}");
+        for line in out.lines().skip(2) {
+            assert!(
+                line.chars().count() <= limit,
+                "{} > {limit} columns: {line}",
+                line.chars().count()
+            );
+        }
+        assert!(out.contains('…'), "{out}");
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relume"));
+    let o = cmd
+        .arg("diff")
+        .args(&paths)
+        .arg("--json")
+        .env("COLUMNS", "40")
+        .output()
+        .unwrap();
+    let j = json_out(&o);
+    let changed = j["json"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["key"].as_str().unwrap().ends_with("/history"))
+        .unwrap();
+    assert_eq!(changed["a"].as_array().unwrap().len(), 40);
+}
+
+/// Issue #8 A.7: `plot` titles the image with the run's name, labels both axes,
+/// uses a log y axis for positive losses, writes ticks as `0.95` (not `0. 95`)
+/// and says what it wrote.
+#[test]
+fn plot_draws_title_axis_labels_and_log_loss() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("digits-run");
+    std::fs::create_dir_all(run.join("logs")).unwrap();
+    let mut csv = String::from("step,train_loss,val_acc,val_loss\n");
+    for i in 1..=40u32 {
+        let loss = 2.0 * 0.7f64.powi(i as i32);
+        let acc = 0.80 + 0.18 * (1.0 - 0.9f64.powi(i as i32));
+        csv.push_str(&format!("{},{loss},{acc},{}\n", i * 10, loss * 1.5 + 0.1));
+    }
+    std::fs::write(run.join("logs/metrics.csv"), csv).unwrap();
+    let svg_path = t.path().join("curves.svg");
+    let plot = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "plot".as_ref(),
+            run.as_os_str(),
+            "-o".as_ref(),
+            svg_path.as_os_str(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        relume(args)
+    };
+    let o = plot(&[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("wrote "), "{out}");
+    assert!(out.contains(svg_path.to_str().unwrap()), "{out}");
+    assert!(out.contains("loss (log y)"), "{out}");
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>').and_then(|(_, r)| r.split_once("</text>")))
+        .map(|(inner, _)| inner.trim())
+        .collect();
+    for want in [
+        "digits-run",
+        "loss",
+        "val_acc",
+        "step",
+        "loss (log scale)",
+        "0.95",
+        "0.1",
+        "1e-4",
+    ] {
+        assert!(texts.contains(&want), "no text {want:?} in {texts:?}");
+    }
+    // No tick label split around its decimal point or padded inside.
+    for text in &texts {
+        assert!(!text.contains(". ") && !text.contains(" ."), "{text:?}");
+        if let Ok(x) = text.parse::<f64>() {
+            assert!(!text.ends_with('0') || !text.contains('.'), "{text:?} {x}");
+        }
+    }
+    // --linear-y: no log axis.
+    let o = plot(&["--linear-y"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(!svg.contains("log scale"), "linear y asked for");
+    assert!(!stdout(&o).contains("(log y)"), "{}", stdout(&o));
+    // --log-y: every positive panel, val_acc included.
+    let o = plot(&["--log-y"]);
+    assert!(stdout(&o).contains("val_acc (log y)"), "{}", stdout(&o));
+    let help = stdout(&relume(["plot", "--help"]));
+    assert!(
+        help.contains("--log-y") && help.contains("containing `loss`"),
+        "{help}"
+    );
+}

@@ -5,7 +5,10 @@
 //! change, or the number of differing elements with the max absolute and max
 //! relative difference. Float tensors (F32, F64, F16, BF16) are compared as f64;
 //! integer and bool tensors exactly. JSON leaves and the config are compared
-//! deeply, numbers within the tolerance. Progress and metrics are shown for
+//! deeply, numbers within the tolerance, as stored (floats kept as bit patterns
+//! or decimal strings compare exactly; tables show them decoded, see
+//! `crate::decode`). Tables fit the terminal: `COLUMNS`, else the terminal's
+//! width, else 100 columns; values are cut at the end, long keys at the start, with `…`. Progress and metrics are shown for
 //! context and never count as differences.
 //!
 //! A float tensor differs when its max |a − b| exceeds the tolerance (default 0:
@@ -22,13 +25,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::inspect::{read, resolve_checkpoint};
-use super::{compact, print_json, Status, UsageError};
-use crate::table::{ellipsize, num, Table};
+use super::{print_json, Status, UsageError};
+use crate::decode::{decode_leaf, display};
+use crate::table::{ellipsize, ellipsize_start, num, terminal_width, Table};
 
 /// Arguments of `relume diff`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  relume diff runs/a/checkpoints/step=000100 runs/b/checkpoints/step=000100\n  relume diff ckpt-before ckpt-after --tolerance 1e-6 --json\n\nA float tensor counts as changed when max |a - b| > TOLERANCE (default 0: any\nchange). Integer and bool tensors must match exactly. Exit status 1 when\nanything differs beyond the tolerance, 0 when the checkpoints agree."
+    after_help = "Examples:\n  relume diff runs/a/checkpoints/step=000100 runs/b/checkpoints/step=000100\n  relume diff ckpt-before ckpt-after --tolerance 1e-6 --json\n\nA float tensor counts as changed when max |a - b| > TOLERANCE (default 0: any\nchange). Integer and bool tensors must match exactly. Exit status 1 when\nanything differs beyond the tolerance, 0 when the checkpoints agree.\n\nTables fit COLUMNS, else the terminal width, else 100 columns (values cut with …);\n--json is never cut."
 )]
 pub struct DiffArgs {
     /// The first checkpoint (or a run directory: its `latest`).
@@ -284,6 +288,15 @@ pub fn json_paths(a: &Value, b: &Value, tolerance: f64, path: &str, out: &mut Ve
     }
 }
 
+/// One side of a differing value for a table: decoded when it is a state leaf
+/// stored in an exact encoding (`component/key`), as [`display`] writes it.
+fn decoded(d: &ValueDiff, v: &Value, state: bool) -> String {
+    match d.key.split_once('/').filter(|_| state) {
+        Some((component, key)) => display(&decode_leaf(component, key, v).value),
+        None => display(v),
+    }
+}
+
 /// A JSON value that differs.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ValueDiff {
@@ -367,15 +380,15 @@ fn compare(
     }
 }
 
-fn render(r: &Report, all: bool) -> String {
+/// Renders the report to fit `width` columns: the JSON and config tables cut their
+/// keys to a third of it and share the rest between the two values.
+fn render(r: &Report, all: bool, width: usize) -> String {
     let mut out = format!("A  {}\nB  {}\n", r.a.display(), r.b.display());
     for (label, v) in [("progress", &r.progress), ("metrics", &r.metrics)] {
         if v[0] != v[1] {
-            out.push_str(&format!(
-                "{label}: {} -> {}\n",
-                compact(&v[0]),
-                compact(&v[1])
-            ));
+            let line = format!("{label}: {} -> {}", display(&v[0]), display(&v[1]));
+            out.push_str(&ellipsize(&line, width));
+            out.push('\n');
         }
     }
     for (label, list) in [
@@ -403,7 +416,8 @@ fn render(r: &Report, all: bool) -> String {
             "MAX ABS",
             "MAX REL",
         ])
-        .right(&[4, 5, 6]);
+        .right(&[4, 5, 6])
+        .fit(width, 0);
         for row in shown {
             let (status, differing, abs, rel) = match &row.diff {
                 TensorDiff::Equal { differing, max_abs } => (
@@ -452,15 +466,20 @@ fn render(r: &Report, all: bool) -> String {
         "{equal} of {} common tensors equal\n",
         r.tensors.len()
     ));
-    for (label, list) in [("JSON state", &r.json), ("config", &r.config)] {
+    for (label, list, state) in [("JSON state", &r.json, true), ("config", &r.config, false)] {
         if !list.is_empty() {
             out.push_str(&format!("\n{label} that differs:\n"));
             let mut t = Table::new(["  KEY", "A", "B"]);
+            let longest = list.iter().map(|d| d.key.chars().count()).max();
+            let key_w = longest.unwrap_or(0).min(width / 3);
+            // Two spaces of indent and two separators of two spaces each.
+            let value_w = (width.saturating_sub(key_w + 6) / 2).max(8);
             for d in list {
+                let (a, b) = (decoded(d, &d.a, state), decoded(d, &d.b, state));
                 t.row([
-                    format!("  {}", d.key),
-                    ellipsize(&compact(&d.a), 60),
-                    ellipsize(&compact(&d.b), 60),
+                    format!("  {}", ellipsize_start(&d.key, key_w)),
+                    ellipsize(&a, value_w),
+                    ellipsize(&b, value_w),
                 ]);
             }
             out.push_str(&t.render());
@@ -517,7 +536,7 @@ pub fn run(opts: &DiffOpts) -> anyhow::Result<Status> {
     if opts.json {
         print_json(&r)?;
     } else {
-        print!("{}", render(&r, opts.all));
+        print!("{}", render(&r, opts.all, terminal_width()));
     }
     Ok(Status::problems_if(r.differences > 0))
 }

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use relume_ckpt::manifest::MANIFEST_FILE;
 use relume_ckpt::migrate::{detect_version, read_any};
 use relume_ckpt::{CheckpointDir, StateDict, FORMAT_VERSION};
 use serde::Serialize;
@@ -23,12 +24,13 @@ use serde_json::{json, Value};
 
 use super::ls::resolve_run_dir;
 use super::{compact, is_checkpoint, print_json, Status, UsageError};
+use crate::decode::{decode_leaf, display};
 use crate::table::{ellipsize, human_bytes, Table};
 
 /// Arguments of `relume inspect`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  relume inspect runs/digits/checkpoints/step=000120-epoch=2\n  relume inspect runs/digits        # the checkpoint `latest` names\n  relume inspect runs/digits --json\n\nExit status 1 when the checkpoint cannot resume training (the verdict names what\nis missing) or is damaged."
+    after_help = "Examples:\n  relume inspect runs/digits/checkpoints/step=000120-epoch=2\n  relume inspect runs/digits        # the checkpoint `latest` names\n  relume inspect runs/digits --json\n\nNumbers are shown as numbers. state.json stores some floats in an exact encoding\n(the loop's metric aggregation as u64 bit patterns, scheduler rates as decimal\nstrings); they are decoded for display. With --json each component's `json`\nholds the decoded values (NaN and infinities as the strings \"NaN\", \"inf\",\n\"-inf\") and its `exact` object maps `KEY/PATH` to the bit pattern of each float\ndecoded, e.g. \"metrics/latest/train_loss\": \"0x3ed7b6...\".\n\nExit status 1 when the checkpoint cannot resume training (the verdict names what\nis missing) or is damaged."
 )]
 pub struct InspectArgs {
     /// A checkpoint directory, or a run directory (inspects its `latest`).
@@ -112,7 +114,8 @@ pub fn read(path: &Path) -> anyhow::Result<Read> {
             "metrics": m.metrics.iter().map(|(k, v)| (k.clone(), json_f64(*v))).collect::<serde_json::Map<_, _>>(),
             "fingerprint": m.fingerprint,
             "files": m.files.len() + 1,
-            "bytes": m.total_bytes(),
+            // Every file, the manifest included, as `ls` and `verify` count.
+            "bytes": m.total_bytes() + std::fs::metadata(path.join(MANIFEST_FILE)).map_or(0, |m| m.len()),
         });
         return Ok(Read {
             format_version: version,
@@ -296,7 +299,11 @@ struct TensorRow {
 struct ComponentReport {
     tensors: Vec<TensorRow>,
     tensor_bytes: u64,
+    /// JSON leaves, exactly-encoded floats decoded to numbers.
     json: BTreeMap<String, Value>,
+    /// `KEY/PATH` → bit pattern of each float decoded in `json`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    exact: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -325,10 +332,13 @@ fn build(path: &Path, r: Read) -> Report {
                 bytes: t.bytes().len() as u64,
             })
             .collect();
-        let json: BTreeMap<String, Value> = sd
-            .json_leaves()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
+        let mut json = BTreeMap::new();
+        let mut exact = BTreeMap::new();
+        for (k, v) in sd.json_leaves() {
+            let d = decode_leaf(name, k, v);
+            json.insert(k.to_string(), d.value);
+            exact.extend(d.exact);
+        }
         totals.tensors += tensors.len();
         totals.tensor_bytes += sd.tensor_bytes();
         totals.json_leaves += json.len();
@@ -338,6 +348,7 @@ fn build(path: &Path, r: Read) -> Report {
                 tensor_bytes: sd.tensor_bytes(),
                 tensors,
                 json,
+                exact,
             },
         );
     }
@@ -398,7 +409,7 @@ fn render(r: &Report) -> String {
     {
         let parts: Vec<String> = m
             .iter()
-            .map(|(k, v)| format!("{k}={}", compact(v)))
+            .map(|(k, v)| format!("{k}={}", display(v)))
             .collect();
         out.push_str(&format!("metrics      {}\n", parts.join(" ")));
     }
@@ -407,7 +418,7 @@ fn render(r: &Report) -> String {
     }
     if let (Some(f), Some(b)) = (h.get("files"), h.get("bytes").and_then(Value::as_u64)) {
         out.push_str(&format!(
-            "files        {f} incl. the manifest; {} of data, every checksum verified\n",
+            "files        {f} incl. the manifest, {} in all, every checksum verified\n",
             human_bytes(b)
         ));
     }
@@ -441,7 +452,7 @@ fn render(r: &Report) -> String {
         if !c.json.is_empty() {
             let mut t = Table::new(["  KEY", "VALUE"]);
             for (k, v) in &c.json {
-                t.row([format!("  {k}"), ellipsize(&compact(v), 100)]);
+                t.row([format!("  {k}"), ellipsize(&display(v), 100)]);
             }
             out.push_str(&t.render());
         }

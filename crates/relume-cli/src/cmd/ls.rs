@@ -19,12 +19,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{print_json, Status, UsageError};
-use crate::table::{human_bytes, num, Table};
+use crate::table::{human_bytes, num, num_column, Table};
 
 /// Arguments of `relume ls`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example:\n  relume ls runs/digits\n  relume ls runs/digits --json\n\nMarkers: `latest` is the checkpoint the `latest` pointer names; `best` the one a\nModelCheckpoint callback recorded as best_model_path. Exit status 1 when the\n`latest` pointer is dangling or a checkpoint's manifest is unreadable."
+    after_help = "Example:\n  relume ls runs/digits\n  relume ls runs/digits --json\n\nMarkers: `latest` is the checkpoint the `latest` pointer names; `best` the one a\nModelCheckpoint callback recorded as best_model_path. SIZE (JSON `bytes`) counts\nevery file of the checkpoint, manifest.json included, in binary units\n(1 KiB = 1024 B): the same count as `relume verify`'s BYTES. Metric columns\nshare their decimals so that they line up. Exit status 1 when the\n`latest` pointer is dangling or a checkpoint's manifest is unreadable."
 )]
 pub struct LsArgs {
     /// Run directory (the one holding `checkpoints/`), or its `checkpoints/` directory.
@@ -198,6 +198,7 @@ struct Row {
     step: Option<u64>,
     epoch: Option<u64>,
     metrics: BTreeMap<String, f64>,
+    /// Bytes of every file of the checkpoint, `manifest.json` included.
     bytes: u64,
     created_at: String,
     latest: bool,
@@ -329,6 +330,9 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
     let checkpoints = infos
         .into_iter()
         .map(|i| Row {
+            // As `verify` counts: every file, the manifest included. The manifest
+            // was just read by `list`, so it is there to stat.
+            bytes: i.bytes + std::fs::metadata(i.path.join(MANIFEST_FILE)).map_or(0, |m| m.len()),
             latest: latest_name.as_deref() == Some(i.name.as_str()),
             best: best_name.as_deref() == Some(i.name.as_str()),
             epoch: i.progress.get("epoch").and_then(Value::as_u64),
@@ -336,7 +340,6 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
             path: i.path,
             step: i.step,
             metrics: i.metrics,
-            bytes: i.bytes,
             created_at: i.created_at,
         })
         .collect();
@@ -370,7 +373,19 @@ fn render(l: &Listing) -> String {
         headers.extend(["SIZE", "CREATED"]);
         let right: Vec<usize> = (2..headers.len() - 1).collect();
         let mut t = Table::new(headers).right(&right);
-        for r in &l.checkpoints {
+        // One format per metric column, so the decimal points line up.
+        let columns: Vec<Vec<String>> = metric_names
+            .iter()
+            .map(|m| {
+                let values: Vec<Option<f64>> = l
+                    .checkpoints
+                    .iter()
+                    .map(|r| r.metrics.get(*m).copied())
+                    .collect();
+                num_column(&values)
+            })
+            .collect();
+        for (i, r) in l.checkpoints.iter().enumerate() {
             let mut marks = Vec::new();
             if r.latest {
                 marks.push("latest");
@@ -384,13 +399,8 @@ fn render(l: &Listing) -> String {
                 r.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
                 r.epoch.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ];
-            for m in &metric_names {
-                cells.push(
-                    r.metrics
-                        .get(*m)
-                        .map(|x| num(*x))
-                        .unwrap_or_else(|| "-".into()),
-                );
+            for col in &columns {
+                cells.push(col.get(i).cloned().unwrap_or_default());
             }
             cells.push(human_bytes(r.bytes));
             cells.push(r.created_at.clone());

@@ -21,7 +21,7 @@ use crate::table::{human_bytes, Table};
 /// Arguments of `relume verify`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  relume verify runs/digits/checkpoints/step=000120-epoch=2\n  relume verify runs/digits          # every checkpoint of the run\n  relume verify runs/digits --json\n\nChecks the manifest's self-checksum, version and paths, the size and BLAKE3 of\nevery file, the safetensors headers, and that files and manifest agree.\nExit status 1 when any problem is found; each names the file and the tensor."
+    after_help = "Examples:\n  relume verify runs/digits/checkpoints/step=000120-epoch=2\n  relume verify runs/digits          # every checkpoint of the run\n  relume verify runs/digits --json\n\nChecks the manifest's self-checksum, version and paths, the size and BLAKE3 of\nevery file, the safetensors headers, and that files and manifest agree.\nBYTES (JSON `bytes_checked`) counts every file read and hashed, manifest.json\nincluded, in binary units (1 KiB = 1024 B): for an intact checkpoint the same\ncount as `relume ls`'s SIZE.\nExit status 1 when any problem is found; each names the file and the tensor."
 )]
 pub struct VerifyArgs {
     /// A checkpoint directory, or a run directory to verify all its checkpoints.
@@ -145,7 +145,7 @@ pub struct Checked {
     pub ok: bool,
     /// Files checked (the manifest included), when the manifest was readable.
     pub files: Option<usize>,
-    /// Bytes read and hashed.
+    /// Bytes read and hashed: every file, `manifest.json` included.
     pub bytes_checked: u64,
     /// Wall time in seconds.
     pub seconds: f64,
