@@ -27,7 +27,7 @@ trap 'rm -rf "$work"' EXIT
 if [ -n "${BIG_CKPT_GEN:-}" ]; then
     "$BIG_CKPT_GEN" "$work/big.ckpt" "$mib"
 else
-    cargo run --release -q -p relume-ckpt --example big_lightning_ckpt -- "$work/big.ckpt" "$mib"
+    cargo run --release -q -p relume-lightning --example big_lightning_ckpt -- "$work/big.ckpt" "$mib"
 fi
 ls -l "$work/big.ckpt"
 

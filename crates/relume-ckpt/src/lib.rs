@@ -81,9 +81,7 @@ pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGE
 pub use manifest::{ComponentEntry, FileEntry, Manifest, FORMAT_VERSION};
 pub use migrate::{migrate_dir, migrate_in_place};
 pub use read::{load, verify, LoadedCheckpoint, VerifyReport};
+pub use snapshot::{BufferPool, Snapshot};
 pub use state::{join_key, Leaf, StateDict, TensorBytes, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, Mismatch, RestoreReport, Stateful};
 pub use storage::{FaultyStorage, LocalStorage, Storage, StorageFile};
-pub mod lightning;
-pub use lightning::{LightningCheckpoint, PyValue, TorchTensor};
-pub use snapshot::{BufferPool, Snapshot};

@@ -98,9 +98,21 @@ impl TensorBytes {
 }
 
 impl TensorBytes {
-    /// Calls `f` on the bytes, in pieces; a mapped view drops each piece's pages
-    /// from the resident set after `f` has seen it (see `crate::pages`).
-    pub(crate) fn for_each_piece(&self, mut f: impl FnMut(&[u8])) {
+    /// Calls `f` on the bytes, in order, in pieces of at most 32 MiB. For a mapped view
+    /// each piece's pages are dropped from the process's resident set after `f` has
+    /// seen it (`madvise(MADV_DONTNEED)` on unix), so one pass over a large mapped
+    /// tensor (hashing it, copying it into a file) does not keep it resident; the bytes
+    /// read back the same afterwards. Other views are passed to `f` whole.
+    ///
+    /// # Example
+    /// ```
+    /// use relume_ckpt::TensorBytes;
+    /// let bytes = TensorBytes::owned(vec![1, 2, 3]);
+    /// let mut sum = 0u32;
+    /// bytes.for_each_piece(|p| sum += p.iter().map(|&b| u32::from(b)).sum::<u32>());
+    /// assert_eq!(sum, 6);
+    /// ```
+    pub fn for_each_piece(&self, mut f: impl FnMut(&[u8])) {
         match &self.0 {
             Repr::Mapped { map, start, len } => crate::pages::for_each_piece(map, *start, *len, f),
             _ => f(self),

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use relume_ckpt::lightning::{LightningCheckpoint, LoopProgress, PyValue, Severity};
+use relume_lightning::{LightningCheckpoint, LoopProgress, PyValue, Severity};
 use serde_json::{json, Value};
 
 /// `relume lightning ...` subcommands.
@@ -59,7 +59,7 @@ pub fn run_inspect(args: &InspectArgs) -> anyhow::Result<i32> {
 }
 
 fn kind_label(ckpt: &LightningCheckpoint) -> &'static str {
-    use relume_ckpt::lightning::CheckpointKind as K;
+    use relume_lightning::CheckpointKind as K;
     match ckpt.kind() {
         K::Full => "Lightning checkpoint (full training state)",
         K::WeightsOnly => "Lightning checkpoint (weights only)",
@@ -352,7 +352,7 @@ mod tests {
 
     fn fixture(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../relume-ckpt/tests/data/lightning")
+            .join("../relume-lightning/tests/data/lightning")
             .join(name)
     }
 

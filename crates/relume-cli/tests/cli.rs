@@ -735,7 +735,7 @@ fn verify_throughput() {
 
 fn lightning_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../relume-ckpt/tests/data/lightning")
+        .join("../relume-lightning/tests/data/lightning")
         .join(name)
 }
 
@@ -782,7 +782,7 @@ fn lightning_inspect_reads_no_storage_and_convert_checks_it() {
     let src = lightning_fixture("weights_only.ckpt");
     let damaged = t.path().join("damaged.ckpt");
     let mut file = std::fs::read(&src).unwrap();
-    let ckpt = relume_ckpt::LightningCheckpoint::open(&src).unwrap();
+    let ckpt = relume_lightning::LightningCheckpoint::open(&src).unwrap();
     let (name, tensor) = ckpt
         .state_dict()
         .into_iter()
