@@ -757,6 +757,26 @@ fn lightning_inspect_is_wired_with_exit_codes() {
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("global_step    20"), "{}", stdout(&o));
+    // The verdict is Lightning's; relume's own `inspect` would call the converted
+    // checkpoint not resumable, and the wording says so.
+    assert!(
+        stdout(&o).contains("Lightning can resume this (")
+            && stdout(&o).contains("relume can take its weights and optimizer state but not an exact resume (no RNG, data cursor, loop state)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = relume([
+        "lightning".as_ref(),
+        "inspect".as_ref(),
+        lightning_fixture("weights_only.ckpt").as_os_str(),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("Lightning CANNOT resume this"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("no-rng-state"), "{}", stdout(&o));
     let o = relume([
         "lightning".as_ref(),
         "inspect".as_ref(),
