@@ -123,15 +123,15 @@ pub fn optimizer_component(
     if in_groups != params.len() {
         return Err(Error::OptimizerParamCount {
             optimizer: i,
-            kind: o.kind.name().to_string(),
+            kind: o.kind.name(),
             in_groups,
             in_state_dict: params.len(),
         });
     }
-    let name_of = |idx: &str| -> Result<&(String, &TorchTensor)> {
+    let name_of = |idx: &str| -> Result<(usize, &(String, &TorchTensor))> {
         idx.parse::<usize>()
             .ok()
-            .and_then(|k| params.get(k))
+            .and_then(|k| Some((k, params.get(k)?)))
             .ok_or_else(|| Error::OptimizerParamIndex {
                 optimizer: i,
                 index: idx.to_string(),
@@ -165,7 +165,7 @@ pub fn optimizer_component(
     sd.insert_json("param_groups", Value::Array(groups));
     let mut mapped = 0;
     for (idx, entries) in &o.state {
-        let (name, param) = name_of(idx)?;
+        let (index, (name, param)) = name_of(idx)?;
         mapped += 1;
         for (key, v) in entries {
             let full = format!("{name}/{key}");
@@ -176,7 +176,7 @@ pub fn optimizer_component(
                     return Err(Error::OptimizerStateShape {
                         optimizer: i,
                         key: key.clone(),
-                        index: idx.clone(),
+                        index,
                         tensor: name.clone(),
                         expected: param.shape.clone(),
                         got: t.shape.clone(),

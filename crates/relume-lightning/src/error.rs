@@ -138,7 +138,7 @@ pub enum Error {
         /// Index of the optimizer in `optimizer_states`.
         optimizer: usize,
         /// The optimizer's kind (`"Adam"`).
-        kind: String,
+        kind: &'static str,
         /// Parameters listed in its param groups.
         in_groups: usize,
         /// Parameters in the `state_dict`.
@@ -160,7 +160,7 @@ pub enum Error {
         /// The state entry (`"exp_avg"`).
         key: String,
         /// The parameter index.
-        index: String,
+        index: usize,
         /// The parameter the index was mapped to.
         tensor: String,
         /// The parameter's shape.
