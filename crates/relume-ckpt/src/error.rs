@@ -3,7 +3,17 @@
 use std::path::PathBuf;
 
 use crate::dtype::DType;
-use crate::stateful::Mismatch;
+
+/// A key whose saved and live shape or dtype disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Full key of the leaf.
+    pub key: String,
+    /// What the live component expects (e.g. `F32[256, 64]`).
+    pub expected: String,
+    /// What the checkpoint holds.
+    pub got: String,
+}
 
 /// Every failure relume-ckpt can report. Each variant names the file, key or tensor
 /// involved and, in its message, what to do about it.

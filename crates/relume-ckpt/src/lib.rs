@@ -54,6 +54,8 @@
 #![deny(missing_docs)]
 
 pub mod async_writer;
+pub mod bytes;
+pub mod checkpoint;
 pub mod commit;
 pub mod dir;
 pub mod dtype;
@@ -73,15 +75,17 @@ pub use async_writer::{
     snapshot_copy, AsyncCheckpointer, AsyncOptions, Committed, SaveTicket, WriterPriority,
     DEFAULT_MAX_IN_FLIGHT, WRITER_THREAD_NAME,
 };
-pub use commit::{write_checkpoint, write_latest, Checkpoint};
+pub use bytes::TensorBytes;
+pub use checkpoint::Checkpoint;
+pub use commit::{write_checkpoint, write_latest};
 pub use dir::{CheckpointDir, CheckpointInfo, LOCK_WAIT};
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, Mismatch, Result};
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
 pub use manifest::{ComponentEntry, FileEntry, Manifest, FORMAT_VERSION};
 pub use migrate::{migrate_dir, migrate_in_place};
 pub use read::{load, verify, LoadedCheckpoint, VerifyReport};
 pub use snapshot::{BufferPool, Snapshot};
-pub use state::{join_key, Leaf, StateDict, TensorBytes, TensorData, KEY_SEPARATOR};
-pub use stateful::{AllowList, Mismatch, RestoreReport, Stateful};
+pub use state::{join_key, Leaf, StateDict, TensorData, KEY_SEPARATOR};
+pub use stateful::{AllowList, RestoreReport, Stateful};
 pub use storage::{FaultyStorage, LocalStorage, Storage, StorageFile};
