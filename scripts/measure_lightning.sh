@@ -4,7 +4,7 @@
 #
 #   scripts/measure_lightning.sh WORKDIR MIB RELUME_BIN [RELUME_BIN ...]
 #
-# Writes WORKDIR/big.ckpt (MIB MiB of float32, built by the relume-ckpt example
+# Writes WORKDIR/big.ckpt (MIB MiB of float32, built by the relume-lightning example
 # big_lightning_ckpt), then for each binary runs, under /usr/bin/time -v,
 #   BIN lightning inspect WORKDIR/big.ckpt --json
 #   BIN lightning convert WORKDIR/big.ckpt WORKDIR/out-<n> --json

@@ -13,6 +13,14 @@
 //!   is returned; tensors are memory-mapped.
 //! - [`migrate`]: pure format migrations v(n) → v(n+1).
 //!
+//! Reading PyTorch Lightning `.ckpt` files (and converting them into this format) is
+//! the separate crate `relume-lightning`, so this one carries no zip or pickle code.
+//!
+//! ## Modules, bottom up
+//! Imports only go one way: `dtype` → `error` → `bytes` ([`TensorBytes`]) → `state`
+//! ([`StateDict`]) → {`fingerprint`, `tensor_file`, `snapshot`, `checkpoint`
+//! ([`Checkpoint`])} → `manifest` → {`commit`, `read`} → `dir` → `async_writer`.
+//!
 //! ## Layout (format v1, specified in `docs/FORMAT.md`)
 //!
 //! ```text
