@@ -4,7 +4,7 @@
 #
 #   scripts/measure_lightning.sh WORKDIR MIB RELUME_BIN [RELUME_BIN ...]
 #
-# Writes WORKDIR/big.ckpt (MIB MiB of float32, built by the relume-ckpt example
+# Writes WORKDIR/big.ckpt (MIB MiB of float32, built by the relume-lightning example
 # big_lightning_ckpt), then for each binary runs, under /usr/bin/time -v,
 #   BIN lightning inspect WORKDIR/big.ckpt --json
 #   BIN lightning convert WORKDIR/big.ckpt WORKDIR/out-<n> --json
@@ -27,7 +27,7 @@ trap 'rm -rf "$work"' EXIT
 if [ -n "${BIG_CKPT_GEN:-}" ]; then
     "$BIG_CKPT_GEN" "$work/big.ckpt" "$mib"
 else
-    cargo run --release -q -p relume-ckpt --example big_lightning_ckpt -- "$work/big.ckpt" "$mib"
+    cargo run --release -q -p relume-lightning --example big_lightning_ckpt -- "$work/big.ckpt" "$mib"
 fi
 ls -l "$work/big.ckpt"
 

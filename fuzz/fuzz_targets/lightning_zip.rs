@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use relume_ckpt::lightning::{LightningCheckpoint, Limits, TorchArchive};
+use relume_lightning::{LightningCheckpoint, Limits, TorchArchive};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(mut archive) = TorchArchive::from_bytes(data.to_vec(), Path::new("fuzz.ckpt"), Limits::small())

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use relume_ckpt::lightning::{parse_pickle, LightningCheckpoint, Limits, MemoryStorages};
+use relume_lightning::{parse_pickle, LightningCheckpoint, Limits, MemoryStorages};
 
 fuzz_target!(|data: &[u8]| {
     let mut storages = MemoryStorages::default();

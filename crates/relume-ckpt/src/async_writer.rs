@@ -130,7 +130,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvError, Sender, TryRecvError};
 
-use crate::commit::{check_name, Checkpoint};
+use crate::checkpoint::Checkpoint;
+use crate::commit::check_name;
 use crate::dir::CheckpointDir;
 use crate::error::{Error, Result};
 use crate::snapshot::BufferPool;
@@ -617,7 +618,7 @@ fn writer_loop(dir: &CheckpointDir, jobs: &Receiver<Job>, outcomes: &Sender<Outc
         // Free (or recycle, bounded by the pool) the snapshot before reporting: a
         // free slot means freed memory.
         match (built, recycle) {
-            (Some(ckpt), Some(pool)) => pool.recycle(ckpt),
+            (Some(ckpt), Some(pool)) => pool.recycle(ckpt.components.into_values()),
             (ckpt, _) => drop(ckpt),
         }
         let write_time = start.elapsed();

@@ -33,13 +33,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::bytes::TensorBytes;
+pub use crate::checkpoint::Checkpoint;
 use crate::error::{io_err, Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::manifest::{
     rfc3339, ComponentEntry, FileEntry, Manifest, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
 };
 use crate::pages::RELEASE_PIECE;
-use crate::state::{StateDict, TensorBytes};
 use crate::storage::Storage;
 use crate::tensor_file::encode_header;
 
@@ -47,24 +48,6 @@ use crate::tensor_file::encode_header;
 pub const TMP_PREFIX: &str = ".tmp-";
 /// Name of the pointer file naming the newest committed checkpoint.
 pub const LATEST_FILE: &str = "latest";
-
-/// Everything a checkpoint holds, as the writer takes it.
-#[derive(Debug, Clone, Default)]
-pub struct Checkpoint {
-    /// The components by stable name (`model`, `optimizer`, `loop`, ...).
-    pub components: BTreeMap<String, StateDict>,
-    /// Training progress (step, epoch, ...); `progress.step` orders listings.
-    pub progress: Value,
-    /// The training configuration, diffed on resume.
-    pub config: Value,
-    /// Scalar metrics at save time.
-    pub metrics: BTreeMap<String, f64>,
-    /// Every checkpoint name saved at the same step boundary from the same state, this
-    /// one included; empty (the default) when it is saved alone. Recorded in the
-    /// manifest's `group`: a group counts as committed only when all of it is, so a
-    /// checkpoint whose state names a sibling that failed to commit is never `latest`.
-    pub group: Vec<String>,
-}
 
 /// Checks that `name` is a safe single path segment: 1–200 bytes of
 /// `[A-Za-z0-9_.=+-]`, not starting with `.`, and not `latest`.

@@ -3,7 +3,17 @@
 use std::path::PathBuf;
 
 use crate::dtype::DType;
-use crate::stateful::Mismatch;
+
+/// A key whose saved and live shape or dtype disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Full key of the leaf.
+    pub key: String,
+    /// What the live component expects (e.g. `F32[256, 64]`).
+    pub expected: String,
+    /// What the checkpoint holds.
+    pub got: String,
+}
 
 /// Every failure relume-ckpt can report. Each variant names the file, key or tensor
 /// involved and, in its message, what to do about it.
@@ -335,100 +345,6 @@ pub enum Error {
         /// The version migrated from.
         from: u64,
         /// What went wrong.
-        reason: String,
-    },
-    // --- lightning interop ---
-    /// The file is not a zip archive (a legacy or foreign file, not a PyTorch checkpoint).
-    #[error("{path}: not a PyTorch zip checkpoint ({reason}); only files written by torch.save since torch 1.6 can be read")]
-    NotAZip {
-        /// The file.
-        path: PathBuf,
-        /// What was found instead.
-        reason: String,
-    },
-    /// The file starts like a zip archive but its directory cannot be read.
-    #[error("{path}: zip archive is truncated or corrupt ({reason}); the copy was cut short, use an intact copy")]
-    ZipTruncated {
-        /// The file.
-        path: PathBuf,
-        /// What the zip reader reported.
-        reason: String,
-    },
-    /// An entry the checkpoint needs is absent from the zip archive.
-    #[error("{path}: zip entry {entry:?} is missing; the checkpoint is incomplete or not a torch checkpoint")]
-    ZipEntryMissing {
-        /// The file.
-        path: PathBuf,
-        /// The entry name.
-        entry: String,
-    },
-    /// The checkpoint stores tensors in an unsupported byte order.
-    #[error("{path}: byte order {got:?} is not supported; only little-endian checkpoints can be read (re-save on a little-endian machine)")]
-    UnsupportedByteOrder {
-        /// The file.
-        path: PathBuf,
-        /// The recorded byte order.
-        got: String,
-    },
-    /// A tensor's view does not fit its storage (its public shape was changed after the
-    /// pickle was read, or the tensor was built inconsistently).
-    #[error("{entry}: the tensor view does not fit its storage: {reason}")]
-    TorchTensorView {
-        /// The storage's zip entry (`"archive/data/0"`).
-        entry: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The pickle is malformed.
-    #[error("{file} at byte {offset}: malformed pickle: {reason}")]
-    Pickle {
-        /// The pickle (`"x.ckpt:archive/data.pkl"`).
-        file: String,
-        /// Offset of the opcode being run.
-        offset: u64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The pickle uses an opcode the restricted reader does not run.
-    #[error("{file} at byte {offset}: pickle opcode 0x{opcode:02x} is not supported by the restricted reader; the file is not a torch checkpoint or is corrupt")]
-    UnknownOpcode {
-        /// The pickle.
-        file: String,
-        /// Offset of the opcode.
-        offset: u64,
-        /// The opcode byte.
-        opcode: u8,
-    },
-    /// A declared size or a count passes a reader limit.
-    #[error("{file} at byte {offset}: {limit} limit exceeded ({got} > {max}); the file is corrupt or hostile, or raise relume_ckpt::lightning::Limits")]
-    PickleLimitExceeded {
-        /// The pickle or zip entry.
-        file: String,
-        /// Offset of the opcode being run (0 for zip entries).
-        offset: u64,
-        /// Which limit.
-        limit: &'static str,
-        /// The limit.
-        max: u64,
-        /// The size or count declared or reached.
-        got: u64,
-    },
-    /// A torch tensor has a dtype relume checkpoints cannot store.
-    #[error("tensor {tensor:?}: torch dtype {dtype} has no relume equivalent; cast it (e.g. to int32) before converting")]
-    UnsupportedTorchDType {
-        /// Tensor name.
-        tensor: String,
-        /// Torch's dtype name (`"int16"`, `"int8"`).
-        dtype: &'static str,
-    },
-    /// The decoded checkpoint does not have the structure Lightning writes.
-    #[error("{path}: key {key:?}: {reason}")]
-    LightningStructure {
-        /// The file.
-        path: PathBuf,
-        /// The key involved.
-        key: String,
-        /// What is wrong.
         reason: String,
     },
     /// A save handed to the [`crate::AsyncCheckpointer`] failed on the writer thread; it

@@ -13,6 +13,14 @@
 //!   is returned; tensors are memory-mapped.
 //! - [`migrate`]: pure format migrations v(n) → v(n+1).
 //!
+//! Reading PyTorch Lightning `.ckpt` files (and converting them into this format) is
+//! the separate crate `relume-lightning`, so this one carries no zip or pickle code.
+//!
+//! ## Modules, bottom up
+//! Imports only go one way: `dtype` → `error` → `bytes` ([`TensorBytes`]) → `state`
+//! ([`StateDict`]) → {`fingerprint`, `tensor_file`, `snapshot`, `checkpoint`
+//! ([`Checkpoint`])} → `manifest` → {`commit`, `read`} → `dir` → `async_writer`.
+//!
 //! ## Layout (format v1, specified in `docs/FORMAT.md`)
 //!
 //! ```text
@@ -54,6 +62,8 @@
 #![deny(missing_docs)]
 
 pub mod async_writer;
+pub mod bytes;
+pub mod checkpoint;
 pub mod commit;
 pub mod dir;
 pub mod dtype;
@@ -73,17 +83,17 @@ pub use async_writer::{
     snapshot_copy, AsyncCheckpointer, AsyncOptions, Committed, SaveTicket, WriterPriority,
     DEFAULT_MAX_IN_FLIGHT, WRITER_THREAD_NAME,
 };
-pub use commit::{write_checkpoint, write_latest, Checkpoint};
+pub use bytes::TensorBytes;
+pub use checkpoint::Checkpoint;
+pub use commit::{write_checkpoint, write_latest};
 pub use dir::{CheckpointDir, CheckpointInfo, LOCK_WAIT};
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, Mismatch, Result};
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
 pub use manifest::{ComponentEntry, FileEntry, Manifest, FORMAT_VERSION};
 pub use migrate::{migrate_dir, migrate_in_place};
 pub use read::{load, verify, LoadedCheckpoint, VerifyReport};
-pub use state::{join_key, Leaf, StateDict, TensorBytes, TensorData, KEY_SEPARATOR};
-pub use stateful::{AllowList, Mismatch, RestoreReport, Stateful};
-pub use storage::{FaultyStorage, LocalStorage, Storage, StorageFile};
-pub mod lightning;
-pub use lightning::{LightningCheckpoint, PyValue, TorchTensor};
 pub use snapshot::{BufferPool, Snapshot};
+pub use state::{join_key, Leaf, StateDict, TensorData, KEY_SEPARATOR};
+pub use stateful::{AllowList, RestoreReport, Stateful};
+pub use storage::{FaultyStorage, LocalStorage, Storage, StorageFile};

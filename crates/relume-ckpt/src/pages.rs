@@ -1,6 +1,6 @@
 //! Keeping large read-only file maps out of the resident set.
 //!
-//! Tensors read from a checkpoint or a Lightning file are slices of read-only,
+//! Tensors read from a checkpoint (or, in relume-lightning, a `.ckpt`) are slices of read-only,
 //! file-backed memory maps. A pass over such a slice (hashing, writing it into
 //! another file) faults every page in, and those pages stay in the process's
 //! resident set until the map is dropped: converting a file with a 1 GiB storage

@@ -24,9 +24,10 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use serde_json::Value;
 
+use crate::bytes::TensorBytes;
 use crate::error::{io_err, Error, Result};
 use crate::manifest::{Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES, STATE_FILE};
-use crate::state::{StateDict, TensorBytes, TensorData};
+use crate::state::{StateDict, TensorData};
 use crate::tensor_file::parse_header;
 
 /// A verified checkpoint, with its state ready for `load_state_dict`.

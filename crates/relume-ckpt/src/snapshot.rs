@@ -59,8 +59,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use memmap2::MmapMut;
 
-use crate::commit::Checkpoint;
-use crate::state::{Leaf, StateDict, TensorBytes};
+use crate::bytes::{Staged, TensorBytes};
+use crate::state::{Leaf, StateDict};
 
 /// A component's state as taken at a save: ready, or to be built later.
 ///
@@ -123,21 +123,6 @@ impl<E> std::fmt::Debug for Snapshot<E> {
 /// at least `len` and at most this many times `len` (so a small tensor never pins
 /// a large buffer).
 const MAX_SLACK: usize = 2;
-
-/// A snapshot's copy of one large tensor: the first `len` bytes of an anonymous
-/// memory map (see the [module docs](self)).
-pub(crate) struct Staged {
-    map: MmapMut,
-    len: usize,
-}
-
-impl std::ops::Deref for Staged {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // `len <= map.len()`: set only by `BufferPool::copy`.
-        &self.map[..self.len]
-    }
-}
 
 /// Recycled staging buffers for snapshot copies, shared by the training thread
 /// (which fills them) and the writer thread (which gives them back). Clones share
@@ -278,10 +263,23 @@ impl BufferPool {
         p.free.entry(cap).or_default().push(map);
     }
 
-    /// Takes back every staging buffer of `ckpt` that it owns alone (committed
-    /// checkpoints, on the writer thread); the rest is dropped.
-    pub fn recycle(&self, ckpt: Checkpoint) {
-        for sd in ckpt.components.into_values() {
+    /// Takes back every staging buffer of `states` that it owns alone (the components
+    /// of a committed checkpoint, on the writer thread); the rest is dropped.
+    ///
+    /// # Example
+    /// ```
+    /// use relume_ckpt::{BufferPool, Checkpoint, DType, StateDict, TensorData};
+    /// let pool = BufferPool::with_min_pooled(0);
+    /// let mut sd = StateDict::new();
+    /// sd.insert_tensor("w", TensorData::new(DType::U8, vec![64], pool.copy(&[1; 64])).unwrap());
+    /// let mut ckpt = Checkpoint::default();
+    /// ckpt.components.insert("model".into(), sd);
+    /// // ... once the checkpoint is committed:
+    /// pool.recycle(ckpt.components.into_values());
+    /// assert_eq!(pool.held(), 64);
+    /// ```
+    pub fn recycle(&self, states: impl IntoIterator<Item = StateDict>) {
+        for sd in states {
             for (_, leaf) in sd {
                 if let Leaf::Tensor(t) = leaf {
                     if let Some(staged) = t.into_bytes().into_staged() {
@@ -333,16 +331,14 @@ mod tests {
     use super::*;
     use crate::{DType, TensorData};
 
-    /// A checkpoint holding `bytes` as U8 tensors, for `recycle`.
-    fn ckpt(bytes: Vec<TensorBytes>) -> Checkpoint {
+    /// A state dict holding `bytes` as U8 tensors, for `recycle`.
+    fn ckpt(bytes: Vec<TensorBytes>) -> Option<StateDict> {
         let mut sd = StateDict::new();
         for (i, b) in bytes.into_iter().enumerate() {
             let t = TensorData::new(DType::U8, vec![b.len()], b).unwrap();
             sd.insert_tensor(format!("t{i}"), t);
         }
-        let mut c = Checkpoint::default();
-        c.components.insert("m".into(), sd);
-        c
+        Some(sd)
     }
 
     #[test]
@@ -393,10 +389,7 @@ mod tests {
         let shared = pool.copy(&[0; 16]);
         let keep = shared.clone();
         let mut c = ckpt(vec![own, shared, TensorBytes::owned(vec![0; 32])]);
-        c.components
-            .get_mut("m")
-            .unwrap()
-            .insert_json("j", serde_json::json!(1));
+        c.as_mut().unwrap().insert_json("j", serde_json::json!(1));
         pool.recycle(c);
         assert_eq!(
             pool.held(),

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::error::Error;
+pub use crate::error::Mismatch;
 use crate::snapshot::{BufferPool, Snapshot};
 use crate::state::{join_key, StateDict};
 
@@ -46,17 +47,6 @@ pub trait Stateful {
     fn snapshot(&self, _pool: &BufferPool) -> Result<Snapshot<Self::Error>, Self::Error> {
         Ok(Snapshot::ready(self.state_dict()?))
     }
-}
-
-/// A key whose saved and live shape or dtype disagree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mismatch {
-    /// Full key of the leaf.
-    pub key: String,
-    /// What the live component expects (e.g. `F32[256, 64]`).
-    pub expected: String,
-    /// What the checkpoint holds.
-    pub got: String,
 }
 
 /// What a restore did: every key is in exactly one list.

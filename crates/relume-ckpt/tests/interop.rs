@@ -84,10 +84,8 @@ fn python_safetensors_reads_relume_files() {
         json!([true, false]),
     );
     let f16s = [0.5f32, -3.0];
-    let f16b: Vec<u8> = f16s
-        .iter()
-        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-        .collect();
+    // IEEE half: 0.5 = 0x3800, -3.0 = 0xc200 (little-endian).
+    let f16b: Vec<u8> = vec![0x00, 0x38, 0x00, 0xc2];
     add("half", DType::F16, "float16", vec![2], f16b, json!(f16s));
     add(
         "scalar",

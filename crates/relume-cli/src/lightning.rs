@@ -1,21 +1,24 @@
 //! `relume lightning inspect X.ckpt [--json]`: what is in a PyTorch Lightning checkpoint,
-//! and will it resume?
+//! and could Lightning resume from it?
 //!
-//! The file is read with relume-ckpt's restricted pickle reader: nothing in it is
-//! executed. Exit codes: 0 when the checkpoint can resume training, 1 when the diagnosis
+//! The file is read with relume-lightning's restricted pickle reader: nothing in it is
+//! executed. The verdict is Lightning's: relume itself can take the weights and
+//! optimizer state (`relume lightning convert`) but never an exact resume, since the
+//! file has no relume RNG, data cursor or loop state. Exit codes: 0 when Lightning can
+//! resume training from the checkpoint, 1 when the diagnosis
 //! has a blocker (weights only, not a Lightning file), and an error (2 in `main`) when
 //! the file cannot be read.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use relume_ckpt::lightning::{LightningCheckpoint, LoopProgress, PyValue, Severity};
+use relume_lightning::{LightningCheckpoint, LoopProgress, PyValue, Severity};
 use serde_json::{json, Value};
 
 /// `relume lightning ...` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum LightningCommand {
-    /// Show what a Lightning `.ckpt` holds and whether it can resume.
+    /// Show what a Lightning `.ckpt` holds and whether Lightning can resume from it.
     ///
     /// Example: `relume lightning inspect epoch=3-step=120.ckpt --json`
     Inspect(InspectArgs),
@@ -31,6 +34,14 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// The verdict on a file Lightning can resume: relume, converting it, gets weights and
+/// optimizer state but none of the state an exact resume needs.
+pub const RESUMABLE_VERDICT: &str = "Lightning can resume this (full training state: optimizers, schedulers, loops); relume can take its weights and optimizer state but not an exact resume (no RNG, data cursor, loop state)";
+
+/// The verdict on a file with a blocker (weights only, not a Lightning file).
+pub const NOT_RESUMABLE_VERDICT: &str =
+    "Lightning CANNOT resume this; relume can take its weights only";
+
 /// Runs a `relume lightning` subcommand and returns its exit code.
 ///
 /// # Errors
@@ -41,8 +52,8 @@ pub fn run(cmd: &LightningCommand) -> anyhow::Result<i32> {
     }
 }
 
-/// `relume lightning inspect`: prints the report and returns 0 if the checkpoint can
-/// resume, 1 if the diagnosis has a blocker.
+/// `relume lightning inspect`: prints the report and returns 0 if Lightning can resume
+/// from the checkpoint, 1 if the diagnosis has a blocker.
 ///
 /// # Errors
 /// When the file cannot be opened or decoded (I/O, not a zip, truncated, malformed or
@@ -59,7 +70,7 @@ pub fn run_inspect(args: &InspectArgs) -> anyhow::Result<i32> {
 }
 
 fn kind_label(ckpt: &LightningCheckpoint) -> &'static str {
-    use relume_ckpt::lightning::CheckpointKind as K;
+    use relume_lightning::CheckpointKind as K;
     match ckpt.kind() {
         K::Full => "Lightning checkpoint (full training state)",
         K::WeightsOnly => "Lightning checkpoint (weights only)",
@@ -322,9 +333,9 @@ pub fn report_text(ckpt: &LightningCheckpoint) -> String {
     out.push_str(&format!(
         "\nresumability: {}\n",
         if ckpt.is_resumable() {
-            "can resume"
+            RESUMABLE_VERDICT
         } else {
-            "CANNOT resume"
+            NOT_RESUMABLE_VERDICT
         }
     ));
     let rows: Vec<Vec<String>> = findings
@@ -352,7 +363,7 @@ mod tests {
 
     fn fixture(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../relume-ckpt/tests/data/lightning")
+            .join("../relume-lightning/tests/data/lightning")
             .join(name)
     }
 
@@ -370,6 +381,8 @@ mod tests {
             "best_model_path",
             "hyper_parameters",
             "! warning  mid-epoch",
+            "resumability: Lightning can resume this (",
+            "relume can take its weights and optimizer state but not an exact resume (no RNG, data cursor, loop state)",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
@@ -391,5 +404,14 @@ mod tests {
         assert_eq!(run_inspect(&args("weights_only.ckpt")).unwrap(), 1);
         let err = run_inspect(&args("truncated.ckpt")).unwrap_err();
         assert!(format!("{err:#}").contains("truncated"), "{err:#}");
+    }
+
+    #[test]
+    fn weights_only_verdict_has_no_rng_noise() {
+        let ckpt = LightningCheckpoint::open(fixture("weights_only.ckpt")).unwrap();
+        let text = report_text(&ckpt);
+        assert!(text.contains(NOT_RESUMABLE_VERDICT), "{text}");
+        assert!(!text.contains("no-rng-state"), "{text}");
+        assert!(!text.contains("can resume"), "{text}");
     }
 }

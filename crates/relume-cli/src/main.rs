@@ -2,7 +2,8 @@
 //! checkpoints; inspect and convert PyTorch Lightning `.ckpt` files.
 //!
 //! A thin binary: each subcommand's flags ([`clap`] derive) are turned into one
-//! validated options struct, then the `relume-ckpt` library does the work. Output
+//! validated options struct, then the `relume-ckpt` library (`relume-lightning` for
+//! `relume lightning`) does the work. Output
 //! is aligned tables for a person, or JSON with `--json`.
 //!
 //! Exit status: `0` ok; `1` problems found (verify found damage, diff found

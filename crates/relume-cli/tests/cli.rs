@@ -735,7 +735,7 @@ fn verify_throughput() {
 
 fn lightning_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../relume-ckpt/tests/data/lightning")
+        .join("../relume-lightning/tests/data/lightning")
         .join(name)
 }
 
@@ -757,6 +757,26 @@ fn lightning_inspect_is_wired_with_exit_codes() {
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("global_step    20"), "{}", stdout(&o));
+    // The verdict is Lightning's; relume's own `inspect` would call the converted
+    // checkpoint not resumable, and the wording says so.
+    assert!(
+        stdout(&o).contains("Lightning can resume this (")
+            && stdout(&o).contains("relume can take its weights and optimizer state but not an exact resume (no RNG, data cursor, loop state)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = relume([
+        "lightning".as_ref(),
+        "inspect".as_ref(),
+        lightning_fixture("weights_only.ckpt").as_os_str(),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("Lightning CANNOT resume this"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("no-rng-state"), "{}", stdout(&o));
     let o = relume([
         "lightning".as_ref(),
         "inspect".as_ref(),
@@ -782,7 +802,7 @@ fn lightning_inspect_reads_no_storage_and_convert_checks_it() {
     let src = lightning_fixture("weights_only.ckpt");
     let damaged = t.path().join("damaged.ckpt");
     let mut file = std::fs::read(&src).unwrap();
-    let ckpt = relume_ckpt::LightningCheckpoint::open(&src).unwrap();
+    let ckpt = relume_lightning::LightningCheckpoint::open(&src).unwrap();
     let (name, tensor) = ckpt
         .state_dict()
         .into_iter()

@@ -25,9 +25,7 @@ where
         for _ in 0..3 {
             let got = s.snapshot(&pool).unwrap().resolve().unwrap();
             assert_eq!(got, want);
-            let mut ckpt = relume_ckpt::Checkpoint::default();
-            ckpt.components.insert("c".into(), got);
-            pool.recycle(ckpt);
+            pool.recycle([got]);
         }
     }
     want

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::commit::{check_name, write_checkpoint, write_temporary, Checkpoint};
+use crate::checkpoint::Checkpoint;
+use crate::commit::{check_name, write_checkpoint, write_temporary};
 use crate::error::{Error, Result};
 use crate::manifest::{FORMAT_VERSION, MANIFEST_FILE, MAX_MANIFEST_BYTES};
 use crate::state::StateDict;

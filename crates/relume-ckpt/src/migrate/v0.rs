@@ -19,9 +19,10 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::Migratable;
+use crate::bytes::TensorBytes;
 use crate::error::{Error, Result};
 use crate::manifest::{check_relative_path, rfc3339, MANIFEST_FILE, MAX_MANIFEST_BYTES};
-use crate::state::{StateDict, TensorBytes, TensorData};
+use crate::state::{StateDict, TensorData};
 use crate::tensor_file::parse_header;
 
 /// The v0 tensor file name.

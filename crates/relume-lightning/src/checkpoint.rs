@@ -276,6 +276,10 @@ impl LightningCheckpoint {
             .copied()
             .filter(|k| self.get(k).is_none())
             .collect();
+        let full_state = matches!(
+            self.kind,
+            CheckpointKind::Full | CheckpointKind::WeightsOnly
+        ) && missing.is_empty();
         match self.kind {
             CheckpointKind::PlainStateDict => out.push(Finding {
                 severity: Severity::Blocker,
@@ -337,11 +341,9 @@ impl LightningCheckpoint {
                 });
             }
         }
-        if matches!(
-            self.kind,
-            CheckpointKind::Full | CheckpointKind::WeightsOnly
-        ) && !self.has_rng_state()
-        {
+        // A file that cannot resume at all needs no warning that a resume would not
+        // reproduce the run.
+        if full_state && !self.has_rng_state() {
             out.push(Finding {
                 severity: Severity::Warning,
                 code: "no-rng-state",

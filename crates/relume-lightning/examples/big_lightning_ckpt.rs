@@ -3,7 +3,7 @@
 //! `scripts/measure_lightning.sh`).
 //!
 //! ```text
-//! cargo run --release -p relume-ckpt --example big_lightning_ckpt -- OUT.ckpt [MIB]
+//! cargo run --release -p relume-lightning --example big_lightning_ckpt -- OUT.ckpt [MIB]
 //! ```
 //!
 //! The file is what `torch.save` writes for `{"pytorch-lightning_version", "epoch",

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use super::storage::{Backing, StorageBytes, TorchStorage};
 use super::tensor::View;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::state::{TensorBytes, TensorData};
+use relume_ckpt::DType;
+use relume_ckpt::{TensorBytes, TensorData};
 
 /// The element type of a torch tensor, as named by its storage class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -156,7 +156,7 @@ impl TorchTensor {
         if expected != Some(bytes.len()) {
             return Err(Error::TensorByteLength {
                 tensor: key.to_string(),
-                dtype: dtype.to_relume().unwrap_or(DType::U8),
+                dtype: dtype.torch_name(),
                 shape,
                 expected: expected.unwrap_or(usize::MAX),
                 got: bytes.len(),
@@ -255,7 +255,8 @@ impl TorchTensor {
                         at + start,
                         len,
                         self.storage.key(),
-                    );
+                    )
+                    .map_err(Error::from);
                 }
             }
         }
@@ -323,7 +324,7 @@ impl TorchTensor {
             });
         };
         let bytes = self.bytes()?;
-        TensorData::new(dtype, self.shape.clone(), bytes).map_err(|e| e.with_key(name))
+        TensorData::new(dtype, self.shape.clone(), bytes).map_err(|e| Error::from(e.with_key(name)))
     }
 
     /// The value of a one-element tensor (a scalar such as a monitored score); reads that

@@ -22,6 +22,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use relume_ckpt::TensorBytes;
+
 use crate::error::{Error, Result};
 
 /// Where the interpreter gets storages from, by zip storage key.
@@ -255,7 +257,11 @@ impl TorchStorage {
                         // not kept resident by its check.
                         Backing::Map(m) => {
                             let mut h = crc32fast::Hasher::new();
-                            crate::pages::for_each_piece(m, *start, len, |p| h.update(p));
+                            match TensorBytes::mapped(Arc::clone(m), *start, len, &self.0.entry) {
+                                Ok(view) => view.for_each_piece(|p| h.update(p)),
+                                // In bounds: checked when the directory was read.
+                                Err(_) => h.update(slice),
+                            }
                             h.finalize()
                         }
                         Backing::Memory(_) => crc32fast::hash(slice),
