@@ -273,7 +273,7 @@ fn run(args: Args) -> Result<i32> {
         }
         FitOutcome::AlreadyFinished(_) => {
             // The trainer's INFO line said so and why; add this job's flags.
-            println!("val_acc={acc:.4}; --fresh starts over, --max-epochs N trains longer");
+            println!("val_acc={acc:.4}; --fresh starts over (a larger --max-epochs changes this job's cosine schedule, which a resume refuses)");
         }
         _ => println!(
             "done: step {} val_acc={acc:.4} in {:.1} s; last checkpoint: {last}",
