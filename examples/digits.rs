@@ -51,7 +51,7 @@ use relume_ckpt::CheckpointDir;
 #[derive(Parser, Debug)]
 #[command(
     name = "digits",
-    override_usage = "digits [--data FILE] [--run-dir DIR] [--fresh] [--max-epochs N] [--seed N]"
+    override_usage = "digits [--data FILE] [--run-dir DIR] [--fresh] [--max-epochs N [--extend-schedule]] [--seed N]"
 )]
 struct Args {
     /// The digits CSV (label first, then 64 pixels).
@@ -63,9 +63,15 @@ struct Args {
     /// Delete the run's checkpoints first and start over.
     #[arg(long)]
     fresh: bool,
-    /// Epochs to train (raise it to continue a finished run).
+    /// Epochs to train (raise it, with --extend-schedule, to continue a finished run).
     #[arg(long, value_name = "N", default_value_t = 30)]
     max_epochs: u64,
+    /// Training longer: let the learning-rate schedule (warmup then a cosine over
+    /// every step of the run) follow a larger --max-epochs from where it stands.
+    /// Without it, a resume with a larger --max-epochs is refused, because the
+    /// schedule would change.
+    #[arg(long)]
+    extend_schedule: bool,
     /// Seed of the initialisation, shuffling and dropout.
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
@@ -184,6 +190,11 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.downcast_ref::<relume::Error>()
+                .is_some_and(relume::Error::config_change_is_schedule)
+            {
+                eprintln!("hint: to train this run longer, add --extend-schedule");
+            }
             std::process::exit(1);
         }
     }
@@ -248,6 +259,7 @@ fn run(args: Args) -> Result<i32> {
         ))
         .callback(Box::new(LearningRateMonitor::new()))
         .resume(ResumePolicy::IfExists(Source::Last))
+        .extend_schedules(args.extend_schedule)
         .preemption(preemption)
         .logger(Box::new(CsvLogger::new(&logs)))
         // A fixed event-file name: two runs of the job (an interrupted and resumed
@@ -273,7 +285,7 @@ fn run(args: Args) -> Result<i32> {
         }
         FitOutcome::AlreadyFinished(_) => {
             // The trainer's INFO line said so and why; add this job's flags.
-            println!("val_acc={acc:.4}; --fresh starts over (a larger --max-epochs changes this job's cosine schedule, which a resume refuses)");
+            println!("val_acc={acc:.4}; --fresh starts over, --max-epochs N --extend-schedule trains longer");
         }
         _ => println!(
             "done: step {} val_acc={acc:.4} in {:.1} s; last checkpoint: {last}",

@@ -184,7 +184,7 @@ pub enum Error {
         live: String,
     },
     /// A result-changing setting differs from the checkpoint's config.
-    #[error("checkpoint {checkpoint}: setting {key} was {saved} and is now {live}; resuming would change the run's results (restore the setting, or allow it with `override_config({key:?})`)")]
+    #[error("checkpoint {checkpoint}: setting {key} was {saved} and is now {live}; resuming would change the run's results: {fix}")]
     ConfigChanged {
         /// Checkpoint directory.
         checkpoint: std::path::PathBuf,
@@ -194,6 +194,9 @@ pub enum Error {
         saved: String,
         /// Live value (JSON).
         live: String,
+        /// What to do about it, as an API call (a program wrapping the trainer may
+        /// name its own flag instead; see [`Error::config_change_is_schedule`]).
+        fix: String,
     },
     /// The number of optimizers or schedulers differs from the checkpoint's.
     #[error("checkpoint {checkpoint} holds {saved} {what} but the module configures {live}; `configure_optimizers` changed")]
@@ -323,6 +326,17 @@ pub enum Error {
         /// Why the rollback failed.
         rollback: String,
     },
+}
+
+impl Error {
+    /// True for a [`Error::ConfigChanged`] of a scheduler setting while the run is
+    /// being continued to a larger `max_epochs`/`max_steps`: the case
+    /// [`crate::trainer::TrainerBuilder::extend_schedules`] allows. A program can
+    /// then point the user at its own flag for it.
+    pub fn config_change_is_schedule(&self) -> bool {
+        matches!(self, Error::ConfigChanged { key, fix, .. }
+            if key.starts_with("schedulers.") && fix.contains("extend_schedules"))
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -86,6 +86,9 @@ pub struct TrainerConfig {
     /// Allow an optimizer step in which an optimizer got no gradient at all
     /// (otherwise [`crate::Error::NoGradients`]).
     pub allow_steps_without_gradients: bool,
+    /// When a resume raises `max_epochs`/`max_steps`, let the schedulers' settings
+    /// change with it (see [`TrainerBuilder::extend_schedules`]).
+    pub extend_schedules: bool,
 }
 
 impl Default for TrainerConfig {
@@ -115,6 +118,7 @@ impl Default for TrainerConfig {
             async_writer_priority: relume_ckpt::WriterPriority::default(),
             checkpoint_storage: None,
             allow_steps_without_gradients: false,
+            extend_schedules: false,
         }
     }
 }
@@ -363,6 +367,22 @@ impl TrainerBuilder {
     /// parameters and the run would train nothing.
     pub fn allow_steps_without_gradients(mut self, on: bool) -> Self {
         self.cfg.allow_steps_without_gradients = on;
+        self
+    }
+
+    /// Training longer: when a resume raises `max_epochs` or `max_steps`, the
+    /// learning-rate schedulers may change their settings too (a schedule sized to
+    /// the run's length, such as a cosine over every step, does). Their position
+    /// (step counters) and current learning rates are restored from the checkpoint;
+    /// from the next step on they follow the new settings, from where they stand.
+    /// (PyTorch's chainable forms, as if the attribute were raised in place: a
+    /// cosine that already reached its minimum stays there.) Every other setting is
+    /// still compared, and a scheduler change without a larger limit is still
+    /// [`crate::Error::ConfigChanged`]. The continued run equals an uninterrupted
+    /// run of the longer length only when the schedule does not depend on the
+    /// length. Default `false`.
+    pub fn extend_schedules(mut self, on: bool) -> Self {
+        self.cfg.extend_schedules = on;
         self
     }
 

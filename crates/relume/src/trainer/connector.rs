@@ -214,6 +214,9 @@ pub struct Restored {
     pub restored_components: Vec<String>,
     /// Keys excused by the allow-list (not restored).
     pub allowed: Vec<String>,
+    /// Scheduler settings that follow the new run length
+    /// ([`crate::trainer::TrainerBuilder::extend_schedules`]).
+    pub extended: Vec<String>,
 }
 
 /// Owns the run directory's checkpoint handle.
@@ -513,16 +516,30 @@ fn restore_unguarded(
             });
         }
     }
-    // 3. config
-    if let Some((key, s, l)) = diff_config(&loaded.manifest.config, live_config, overrides)
+    // 3. config; training longer may let the schedules follow (`extend_schedules`)
+    let longer = run_grows(&loaded.manifest.config, live_config);
+    let extend = cfg.extend_schedules && longer;
+    let mut overrides = overrides.clone();
+    if extend {
+        overrides.push("schedulers".to_string());
+    }
+    if let Some((key, s, l)) = diff_config(&loaded.manifest.config, live_config, &overrides)
         .into_iter()
         .next()
     {
+        let fix = if key.starts_with("schedulers.") && longer {
+            "the run is being trained longer and its schedule depends on its length: let the schedule follow with `TrainerBuilder::extend_schedules(true)`, or keep the old max_epochs/max_steps".to_string()
+        } else {
+            format!(
+                "restore the setting, or allow it with `TrainerBuilder::override_config({key:?})`"
+            )
+        };
         return Err(Error::ConfigChanged {
             checkpoint: path.to_path_buf(),
             key,
             saved: s,
             live: l,
+            fix,
         });
     }
     // 4. accounting
@@ -620,6 +637,21 @@ fn restore_unguarded(
         None if !live_user.is_empty() => report.missing("user"),
         None => {}
     }
+    // Extending: a scheduler's settings differ from its saved ones by design; its
+    // counters and rates were restored.
+    let mut allow = allow.clone();
+    let mut extended = Vec::new();
+    if extend {
+        for m in report
+            .mismatched
+            .iter()
+            .filter(|m| is_scheduler_config(&m.key))
+        {
+            allow = allow.key(m.key.clone());
+            extended.push(m.key.clone());
+        }
+    }
+    let allow = &allow;
     // Everything but the loggers is applied; refuse now, before a logger cuts its
     // files back to the checkpoint.
     if let Some(e) = accounting_error(path, &report, allow) {
@@ -657,19 +689,24 @@ fn restore_unguarded(
     if let Some(e) = accounting_error(path, &report, allow) {
         return Err(e);
     }
-    let allowed: Vec<String> = report
+    let excused: Vec<String> = report
         .missing
         .iter()
         .chain(&report.unexpected)
         .cloned()
         .chain(report.mismatched.iter().map(|m| m.key.clone()))
         .collect();
+    let allowed: Vec<String> = excused
+        .iter()
+        .filter(|k| !extended.contains(k))
+        .cloned()
+        .collect();
     // 5. verification
     let now = live.view().components(user_after()?)?;
     let differing: Vec<String> = now
         .iter()
         .filter(|(name, sd)| {
-            !allowed
+            !excused
                 .iter()
                 .any(|a| a == *name || a.starts_with(&format!("{name}/")))
                 && saved.get(*name).is_some_and(|s| {
@@ -682,7 +719,7 @@ fn restore_unguarded(
     // A partial (allow-listed) restore cannot match the whole-state fingerprint;
     // then each component restored in full is checked against the loaded data.
     let live_fp = relume_ckpt::fingerprint(&now);
-    if !differing.is_empty() || (allowed.is_empty() && live_fp != loaded.manifest.fingerprint) {
+    if !differing.is_empty() || (excused.is_empty() && live_fp != loaded.manifest.fingerprint) {
         return Err(Error::FingerprintMismatch {
             checkpoint: path.to_path_buf(),
             differing,
@@ -695,6 +732,7 @@ fn restore_unguarded(
         progress: loaded.manifest.progress.clone(),
         restored_components: now.keys().cloned().collect(),
         allowed,
+        extended,
     })
 }
 
@@ -797,6 +835,27 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
             out.insert(prefix.to_string(), v.clone());
         }
     }
+}
+
+/// A scheduler's own settings leaf in the restore report (`scheduler.0/config`,
+/// `scheduler.0/children/1/config`).
+fn is_scheduler_config(key: &str) -> bool {
+    key.starts_with("scheduler.") && key.ends_with("/config")
+}
+
+/// Whether the live config raises `max_epochs` or `max_steps` over the saved one
+/// (a continuation: training longer).
+fn run_grows(saved: &Value, live: &Value) -> bool {
+    GROWABLE_KEYS.iter().any(|k| {
+        match (
+            saved.get(*k).map(Value::as_u64),
+            live.get(*k).map(Value::as_u64),
+        ) {
+            (Some(Some(s)), Some(Some(l))) => l > s,
+            (Some(Some(_)), Some(None)) => live.get(*k).is_some_and(Value::is_null),
+            _ => false,
+        }
+    })
 }
 
 /// Config keys whose growth is allowed on resume (continuing a run).

@@ -202,6 +202,7 @@ impl Trainer {
                 .with_storage(self.cfg.checkpoint_storage.clone()),
             requests: Vec::new(),
             resumed_from: None,
+            finished_metrics: None,
             last_checkpoint: None,
             config: Arc::new(config),
             progress: if self.cfg.enable_progress_bar {
@@ -331,6 +332,9 @@ struct FitRun<'t, M: TrainModule> {
     connector: Connector,
     requests: Vec<Request>,
     resumed_from: Option<PathBuf>,
+    /// The metrics of a checkpoint that was already past the live limits (nothing
+    /// was restored or trained; see `FitRun::past_the_end`).
+    finished_metrics: Option<BTreeMap<String, f64>>,
     last_checkpoint: Option<PathBuf>,
     config: Arc<Value>,
     progress: ProgressBar,
@@ -375,8 +379,48 @@ where
             epoch: self.state.epoch,
             last_checkpoint: self.last_checkpoint.clone(),
             resumed_from: self.resumed_from.clone(),
-            metrics: self.state.metrics.latest().clone(),
+            metrics: match &self.finished_metrics {
+                Some(m) => m.clone(),
+                None => self.state.metrics.latest().clone(),
+            },
         }
+    }
+
+    /// When the checkpoint at `path` was trained to a larger `max_epochs` or
+    /// `max_steps` than the live ones and is already past them, there is nothing left
+    /// to do, whatever else changed: its position and metrics are taken from its
+    /// manifest, nothing is restored, and `fit` reports `AlreadyFinished` (as
+    /// Lightning does), instead of a config error about the smaller limit.
+    fn past_the_end(&mut self, path: &std::path::Path) -> Result<bool> {
+        // The manifest alone (self-checksummed); the data is verified by a restore.
+        let mpath = path.join(relume_ckpt::manifest::MANIFEST_FILE);
+        let bytes = std::fs::read(&mpath).map_err(|source| relume_ckpt::Error::Io {
+            op: "read",
+            path: mpath.clone(),
+            source,
+        })?;
+        let manifest = relume_ckpt::Manifest::parse(&mpath, &bytes)?;
+        let m = &manifest;
+        let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+        let (epoch, step) = (get(&m.progress, "epoch"), get(&m.progress, "global_step"));
+        let (Some(epoch), Some(step)) = (epoch, step) else {
+            return Ok(false);
+        };
+        let smaller_epochs = get(&m.config, "max_epochs").is_some_and(|s| s > self.cfg.max_epochs);
+        let smaller_steps = self.cfg.max_steps.is_some_and(|live| {
+            m.config
+                .get("max_steps")
+                .is_some_and(|s| s.as_u64().is_none_or(|s| s > live))
+        });
+        let past = epoch >= self.cfg.max_epochs || self.cfg.max_steps.is_some_and(|l| step >= l);
+        if !(past && (smaller_epochs || smaller_steps)) {
+            return Ok(false);
+        }
+        self.state.epoch = epoch;
+        self.state.global_step = step;
+        self.finished_metrics = Some(m.metrics.clone());
+        self.resumed_from = Some(path.to_path_buf());
+        Ok(true)
     }
 
     fn done(&self) -> bool {
@@ -415,6 +459,9 @@ where
         let Some(path) = self.connector.resolve(&self.cfg.resume, self.callbacks)? else {
             return Ok(false);
         };
+        if self.past_the_end(&path)? {
+            return Ok(true);
+        }
         let started = Instant::now();
         let config = self.config.clone();
         let cfg = self.cfg;
@@ -441,6 +488,13 @@ where
             started.elapsed().as_secs_f64() * 1e3,
             restored.restored_components.join(", "),
         );
+        if !restored.extended.is_empty() {
+            tracing::info!(
+                "training longer: the schedule follows the new length from step {} ({} take the live settings; counters and rates restored)",
+                self.state.global_step,
+                restored.extended.join(", ")
+            );
+        }
         if !restored.allowed.is_empty() {
             tracing::warn!(
                 "allow-listed and NOT restored: {}",
