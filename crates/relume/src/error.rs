@@ -196,7 +196,7 @@ pub enum Error {
         live: String,
         /// What to do about it, as an API call (a program wrapping the trainer may
         /// name its own flag instead; see [`Error::config_change_is_schedule`]).
-        fix: String,
+        fix: &'static str,
     },
     /// The number of optimizers or schedulers differs from the checkpoint's.
     #[error("checkpoint {checkpoint} holds {saved} {what} but the module configures {live}; `configure_optimizers` changed")]

@@ -528,11 +528,9 @@ fn restore_unguarded(
         .next()
     {
         let fix = if key.starts_with("schedulers.") && longer {
-            "the run is being trained longer and its schedule depends on its length: let the schedule follow with `TrainerBuilder::extend_schedules(true)`, or keep the old max_epochs/max_steps".to_string()
+            "the run is being trained longer and its schedule depends on its length: let the schedule follow with `TrainerBuilder::extend_schedules(true)`, or keep the old max_epochs/max_steps"
         } else {
-            format!(
-                "restore the setting, or allow it with `TrainerBuilder::override_config({key:?})`"
-            )
+            "restore the setting, or allow it with `TrainerBuilder::override_config` on that key"
         };
         return Err(Error::ConfigChanged {
             checkpoint: path.to_path_buf(),
