@@ -59,6 +59,8 @@ use crate::optim::Optimizer;
 use crate::params::ParamStore;
 use crate::rng::RngStreams;
 use crate::trainer::builder::TrainerConfig;
+pub use crate::trainer::config::{diff_config, GROWABLE_KEYS};
+use crate::trainer::config::{is_scheduler_config, run_grows};
 use crate::trainer::loop_state::LoopState;
 use crate::trainer::module::SchedulerConfig;
 use crate::trainer::resume::{ResumePolicy, Source};
@@ -807,131 +809,5 @@ fn absorb(report: &mut RestoreReport, name: &str, r: Result<RestoreReport>) {
     match r {
         Ok(r) => report.merge_prefixed(name, r),
         Err(e) => report.mismatched(name, "state the live component accepts", e.to_string()),
-    }
-}
-
-/// Flattens a JSON value into `dotted.key -> value` (arrays index as `key.0`).
-fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, x, out);
-            }
-        }
-        Value::Array(a) => {
-            out.insert(format!("{prefix}.len"), Value::from(a.len()));
-            for (i, x) in a.iter().enumerate() {
-                flatten(&format!("{prefix}.{i}"), x, out);
-            }
-        }
-        _ => {
-            out.insert(prefix.to_string(), v.clone());
-        }
-    }
-}
-
-/// A scheduler's own settings leaf in the restore report (`scheduler.0/config`,
-/// `scheduler.0/children/1/config`).
-fn is_scheduler_config(key: &str) -> bool {
-    key.starts_with("scheduler.") && key.ends_with("/config")
-}
-
-/// Whether the live config raises `max_epochs` or `max_steps` over the saved one
-/// (a continuation: training longer).
-fn run_grows(saved: &Value, live: &Value) -> bool {
-    GROWABLE_KEYS.iter().any(|k| {
-        match (
-            saved.get(*k).map(Value::as_u64),
-            live.get(*k).map(Value::as_u64),
-        ) {
-            (Some(Some(s)), Some(Some(l))) => l > s,
-            (Some(Some(_)), Some(None)) => live.get(*k).is_some_and(Value::is_null),
-            _ => false,
-        }
-    })
-}
-
-/// Config keys whose growth is allowed on resume (continuing a run).
-pub const GROWABLE_KEYS: [&str; 2] = ["max_epochs", "max_steps"];
-
-/// Differences between the saved and live config blocks that are not allowed:
-/// `(key, saved, live)` as compact JSON, in key order. A key under an entry of
-/// `overrides` (exact or as a dotted prefix) may change; `max_epochs` and
-/// `max_steps` may grow (`null` = unbounded).
-pub fn diff_config(
-    saved: &Value,
-    live: &Value,
-    overrides: &[String],
-) -> Vec<(String, String, String)> {
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flatten("", saved, &mut a);
-    flatten("", live, &mut b);
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let mut out = Vec::new();
-    for k in keys {
-        let (s, l) = (
-            a.get(k).unwrap_or(&Value::Null),
-            b.get(k).unwrap_or(&Value::Null),
-        );
-        if s == l {
-            continue;
-        }
-        if overrides
-            .iter()
-            .any(|o| k == o || k.starts_with(&format!("{o}.")))
-        {
-            tracing::info!("config {k} changed from {s} to {l} (overridden)");
-            continue;
-        }
-        if GROWABLE_KEYS.contains(&k.as_str()) {
-            let grows = match (s.as_u64(), l.as_u64()) {
-                (Some(x), Some(y)) => y >= x,
-                (_, None) => l.is_null(),
-                (None, Some(_)) => false,
-            };
-            if grows {
-                tracing::info!("config {k} raised from {s} to {l}; continuing the run");
-                continue;
-            }
-        }
-        out.push((k.clone(), s.to_string(), l.to_string()));
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn config_diff_names_key_and_allows_growth() {
-        let saved = json!({"max_epochs": 3, "max_steps": null, "seed": 1,
-            "train_loader": {"batch_size": 8}, "optimizers": [{"lr": 0.1}]});
-        let mut live = saved.clone();
-        live["max_epochs"] = json!(5);
-        assert!(diff_config(&saved, &live, &[]).is_empty());
-        live["max_epochs"] = json!(2);
-        assert_eq!(diff_config(&saved, &live, &[])[0].0, "max_epochs");
-        live["max_epochs"] = json!(3);
-        live["train_loader"]["batch_size"] = json!(16);
-        let d = diff_config(&saved, &live, &[]);
-        assert_eq!(
-            d,
-            vec![(
-                "train_loader.batch_size".to_string(),
-                "8".to_string(),
-                "16".to_string()
-            )]
-        );
-        assert!(diff_config(&saved, &live, &["train_loader".to_string()]).is_empty());
-        live["train_loader"]["batch_size"] = json!(8);
-        live["optimizers"] = json!([{"lr": 0.1}, {"lr": 0.2}]);
-        assert_eq!(diff_config(&saved, &live, &[])[0].0, "optimizers.1.lr");
     }
 }

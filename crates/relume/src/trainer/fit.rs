@@ -33,79 +33,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::callbacks::{HookCtx, Request, SavedCheckpoint};
+use crate::callbacks::{HookCtx, Request};
 use crate::data::{Cursor, DataLoader};
 use crate::error::{Error, Result};
 use crate::optim::{Grads, Optimizer};
 use crate::progress::{ProgressBar, ProgressConfig};
 use crate::rng::RngStreams;
-use crate::trainer::async_saves::{AsyncSaves, SharedSnapshot};
+use crate::trainer::async_saves::AsyncSaves;
 use crate::trainer::builder::{ClipAlgorithm, Interrupt, Trainer, TrainerConfig, ValCheck};
-use crate::trainer::connector::{restore, Connector, Live, View};
+use crate::trainer::config::config_json;
+use crate::trainer::connector::{restore, Connector, Live};
 use crate::trainer::context::{Stage, StepCtx};
-use crate::trainer::loop_state::{progress_json, LoopState};
+use crate::trainer::loop_state::LoopState;
 use crate::trainer::metrics::Metrics;
 use crate::trainer::module::{Interval, SchedulerConfig, TrainModule};
 
-/// How `fit` ended.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FitOutcome {
-    /// `max_epochs` or `max_steps` was reached.
-    Completed(FitSummary),
-    /// A callback requested a stop; a checkpoint was saved at that step.
-    Stopped {
-        /// Where the run stands.
-        summary: FitSummary,
-        /// The reason the callback gave.
-        reason: String,
-    },
-    /// The interrupt flag or the [`Preemption`](crate::preempt::Preemption) was set
-    /// (SIGTERM/SIGUSR1); a checkpoint was committed at the next step boundary, the
-    /// loggers and async saves flushed. Exit with [`FitOutcome::exit_code`]
-    /// ([`crate::PREEMPTED_EXIT_CODE`]) and run again with a `ResumePolicy` to continue.
-    Interrupted(FitSummary),
-    /// The checkpoint resumed from had already reached `max_epochs`/`max_steps`;
-    /// nothing was trained. Raise them to continue.
-    AlreadyFinished(FitSummary),
-}
-
-impl FitOutcome {
-    /// The process exit code for this outcome: [`crate::PREEMPTED_EXIT_CODE`] (75)
-    /// for `Interrupted`, so a requeue script can rerun the job; 0 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            FitOutcome::Interrupted(_) => crate::preempt::PREEMPTED_EXIT_CODE,
-            _ => 0,
-        }
-    }
-
-    /// The summary, whatever the outcome.
-    pub fn summary(&self) -> &FitSummary {
-        match self {
-            FitOutcome::Completed(s)
-            | FitOutcome::Interrupted(s)
-            | FitOutcome::AlreadyFinished(s)
-            | FitOutcome::Stopped { summary: s, .. } => s,
-        }
-    }
-}
-
-/// Where a `fit` call left the run.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FitSummary {
-    /// Optimizer steps taken in total (including before a resume).
-    pub global_step: u64,
-    /// Epoch the loop stands at.
-    pub epoch: u64,
-    /// The last checkpoint committed by this call.
-    pub last_checkpoint: Option<PathBuf>,
-    /// The checkpoint this call resumed from.
-    pub resumed_from: Option<PathBuf>,
-    /// The latest value of every metric.
-    pub metrics: BTreeMap<String, f64>,
-}
+pub use super::outcome::{FitOutcome, FitSummary};
 
 impl Trainer {
     /// Trains `module` on `train`, validating on `val`.
@@ -266,45 +211,6 @@ fn check_in_module(
     Ok(())
 }
 
-/// The checkpoint's `config` block: every setting that changes the result.
-fn config_json<B: Send + 'static>(
-    cfg: &TrainerConfig,
-    train: &DataLoader<B>,
-    val: Option<&DataLoader<B>>,
-    optimizers: &[Box<dyn Optimizer>],
-    schedulers: &[Option<SchedulerConfig>],
-) -> Value {
-    let loader = |l: &DataLoader<B>| {
-        let c = l.config();
-        json!({
-            "batch_size": c.batch_size,
-            "shuffle": c.shuffle,
-            "drop_last": c.drop_last,
-            "seed": c.seed,
-            "dataset_len": l.dataset_len(),
-        })
-    };
-    json!({
-        "world_size": 1,
-        "seed": cfg.seed,
-        "max_epochs": cfg.max_epochs,
-        "max_steps": cfg.max_steps,
-        "accumulate_grad_batches": cfg.accumulate_grad_batches,
-        "gradient_clip": cfg.gradient_clip.map(|(v, a)| json!({"value": v, "algorithm": a})),
-        "val_check_interval": cfg.val_check_interval,
-        "check_val_every_n_epoch": cfg.check_val_every_n_epoch,
-        "limit_train_batches": cfg.limit_train_batches,
-        "limit_val_batches": cfg.limit_val_batches,
-        "train_loader": loader(train),
-        "val_loader": val.map(loader),
-        "optimizers": optimizers.iter().map(|o| o.config()).collect::<Vec<_>>(),
-        "schedulers": schedulers
-            .iter()
-            .map(|s| s.as_ref().map_or(Value::Null, SchedulerConfig::config))
-            .collect::<Vec<_>>(),
-    })
-}
-
 /// Clips `grads` in place (PyTorch's `clip_grad_norm_` with the L2 norm, or
 /// `clip_grad_value_`).
 fn clip(grads: &mut Grads, value: f64, alg: ClipAlgorithm) -> Result<()> {
@@ -315,29 +221,29 @@ fn clip(grads: &mut Grads, value: f64, alg: ClipAlgorithm) -> Result<()> {
 }
 
 /// One `fit` call's state.
-struct FitRun<'t, M: TrainModule> {
-    cfg: &'t TrainerConfig,
-    callbacks: &'t mut Vec<Box<dyn crate::callbacks::Callback>>,
-    loggers: &'t mut Vec<Box<dyn crate::loggers::Logger>>,
-    interrupt: Vec<Interrupt>,
-    async_saves: Option<AsyncSaves>,
-    module: &'t mut M,
-    val: Option<&'t DataLoader<M::Batch>>,
-    optimizers: Vec<Box<dyn Optimizer>>,
+pub(super) struct FitRun<'t, M: TrainModule> {
+    pub(super) cfg: &'t TrainerConfig,
+    pub(super) callbacks: &'t mut Vec<Box<dyn crate::callbacks::Callback>>,
+    pub(super) loggers: &'t mut Vec<Box<dyn crate::loggers::Logger>>,
+    pub(super) interrupt: Vec<Interrupt>,
+    pub(super) async_saves: Option<AsyncSaves>,
+    pub(super) module: &'t mut M,
+    pub(super) val: Option<&'t DataLoader<M::Batch>>,
+    pub(super) optimizers: Vec<Box<dyn Optimizer>>,
     /// The parameter names of each optimizer, in its order.
-    optimizer_params: Vec<Vec<String>>,
-    schedulers: Vec<Option<SchedulerConfig>>,
-    rng: RngStreams,
-    state: LoopState,
-    connector: Connector,
-    requests: Vec<Request>,
-    resumed_from: Option<PathBuf>,
+    pub(super) optimizer_params: Vec<Vec<String>>,
+    pub(super) schedulers: Vec<Option<SchedulerConfig>>,
+    pub(super) rng: RngStreams,
+    pub(super) state: LoopState,
+    pub(super) connector: Connector,
+    pub(super) requests: Vec<Request>,
+    pub(super) resumed_from: Option<PathBuf>,
     /// The metrics of a checkpoint that was already past the live limits (nothing
     /// was restored or trained; see `FitRun::past_the_end`).
-    finished_metrics: Option<BTreeMap<String, f64>>,
-    last_checkpoint: Option<PathBuf>,
-    config: Arc<Value>,
-    progress: ProgressBar,
+    pub(super) finished_metrics: Option<BTreeMap<String, f64>>,
+    pub(super) last_checkpoint: Option<PathBuf>,
+    pub(super) config: Arc<Value>,
+    pub(super) progress: ProgressBar,
 }
 
 /// Calls `hook` on every callback with a fresh [`HookCtx`].
@@ -367,13 +273,14 @@ macro_rules! hook {
         }
     }};
 }
+pub(super) use hook;
 
 impl<M> FitRun<'_, M>
 where
     M: TrainModule,
     M::Batch: Send + 'static,
 {
-    fn summary(&self) -> FitSummary {
+    pub(super) fn summary(&self) -> FitSummary {
         FitSummary {
             global_step: self.state.global_step,
             epoch: self.state.epoch,
@@ -423,7 +330,7 @@ where
         Ok(true)
     }
 
-    fn done(&self) -> bool {
+    pub(super) fn done(&self) -> bool {
         self.state.epoch >= self.cfg.max_epochs
             || self
                 .cfg
@@ -675,25 +582,7 @@ where
         Ok(FitOutcome::Completed(self.summary()))
     }
 
-    /// Carries out the deletions requested by `on_fit_end`. The fit completed:
-    /// the final save committed and every async save was flushed, so the
-    /// checkpoint this run resumed from is no longer needed and is not protected
-    /// here (a callback asks for it only when it is no longer wanted; see
-    /// [`crate::callbacks::ModelCheckpoint`]). Other requests are dropped, as
-    /// after any last hook.
-    fn delete_at_fit_end(&mut self) -> Result<()> {
-        if let Some(a) = self.async_saves.as_ref() {
-            debug_assert!(a.is_idle(), "the final boundary flushed every async save");
-        }
-        for r in std::mem::take(&mut self.requests) {
-            if let Request::Delete { name } = r {
-                self.connector.delete(&name, None)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn val_this_epoch(&self) -> bool {
+    pub(super) fn val_this_epoch(&self) -> bool {
         self.val.is_some() && (self.state.epoch + 1) % self.cfg.check_val_every_n_epoch == 0
     }
 
@@ -785,317 +674,12 @@ where
         hook!(self, |cb, ctx| cb.on_validation_end(&mut ctx));
         Ok(())
     }
-
-    /// Steps 3–6 of the module docs. `Some(outcome)` ends `fit`.
-    fn boundary(
-        &mut self,
-        train: &DataLoader<M::Batch>,
-        epoch_end: bool,
-    ) -> Result<Option<FitOutcome>> {
-        let saved_before = self.last_checkpoint.clone();
-        // Preemption hook point: a flag set by a signal handler is read here only.
-        let interrupted = self.interrupt.iter().any(Interrupt::is_set);
-        let stopping = self
-            .requests
-            .iter()
-            .any(|r| matches!(r, Request::Stop { .. }));
-        if self.done() && !stopping && !interrupted {
-            // Training completes at this boundary: the last word before the final
-            // state is captured.
-            hook!(self, |cb, ctx| cb.on_train_end(&mut ctx));
-        }
-        let requests = std::mem::take(&mut self.requests);
-        // Async saves reported since the last boundary: hooks, then their retention;
-        // a failed one is an error here, naming it.
-        self.collect_async(false)?;
-        let stop = requests.iter().find_map(|r| match r {
-            Request::Stop { reason } => Some(reason.clone()),
-            _ => None,
-        });
-        let finished = self.done();
-        self.state.finished = finished;
-        let cfg = self.cfg;
-        let builtin = cfg.enable_checkpointing
-            && (cfg
-                .checkpoint_every_n_steps
-                .is_some_and(|n| self.state.global_step % n == 0)
-                || (epoch_end
-                    && cfg.checkpoint_every_n_epochs > 0
-                    && self.state.epoch % cfg.checkpoint_every_n_epochs == 0)
-                || finished
-                || interrupted
-                || stop.is_some());
-        let mut saves: Vec<(String, BTreeMap<String, f64>)> = Vec::new();
-        if builtin {
-            saves.push((
-                format!(
-                    "step={:06}-epoch={}",
-                    self.state.global_step, self.state.epoch
-                ),
-                BTreeMap::new(),
-            ));
-        }
-        let mut deletes = Vec::new();
-        for r in requests {
-            match r {
-                Request::Save { name, metrics } => {
-                    if !cfg.enable_checkpointing {
-                        return Err(Error::InvalidSetting {
-                            setting: "enable_checkpointing".into(),
-                            value: "false".into(),
-                            rule: format!("must be true for a callback to save checkpoint {name}"),
-                        });
-                    }
-                    if !saves.iter().any(|(n, _)| *n == name) {
-                        saves.push((name, metrics));
-                    }
-                }
-                Request::Delete { name } => deletes.push(name),
-                Request::Stop { .. } => {}
-                Request::Log { metrics } => {
-                    let step = self.state.global_step;
-                    // At an epoch's end the loop already stands in the next epoch.
-                    let epoch = self.state.epoch - u64::from(epoch_end);
-                    log_all(self.loggers, step, epoch, &metrics)?;
-                    self.state.logger_step = step;
-                }
-            }
-        }
-        if !saves.is_empty() {
-            self.save_all(train, saves, &mut deletes)?;
-            if let Some(a) = self.async_saves.as_mut() {
-                // Retention waits for this boundary's saves to commit.
-                deletes = a.defer_deletes(deletes);
-            }
-        }
-        if stop.is_some() || interrupted || finished {
-            // The final flush: every async save is awaited before fit returns.
-            self.collect_async(true)?;
-        }
-        for name in deletes {
-            let keep = self.resumed_from.clone();
-            self.connector.delete(&name, keep.as_deref())?;
-        }
-        if !epoch_end {
-            // At an epoch end the caller prints it after the epoch's summary line.
-            self.print_checkpoint(saved_before.as_deref());
-        }
-        if let Some(reason) = stop {
-            tracing::info!("stopping at step {}: {reason}", self.state.global_step);
-            return Ok(Some(FitOutcome::Stopped {
-                summary: self.summary(),
-                reason,
-            }));
-        }
-        if interrupted {
-            tracing::info!(
-                "interrupted: saved at step {} to {}",
-                self.state.global_step,
-                self.last_checkpoint
-                    .as_ref()
-                    .map_or("<nothing>".into(), |p| p.display().to_string())
-            );
-            for l in self.loggers.iter_mut() {
-                l.flush()?;
-            }
-            return Ok(Some(FitOutcome::Interrupted(self.summary())));
-        }
-        Ok(None)
-    }
-
-    /// Prints `checkpoint PATH` when a checkpoint newer than `before` was saved.
-    fn print_checkpoint(&mut self, before: Option<&std::path::Path>) {
-        if let Some(p) = &self.last_checkpoint {
-            if Some(p.as_path()) != before {
-                self.progress
-                    .println(&format!("checkpoint {}", p.display()));
-            }
-        }
-    }
-
-    /// Commits every save of this boundary (one snapshot of the state), then runs
-    /// `on_save_checkpoint`, collecting further deletions.
-    fn save_all(
-        &mut self,
-        train: &DataLoader<M::Batch>,
-        saves: Vec<(String, BTreeMap<String, f64>)>,
-        deletes: &mut Vec<String>,
-    ) -> Result<()> {
-        for l in self.loggers.iter_mut() {
-            l.flush()?;
-        }
-        let view = View {
-            params: self.module.params(),
-            optimizers: &self.optimizers,
-            schedulers: &self.schedulers,
-            rng: &self.rng,
-            loader: train,
-            state: &self.state,
-            callbacks: self.callbacks,
-            loggers: self.loggers,
-        };
-        if self.cfg.async_checkpointing {
-            return self.submit_all(train, saves);
-        }
-        let components = view.components(self.module.on_save_checkpoint()?)?;
-        let progress = self.state.progress_json();
-        let group = boundary_group(&saves);
-        for (name, extra) in saves {
-            let mut metrics = self.state.metrics.latest().clone();
-            metrics.extend(extra);
-            metrics.retain(|_, v| v.is_finite());
-            let path = self.connector.save(
-                &name,
-                components.clone(),
-                progress.clone(),
-                (*self.config).clone(),
-                metrics.clone(),
-                group.clone(),
-            )?;
-            tracing::debug!(
-                "saved checkpoint {} at step {}",
-                path.display(),
-                self.state.global_step
-            );
-            self.last_checkpoint = Some(path.clone());
-            let saved = SavedCheckpoint {
-                name,
-                path,
-                progress: self.state.progress(),
-                metrics,
-            };
-            hook!(self, |cb, ctx| cb.on_save_checkpoint(&mut ctx, &saved));
-        }
-        for r in std::mem::take(&mut self.requests) {
-            match r {
-                Request::Delete { name } => deletes.push(name),
-                other => self.requests.push(other),
-            }
-        }
-        Ok(())
-    }
-
-    /// The async half of [`Self::save_all`]: waits for a free slot, reports any
-    /// earlier outcome (so a failure surfaces before a snapshot that may name the
-    /// failed checkpoint), snapshots once and submits every save of the boundary.
-    fn submit_all(
-        &mut self,
-        train: &DataLoader<M::Batch>,
-        saves: Vec<(String, BTreeMap<String, f64>)>,
-    ) -> Result<()> {
-        if self.async_saves.is_none() {
-            let dir = std::sync::Arc::clone(self.connector.shared_dir()?);
-            self.async_saves = Some(AsyncSaves::new(
-                dir,
-                self.cfg.max_in_flight,
-                self.cfg.async_writer_priority,
-            )?);
-        }
-        if let Some(a) = self.async_saves.as_mut() {
-            a.wait_for_slot()?;
-        }
-        let pending = std::mem::take(&mut self.requests);
-        let collected = self.collect_async(false);
-        self.requests.extend(pending);
-        collected?;
-        let Some(a) = self.async_saves.as_ref() else {
-            unreachable!("created above")
-        };
-        let pool = a.pool().clone();
-        let view = View {
-            params: self.module.params(),
-            optimizers: &self.optimizers,
-            schedulers: &self.schedulers,
-            rng: &self.rng,
-            loader: train,
-            state: &self.state,
-            callbacks: self.callbacks,
-            loggers: self.loggers,
-        };
-        // The only work on the training thread: tensor bytes copied (large ones
-        // into recycled buffers) and plain copies of the small state. JSON, the manifest and the
-        // fingerprint are built by the writer thread.
-        let snapshot = view.snapshot(self.module.on_save_checkpoint()?, &pool)?;
-        let shared = Arc::new(SharedSnapshot::new(snapshot, saves.len()));
-        let progress = self.state.progress();
-        let finished = self.state.finished;
-        let group = boundary_group(&saves);
-        let Some(a) = self.async_saves.as_mut() else {
-            unreachable!("created above")
-        };
-        a.snapshot_taken();
-        for (name, extra) in saves {
-            let mut metrics = self.state.metrics.latest().clone();
-            metrics.extend(extra);
-            metrics.retain(|_, v| v.is_finite());
-            let (shared, config, m, group) = (
-                Arc::clone(&shared),
-                Arc::clone(&self.config),
-                metrics.clone(),
-                group.clone(),
-            );
-            let build = move || {
-                Ok(relume_ckpt::Checkpoint {
-                    components: shared.take()?,
-                    progress: progress_json(progress, finished),
-                    config: (*config).clone(),
-                    metrics: m,
-                    group,
-                })
-            };
-            a.submit_deferred(&name, build, progress, metrics)?;
-        }
-        Ok(())
-    }
-
-    /// Handles the async saves reported so far (all of them, waiting, with
-    /// `wait`): for each commit, `on_save_checkpoint`, then the deletions of its
-    /// boundary and those the hooks requested. Requests other than deletions stay
-    /// queued.
-    fn collect_async(&mut self, wait: bool) -> Result<()> {
-        let Some(a) = self.async_saves.as_mut() else {
-            return Ok(());
-        };
-        if !wait && a.is_idle() {
-            return Ok(());
-        }
-        let done = a.collect(wait)?;
-        for (c, p) in done {
-            tracing::debug!(
-                "async save committed {} in {:.1} ms",
-                c.path.display(),
-                c.write_time.as_secs_f64() * 1e3
-            );
-            self.last_checkpoint = Some(c.path.clone());
-            let saved = SavedCheckpoint {
-                name: p.name,
-                path: c.path,
-                progress: p.progress,
-                metrics: p.metrics,
-            };
-            let before = self.requests.len();
-            hook!(self, |cb, ctx| cb.on_save_checkpoint(&mut ctx, &saved));
-            let mut deletes = p.deletes;
-            let new: Vec<Request> = self.requests.drain(before..).collect();
-            for r in new {
-                match r {
-                    Request::Delete { name } => deletes.push(name),
-                    other => self.requests.push(other),
-                }
-            }
-            for name in deletes {
-                let keep = self.resumed_from.clone();
-                self.connector.delete(&name, keep.as_deref())?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Sends `metrics` to every logger at `step`, with the `epoch` they belong to as
 /// one more value (as Lightning's loggers record it), unless a metric of that name
 /// was logged.
-fn log_all(
+pub(super) fn log_all(
     loggers: &mut [Box<dyn crate::loggers::Logger>],
     step: u64,
     epoch: u64,
@@ -1107,17 +691,6 @@ fn log_all(
         l.log_metrics(step, &m)?;
     }
     Ok(())
-}
-
-/// The manifest `group` of a boundary's saves: every name when there are several
-/// (they share one state, whose callback bookkeeping may name each of them), none
-/// for a single save.
-fn boundary_group(saves: &[(String, BTreeMap<String, f64>)]) -> Vec<String> {
-    if saves.len() > 1 {
-        saves.iter().map(|(n, _)| n.clone()).collect()
-    } else {
-        Vec::new()
-    }
 }
 
 /// Runs an evaluation loop (no backward, `training() == false`) and returns its

@@ -13,11 +13,13 @@
 //!
 //! Module map: [`module`] (the trait and optimizer configs), [`context`]
 //! (`StepCtx`: log, rng, mode), [`metrics`] (aggregation), [`builder`] (settings),
-//! [`resume`] (policy), [`loop_state`] (counters), [`connector`] (save/restore),
+//! [`resume`] (policy), [`loop_state`] (counters), [`config`] (the config block and
+//! its diff), [`connector`] (save/restore), [`outcome`] (what `fit` returns),
 //! [`fit`] and [`loops`] (the loops).
 
 pub mod async_saves;
 pub mod builder;
+pub mod config;
 pub mod connector;
 pub mod context;
 pub mod fit;
@@ -25,13 +27,16 @@ pub mod loop_state;
 pub mod loops;
 pub mod metrics;
 pub mod module;
+pub mod outcome;
 pub mod resume;
+mod saving;
 
 pub use builder::{ClipAlgorithm, Trainer, TrainerBuilder, TrainerConfig, ValCheck};
-pub use connector::{diff_config, optimizer_component, scheduler_component, Restored};
+pub use config::diff_config;
+pub use connector::{optimizer_component, scheduler_component, Restored};
 pub use context::{Stage, StepCtx};
-pub use fit::{FitOutcome, FitSummary};
 pub use loop_state::LoopState;
 pub use metrics::{LogOpts, Metrics};
 pub use module::{Interval, OptimizerConfig, SchedulerConfig, TrainModule};
+pub use outcome::{FitOutcome, FitSummary};
 pub use resume::{ResumePolicy, Source};
