@@ -44,7 +44,7 @@ pub(crate) fn set_active(multi: Option<MultiProgress>) {
 }
 
 /// A [`Write`] for one log record that prints it above the live progress bar
-/// (or to stdout when none is drawn); see the [module docs](self). It buffers
+/// (or to stdout when none is drawn); see the module docs of `relume::progress`. It buffers
 /// and prints when flushed or dropped, which `tracing_subscriber`'s fmt layer does
 /// after every record.
 #[derive(Debug, Default)]

@@ -1,7 +1,7 @@
 //! The run's `config` block and its diff on resume: every setting that changes the
-//! result is recorded in the checkpoint ([`config_json`]) and compared with the live
-//! one ([`diff_config`]); which changes a continuation may make ([`GROWABLE_KEYS`],
-//! [`run_grows`], scheduler settings with
+//! result is recorded in the checkpoint's `config` block and compared with the live
+//! one ([`diff_config`]); which changes a continuation may make ([`GROWABLE_KEYS`]
+//! grow; scheduler settings follow with
 //! [`TrainerBuilder::extend_schedules`](super::TrainerBuilder::extend_schedules)).
 
 use std::collections::BTreeMap;
