@@ -236,12 +236,19 @@ pub(crate) fn write_checkpoint_seq(
     }
     let final_path = parent.join(name);
     if std::fs::symlink_metadata(&final_path).is_ok() {
-        same_as_existing(&final_path, ckpt)?;
-        tracing::info!(
-            "checkpoint {} is already committed with the same fingerprint; not written again",
-            final_path.display()
-        );
-        return Ok(final_path);
+        match same_as_existing(&final_path, ckpt) {
+            Ok(()) => {
+                tracing::info!(
+                    "checkpoint {} is already committed with the same fingerprint; not written again",
+                    final_path.display()
+                );
+                return Ok(final_path);
+            }
+            Err(Error::CommitConflict { .. }) if incomplete_group(parent, &final_path) => {
+                return replace_incomplete(storage, parent, name, ckpt, commit_seq);
+            }
+            Err(e) => return Err(e),
+        }
     }
     let tmp = write_temporary_seq(storage, parent, name, ckpt, commit_seq)?;
     storage
@@ -250,6 +257,62 @@ pub(crate) fn write_checkpoint_seq(
     storage
         .sync_dir(parent)
         .map_err(io_err("fsync directory", parent))?;
+    Ok(final_path)
+}
+
+/// Whether the committed checkpoint at `path` belongs to a boundary group of which
+/// some member never committed (see [`crate::CheckpointDir`]'s reconciliation).
+fn incomplete_group(parent: &Path, path: &Path) -> bool {
+    let mpath = path.join(MANIFEST_FILE);
+    let Ok(bytes) = std::fs::read(&mpath) else {
+        return false;
+    };
+    match Manifest::parse(&mpath, &bytes) {
+        Ok(m) => m
+            .group
+            .iter()
+            .any(|g| !parent.join(g).join(MANIFEST_FILE).is_file()),
+        Err(_) => false,
+    }
+}
+
+/// Replaces the checkpoint `parent/name`, a member of a boundary group that never
+/// completed, with `ckpt`. Such a checkpoint is never resolved as the newest, so
+/// nothing resumes from it; the run that replays its boundary may reach a
+/// different callback bookkeeping at that step (which checkpoint the earlier
+/// process had resumed from, say) while training state is identical. The new
+/// checkpoint is written first; the old one is renamed to a temporary, the new one
+/// renamed into place, the old one removed. A kill between the two renames leaves
+/// no checkpoint of that name, and the replay writes it again.
+fn replace_incomplete(
+    storage: &dyn Storage,
+    parent: &Path,
+    name: &str,
+    ckpt: &Checkpoint,
+    commit_seq: Option<u64>,
+) -> Result<PathBuf> {
+    let final_path = parent.join(name);
+    tracing::warn!(
+        "replacing {}: its boundary group never completed, and the replayed boundary saves other callback state",
+        final_path.display()
+    );
+    let tmp = write_temporary_seq(storage, parent, name, ckpt, commit_seq)?;
+    let old = parent.join(format!("{TMP_PREFIX}del-{}", uuid::Uuid::new_v4().simple()));
+    storage
+        .rename(&final_path, &old)
+        .map_err(io_err("rename", &final_path))?;
+    storage
+        .sync_dir(parent)
+        .map_err(io_err("fsync directory", parent))?;
+    storage
+        .rename(&tmp, &final_path)
+        .map_err(io_err("rename", &final_path))?;
+    storage
+        .sync_dir(parent)
+        .map_err(io_err("fsync directory", parent))?;
+    storage
+        .remove_dir_all(&old)
+        .map_err(io_err("remove", &old))?;
     Ok(final_path)
 }
 

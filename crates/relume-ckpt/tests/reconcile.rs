@@ -151,6 +151,38 @@ fn an_incomplete_boundary_group_is_never_latest() {
 }
 
 #[test]
+fn a_member_of_an_incomplete_group_is_replaced_by_the_replay_a_complete_one_is_not() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::open(run.path()).unwrap();
+    dir.save("step=000001", &sample(1)).unwrap();
+    let group = vec!["step=000002".to_string(), "epoch=0-step=2".to_string()];
+    let mut first = sample(2);
+    first.group = group.clone();
+    dir.save("step=000002", &first).unwrap();
+    // The replay reaches the same step with other callback bookkeeping (a process
+    // resumed from another checkpoint): the orphan is replaced, not a conflict.
+    let mut replay = sample(2);
+    replay.group = group.clone();
+    replay.metrics.insert("other_history".into(), 1.0);
+    replay
+        .components
+        .get_mut("model")
+        .unwrap()
+        .insert_json("note", serde_json::json!("replayed"));
+    let p = dir.save("step=000002", &replay).unwrap();
+    let loaded = relume_ckpt::load(&p).unwrap();
+    assert_eq!(
+        loaded.manifest.fingerprint,
+        relume_ckpt::fingerprint(&replay.components)
+    );
+    assert!(dir.temporaries().unwrap().is_empty());
+    // Once the group is complete, other state under a member's name is a conflict.
+    dir.save("epoch=0-step=2", &replay).unwrap();
+    let err = dir.save("step=000002", &first).unwrap_err();
+    assert!(matches!(err, Error::CommitConflict { .. }), "{err}");
+}
+
+#[test]
 fn same_step_orders_by_commit_sequence() {
     let run = tempfile::tempdir().unwrap();
     let dir = CheckpointDir::open(run.path()).unwrap();
