@@ -92,7 +92,7 @@ pub use error::{Error, Mismatch, Result};
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
 pub use manifest::{ComponentEntry, FileEntry, Manifest, FORMAT_VERSION};
 pub use migrate::{migrate_dir, migrate_in_place};
-pub use read::{load, verify, LoadedCheckpoint, VerifyReport};
+pub use read::{load, read_safetensors, verify, LoadedCheckpoint, VerifyReport};
 pub use snapshot::{BufferPool, Snapshot};
 pub use state::{join_key, Leaf, StateDict, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, RestoreReport, Stateful};

@@ -407,6 +407,40 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
     })
 }
 
+/// Reads a standalone safetensors file (any writer's: relume's own component
+/// files, `safetensors.torch.save_file`, candle's `safetensors::save`) into a
+/// [`StateDict`] of its tensors, keyed by their names. The file is mapped, not
+/// copied; it is refused when it is a symlink. safetensors carries no checksum, so
+/// what is checked is its structure: the header, each tensor's byte length against
+/// dtype × shape, and no gaps, overlaps or trailing bytes.
+///
+/// # Errors
+/// [`Error::MissingFile`], [`Error::Symlink`], [`Error::Io`],
+/// [`Error::SafetensorsHeader`], [`Error::LimitExceeded`], [`Error::TensorFileLength`],
+/// [`Error::TensorGap`], [`Error::TensorOverlap`], [`Error::TrailingBytes`],
+/// [`Error::FileSize`].
+pub fn read_safetensors(path: impl AsRef<Path>) -> Result<StateDict> {
+    let path = path.as_ref();
+    let file = open_nofollow(path, || Error::MissingFile {
+        path: path.to_path_buf(),
+    })?;
+    // SAFETY: read-only map; a concurrent writer of the same file is the caller's
+    // bug, and the worst it can cause is wrong values, which the header checks bound.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io_err("mmap", path))?);
+    let mut sd = StateDict::new();
+    for e in parse_header(path, &map, map.len() as u64)? {
+        let bytes = TensorBytes::mapped(
+            Arc::clone(&map),
+            e.start as usize,
+            (e.end - e.start) as usize,
+            &e.key,
+        )?;
+        let t = TensorData::new(e.dtype, e.shape, bytes).map_err(|err| err.with_key(&e.key))?;
+        sd.insert_tensor(e.key, t);
+    }
+    Ok(sd)
+}
+
 /// Verifies a checkpoint directory and reports **every** problem found.
 ///
 /// Scans the directory for symlinks (a checkpoint directory that is itself a symlink

@@ -304,6 +304,19 @@ pub enum Error {
         /// The global step about to be taken.
         step: u64,
     },
+    /// An optimizer step in which some of an optimizer's parameters got no
+    /// gradient: the loss does not reach them, so they would silently never train.
+    #[error("optimizer {optimizer} ({kind}) got no gradient for {params:?} at step {step}: the loss does not reach them (an unused layer, a detach, or an op without a backward pass such as candle-nn 0.11's fused LayerNorm/RmsNorm forward; use relume::nn::layer_norm); freeze them (ParamStore::freeze), or allow it with `TrainerBuilder::allow_steps_without_gradients(true)`")]
+    MissingGradients {
+        /// Index of the optimizer.
+        optimizer: usize,
+        /// Its kind.
+        kind: String,
+        /// The parameters without a gradient.
+        params: Vec<String>,
+        /// The global step about to be taken.
+        step: u64,
+    },
     /// A monitored metric is never produced: validation ran (or a whole training
     /// epoch passed, when there is no validation) and it was still not logged.
     #[error("{needed_by} monitors {metric:?}, which was never logged (logged so far: {logged:?}); log it (e.g. with ctx.log in validation_step) or monitor one of the logged names")]
@@ -325,6 +338,59 @@ pub enum Error {
         cause: String,
         /// Why the rollback failed.
         rollback: String,
+    },
+    /// A parameter is requested with another shape or dtype than the one it
+    /// already has in the store (two layers under one name, or a changed model).
+    #[error("parameter {name:?} already exists as {existing} but is requested as {requested}; give the layers distinct names (vb.pp(...)) or build the model with the shapes it was saved with")]
+    ParamConflict {
+        /// Parameter name.
+        name: String,
+        /// Existing dtype and shape.
+        existing: String,
+        /// Requested dtype and shape.
+        requested: String,
+    },
+    /// A freeze rule covers no parameter of the module.
+    #[error("freeze rule {rule:?} covers no parameter (top-level names: {near:?}); fix the name given to ParamStore::freeze")]
+    FreezeMatchesNothing {
+        /// The rule as given.
+        rule: String,
+        /// The store's top-level name components, to spot the typo.
+        near: Vec<String>,
+    },
+    /// An optimizer holds frozen parameters: they would get optimizer state (and
+    /// weight decay would change them).
+    #[error("optimizer {optimizer} ({kind}) holds frozen parameters {params:?}; build it with `from_store` (which skips frozen parameters) or over `ParamStore::trainable_vars()`")]
+    FrozenInOptimizer {
+        /// Index of the optimizer.
+        optimizer: usize,
+        /// Its kind.
+        kind: String,
+        /// The frozen parameter names it holds.
+        params: Vec<String>,
+    },
+    /// A weights file does not fit the model: names missing from it, names it has
+    /// that the model lacks, or dtype/shape mismatches, none of them allow-listed.
+    #[error("weights {path} do not fit the model: missing {missing:?}, unexpected {unexpected:?}, mismatched {mismatched:?}; fix the names (WeightsOptions::strip_prefix/add_prefix) or allow them explicitly (WeightsOptions::allow_missing/allow_unexpected/allow_mismatched)")]
+    WeightsMismatch {
+        /// The weights file or checkpoint.
+        path: std::path::PathBuf,
+        /// Model parameters (after remapping) that the file lacks.
+        missing: Vec<String>,
+        /// File tensors (after remapping) that the model lacks.
+        unexpected: Vec<String>,
+        /// `name: model dtype[shape] vs file dtype[shape]`.
+        mismatched: Vec<String>,
+    },
+    /// An allow-list entry or name remapping of a weights load matched nothing.
+    #[error("weights {path}: {what} {entry:?} matches nothing; remove it or fix its name (a rule that matches nothing hides typos)")]
+    WeightsRuleUnused {
+        /// The weights file or checkpoint.
+        path: std::path::PathBuf,
+        /// Which rule (`"allow_missing"`, `"strip_prefix"`, ...).
+        what: &'static str,
+        /// The rule's text.
+        entry: String,
     },
 }
 

@@ -16,6 +16,8 @@ pub mod progress;
 pub mod rng;
 pub mod sched;
 pub mod threads;
+pub mod var_builder;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use loggers::{CsvLogger, Logger, TensorBoardLogger};

@@ -4,10 +4,10 @@
 //! variables in a `BTreeMap`, so every iteration (optimizer state, checkpoints,
 //! fingerprints, gradient clipping) is in name order in every process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{Device, Shape, Tensor, Var};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use relume_ckpt::{BufferPool, RestoreReport, Snapshot, StateDict, Stateful};
 
 use crate::convert::{ckpt_dtype, data_to_tensor, describe, tensor_to_data, tensor_to_data_pooled};
@@ -112,7 +112,18 @@ impl Init {
 #[derive(Clone, Debug)]
 pub struct ParamStore {
     vars: Arc<Mutex<BTreeMap<String, Var>>>,
+    frozen: Arc<Mutex<BTreeSet<String>>>,
     device: Device,
+}
+
+/// True when the freeze rule `rule` covers the parameter `name`: the name itself,
+/// or every parameter under it (`backbone` covers `backbone.l1.weight`).
+pub(crate) fn rule_covers(rule: &str, name: &str) -> bool {
+    let rule = rule.strip_suffix('.').unwrap_or(rule);
+    name == rule
+        || (name.len() > rule.len()
+            && name.starts_with(rule)
+            && name[rule.len()..].starts_with('.'))
 }
 
 impl ParamStore {
@@ -120,6 +131,7 @@ impl ParamStore {
     pub fn new(device: Device) -> Self {
         ParamStore {
             vars: Arc::new(Mutex::new(BTreeMap::new())),
+            frozen: Arc::new(Mutex::new(BTreeSet::new())),
             device,
         }
     }
@@ -128,6 +140,138 @@ impl ParamStore {
         // A poisoned lock only means another thread panicked mid-insert; the map
         // itself is always consistent, so keep going.
         self.vars.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_frozen(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.frozen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Freezes the parameter `rule` and every parameter under it (`"backbone"`
+    /// freezes `backbone.l1.weight`, `backbone.l2.bias`, ...), like Lightning's
+    /// `freeze()` on a sub-module.
+    ///
+    /// A frozen parameter gets no gradient and no optimizer state
+    /// (`AdamW::from_store` and the other `from_store` constructors skip it, and
+    /// [`crate::trainer::Trainer::fit`] refuses an optimizer that holds one). It is
+    /// still saved in every checkpoint and fingerprinted, and the run's frozen set
+    /// is part of the checkpoint's `config` block, so a resume with another frozen
+    /// set is refused ([`Error::ConfigChanged`]).
+    ///
+    /// Freeze before the model is built through [`ParamStore::var_builder`] and
+    /// the layers hold detached tensors, so backward skips the frozen part
+    /// altogether; freezing later still keeps the parameters unchanged (their
+    /// gradients are dropped), at the cost of computing them.
+    ///
+    /// A rule that covers no parameter when training starts is an error
+    /// ([`Error::FreezeMatchesNothing`]), so a typo never trains what was meant to
+    /// stay fixed.
+    pub fn freeze(&self, rule: impl Into<String>) {
+        self.lock_frozen().insert(rule.into());
+    }
+
+    /// Removes a freeze rule given to [`ParamStore::freeze`]; true when it was there.
+    pub fn unfreeze(&self, rule: &str) -> bool {
+        self.lock_frozen().remove(rule)
+    }
+
+    /// The freeze rules, sorted.
+    pub fn freeze_rules(&self) -> Vec<String> {
+        self.lock_frozen().iter().cloned().collect()
+    }
+
+    /// True when `name` is covered by a freeze rule.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.lock_frozen().iter().any(|r| rule_covers(r, name))
+    }
+
+    /// The names of the frozen parameters, in name order.
+    pub fn frozen_names(&self) -> Vec<String> {
+        let rules = self.freeze_rules();
+        self.lock()
+            .keys()
+            .filter(|n| rules.iter().any(|r| rule_covers(r, n)))
+            .cloned()
+            .collect()
+    }
+
+    /// The trainable (not frozen) `(name, variable)` pairs, in name order: what
+    /// the `from_store` optimizer constructors train.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let rules = self.freeze_rules();
+        self.named_vars()
+            .into_iter()
+            .filter(|(n, _)| !rules.iter().any(|r| rule_covers(r, n)))
+            .collect()
+    }
+
+    /// Errors with [`Error::FreezeMatchesNothing`] for a freeze rule that covers no
+    /// parameter.
+    ///
+    /// # Errors
+    /// As above.
+    pub fn check_freeze_rules(&self) -> Result<()> {
+        let names = self.names();
+        for rule in self.freeze_rules() {
+            if !names.iter().any(|n| rule_covers(&rule, n)) {
+                return Err(Error::FreezeMatchesNothing {
+                    rule,
+                    near: names
+                        .iter()
+                        .filter_map(|n| n.split('.').next())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the parameter `name` of `shape` and `dtype`, creating it on first
+    /// use with `init` drawn from a generator of its own, derived from `(seed,
+    /// name)`: its values do not depend on which parameters were created before it.
+    /// A frozen parameter is returned detached (no gradient flows to it).
+    ///
+    /// # Errors
+    /// [`Error::ParamConflict`] when `name` exists with another shape or dtype;
+    /// candle errors.
+    pub fn get_or_init_named(
+        &self,
+        name: &str,
+        shape: &Shape,
+        init: Init,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let mut vars = self.lock();
+        let var = match vars.get(name) {
+            Some(v) => {
+                if v.shape() != shape || v.dtype() != dtype {
+                    return Err(Error::ParamConflict {
+                        name: name.to_string(),
+                        existing: format!("{:?}{:?}", v.dtype(), v.dims()),
+                        requested: format!("{dtype:?}{:?}", shape.dims()),
+                    });
+                }
+                v.clone()
+            }
+            None => {
+                let mut rng = Rng::new(seed, &format!("init/{name}"));
+                let t = init
+                    .sample(shape, &mut rng, &self.device)?
+                    .to_dtype(dtype)?;
+                let var = Var::from_tensor(&t)?;
+                vars.insert(name.to_string(), var.clone());
+                var
+            }
+        };
+        drop(vars);
+        Ok(if self.is_frozen(name) {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
+        })
     }
 
     /// The device parameters live on.

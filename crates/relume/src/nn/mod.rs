@@ -5,7 +5,8 @@
 //! candle's composite ops elsewhere. On small models, where candle's per-op
 //! bookkeeping outweighs the arithmetic, that makes a training step several times
 //! faster (see `benches/trainer.rs`). [`dropout`] draws its mask from a relume
-//! [`Rng`] stream, so it is saved and restored with the checkpoint.
+//! [`Rng`] stream, so it is saved and restored with the checkpoint. [`LayerNorm`]
+//! replaces candle-nn's, whose fused forward has no backward pass.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -35,9 +36,11 @@ use crate::rng::Rng;
 mod kernels;
 mod linear;
 mod loss;
+mod norm;
 
 pub use linear::Linear;
 pub use loss::cross_entropy;
+pub use norm::{layer_norm, LayerNorm};
 
 /// Inverted dropout drawing its mask from `rng`; identity when `train` is false or `p == 0`.
 ///

@@ -569,7 +569,7 @@ macro_rules! adam_optimizer {
                 Self::new(groups, cfg)
             }
 
-            /// One group with `cfg.lr` and `cfg.weight_decay` over every parameter of
+            /// One group with `cfg.lr` and `cfg.weight_decay` over every trainable (not frozen) parameter of
             /// `store`, in name order.
             ///
             /// # Errors

@@ -37,11 +37,12 @@ impl Grads {
         Grads::default()
     }
 
-    /// Takes the gradient of every parameter in `params` out of `store`. Parameters
-    /// without a gradient (unused in the forward pass) are skipped.
+    /// Takes the gradient of every trainable parameter in `params` out of `store`.
+    /// Parameters without a gradient (unused in the forward pass) and frozen ones
+    /// ([`ParamStore::freeze`]) are skipped.
     pub fn from_backward(store: &GradStore, params: &ParamStore) -> Self {
         let mut grads = BTreeMap::new();
-        for (name, var) in params.named_vars() {
+        for (name, var) in params.trainable_vars() {
             if let Some(g) = store.get(var.as_tensor()) {
                 grads.insert(name, g.clone());
             }

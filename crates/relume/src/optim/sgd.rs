@@ -195,7 +195,7 @@ impl Sgd {
         Sgd::new(groups, cfg)
     }
 
-    /// One group over every parameter of `store`, in name order.
+    /// One group over every trainable (not frozen) parameter of `store`, in name order.
     ///
     /// # Errors
     /// As [`Sgd::new`].

@@ -168,9 +168,9 @@ pub(crate) fn single_group(
     }]
 }
 
-/// Parameters of a store, in name order.
+/// The trainable (not frozen) parameters of a store, in name order.
 pub(crate) fn store_params(store: &ParamStore) -> Vec<(String, Var)> {
-    store.named_vars()
+    store.trainable_vars()
 }
 
 /// Validates groups: finite non-negative lr and weight decay, unique names.

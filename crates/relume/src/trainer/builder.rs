@@ -83,8 +83,9 @@ pub struct TrainerConfig {
     pub async_writer_priority: relume_ckpt::WriterPriority,
     /// Storage the checkpoints are written through (None: the local filesystem).
     pub checkpoint_storage: Option<Arc<dyn relume_ckpt::Storage>>,
-    /// Allow an optimizer step in which an optimizer got no gradient at all
-    /// (otherwise [`crate::Error::NoGradients`]).
+    /// Allow an optimizer step in which some or all of an optimizer's parameters
+    /// got no gradient (otherwise [`crate::Error::MissingGradients`] or
+    /// [`crate::Error::NoGradients`]).
     pub allow_steps_without_gradients: bool,
     /// When a resume raises `max_epochs`/`max_steps`, let the schedulers' settings
     /// change with it (see [`TrainerBuilder::extend_schedules`]).
@@ -360,11 +361,12 @@ impl TrainerBuilder {
         self
     }
 
-    /// Allows optimizer steps in which an optimizer got no gradient for any of its
-    /// parameters (for a module that deliberately trains some parameter groups only
-    /// on some steps). Default `false`: such a step is [`crate::Error::NoGradients`],
-    /// because it usually means the loss does not depend on the optimized
-    /// parameters and the run would train nothing.
+    /// Allows optimizer steps in which some or all of an optimizer's parameters
+    /// got no gradient (for a module that deliberately trains some parameters only
+    /// on some steps, such as a mixture of experts). Default `false`: such a step
+    /// is [`crate::Error::MissingGradients`] (some) or [`crate::Error::NoGradients`]
+    /// (all), because it usually means the loss does not reach those parameters
+    /// and they would silently never train.
     pub fn allow_steps_without_gradients(mut self, on: bool) -> Self {
         self.cfg.allow_steps_without_gradients = on;
         self

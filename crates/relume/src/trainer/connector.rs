@@ -531,6 +531,8 @@ fn restore_unguarded(
     {
         let fix = if key.starts_with("schedulers.") && longer {
             "the run is being trained longer and its schedule depends on its length: let the schedule follow with `TrainerBuilder::extend_schedules(true)`, or keep the old max_epochs/max_steps"
+        } else if key == "frozen" || key.starts_with("frozen.") {
+            "the set of frozen parameters changed: freeze the same ones as the run that wrote the checkpoint (`ParamStore::freeze`), or start a new run from its weights (`ParamStore::load_weights`)"
         } else {
             "restore the setting, or allow it with `TrainerBuilder::override_config` on that key"
         };

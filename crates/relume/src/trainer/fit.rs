@@ -100,6 +100,7 @@ impl Trainer {
         }
         check_ownership(&optimizers)?;
         check_in_module(&optimizers, module.params())?;
+        check_frozen(&optimizers, module.params())?;
         let optimizer_params: Vec<Vec<String>> = optimizers
             .iter()
             .map(|o| o.params().into_iter().map(|(n, _)| n).collect())
@@ -126,7 +127,13 @@ impl Trainer {
             }
             keys.push(k);
         }
-        let config = config_json(&self.cfg, train, val, &optimizers, &schedulers);
+        let mut config = config_json(&self.cfg, train, val, &optimizers, &schedulers);
+        let frozen = module.params().frozen_names();
+        if !frozen.is_empty() {
+            // Only when something is frozen, so runs without freezing keep the
+            // config block (and fingerprint) they always had.
+            config["frozen"] = serde_json::json!(frozen);
+        }
         let mut run = FitRun {
             cfg: &self.cfg,
             callbacks: &mut self.callbacks,
@@ -205,6 +212,31 @@ fn check_in_module(
                 optimizer: i,
                 kind: o.kind().to_string(),
                 params: foreign,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Errors when a freeze rule covers nothing or an optimizer holds a frozen
+/// parameter (it would get optimizer state, and weight decay would move it).
+fn check_frozen(
+    optimizers: &[Box<dyn Optimizer>],
+    params: &crate::params::ParamStore,
+) -> Result<()> {
+    params.check_freeze_rules()?;
+    for (i, o) in optimizers.iter().enumerate() {
+        let frozen: Vec<String> = o
+            .params()
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| params.is_frozen(name))
+            .collect();
+        if !frozen.is_empty() {
+            return Err(Error::FrozenInOptimizer {
+                optimizer: i,
+                kind: o.kind().to_string(),
+                params: frozen,
             });
         }
     }
@@ -594,14 +626,27 @@ where
         }
         if !self.cfg.allow_steps_without_gradients {
             for (i, names) in self.optimizer_params.iter().enumerate() {
-                if !names.is_empty() && names.iter().all(|n| grads.get(n).is_none()) {
+                let missing: Vec<&String> =
+                    names.iter().filter(|n| grads.get(n).is_none()).collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                let kind = self.optimizers[i].kind().to_string();
+                let step = self.state.global_step + 1;
+                if missing.len() == names.len() {
                     return Err(Error::NoGradients {
                         optimizer: i,
-                        kind: self.optimizers[i].kind().to_string(),
+                        kind,
                         n_params: names.len(),
-                        step: self.state.global_step + 1,
+                        step,
                     });
                 }
+                return Err(Error::MissingGradients {
+                    optimizer: i,
+                    kind,
+                    params: missing.into_iter().cloned().collect(),
+                    step,
+                });
             }
         }
         for o in self.optimizers.iter_mut() {
