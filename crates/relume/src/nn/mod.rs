@@ -33,11 +33,13 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::rng::Rng;
 
+mod attention;
 mod kernels;
 mod linear;
 mod loss;
 mod norm;
 
+pub use attention::{causal_attention, gelu};
 pub use linear::Linear;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, LayerNorm};
