@@ -28,8 +28,9 @@ use relume::sched::CosineAnnealingLR;
 use relume::trainer::{
     LogOpts, OptimizerConfig, ResumePolicy, SchedulerConfig, Source, StepCtx, TrainModule, Trainer,
 };
+use relume::weights::WeightsOptions;
 use relume::Result;
-use relume_ckpt::{AllowList, CheckpointDir, Stateful};
+use relume_ckpt::{CheckpointDir, Stateful};
 
 // --8<-- [start:model]
 /// A 64-32-10 MLP. Parameters live in a `ParamStore`, named `l1.weight`, ...
@@ -156,37 +157,23 @@ fn pretrain(run_dir: &Path, max_epochs: u64) -> anyhow::Result<()> {
 // --8<-- [end:fit]
 
 // --8<-- [start:weights]
-/// Copies the `model` component (the parameters) of the checkpoint `ckpt` into
-/// `module`. Verified first (sizes, BLAKE3); strict: every parameter must be
-/// present with its dtype and shape, or nothing is changed and this fails.
-fn load_weights(module: &Classifier, ckpt: &Path) -> anyhow::Result<()> {
-    let loaded = relume_ckpt::load(ckpt)?;
-    let model = loaded
-        .components
-        .get("model")
-        .context("no model component")?;
-    let mut params = module.params().clone(); // shares the module's variables
-    let report = params.load_state_dict(model)?;
-    report.check_strict(&AllowList::none())?; // names every missing/extra/mismatched key
-    Ok(())
-}
-
 /// A new run in `run_dir` that starts from the weights of `pretrained`'s latest
-/// checkpoint, with a fresh optimizer, schedule, step counter and logs.
+/// checkpoint and trains the output layer only, with a fresh optimizer, schedule,
+/// step counter and logs.
 fn finetune(pretrained: &Path, run_dir: &Path, max_epochs: u64) -> anyhow::Result<()> {
-    let ckpt = CheckpointDir::open_read_only(pretrained)?
-        .latest()?
-        .context("no checkpoint")?;
     let (mut train, val) = loaders()?;
     let total_steps = train.batches_per_epoch() as u64 * max_epochs;
     let mut module = Classifier::new(1, total_steps)?;
-    load_weights(&module, &ckpt)?;
+    // Verified first (sizes, BLAKE3); strict: every parameter present with its dtype
+    // and shape and no extra tensors, or nothing is copied and this names each one.
+    let report = module
+        .params()
+        .load_weights(pretrained, &WeightsOptions::strict())?;
+    // No gradient, no optimizer state; still saved, and a resume with another frozen
+    // set is refused.
+    module.params().freeze("l1");
     let outcome = trainer(run_dir, max_epochs)?.fit(&mut module, &mut train, Some(&val))?;
-    println!(
-        "finetune from {}: {:?}",
-        ckpt.display(),
-        outcome.summary().metrics
-    );
+    println!("finetune ({report}): {:?}", outcome.summary().metrics);
     Ok(())
 }
 // --8<-- [end:weights]
@@ -249,17 +236,21 @@ mod tests {
                 "{header}"
             );
         }
-        // The fine-tune started from the pretrained weights, not from its own seed.
+        // The fine-tune started from the pretrained weights, not from its own seed,
+        // and its frozen l1 is still exactly the pretrained one.
+        let latest = |run: &str| {
+            let dir = CheckpointDir::open_read_only(root.path().join(run)).unwrap();
+            let ckpt = dir.latest().unwrap().unwrap();
+            relume_ckpt::load(&ckpt).unwrap().components["model"].clone()
+        };
+        let (pre, fine) = (latest("pretrain"), latest("finetune"));
+        for name in ["l1.weight", "l1.bias"] {
+            assert_eq!(pre.get_tensor(name), fine.get_tensor(name), "{name}");
+        }
+        assert_ne!(pre.get_tensor("l2.weight"), fine.get_tensor("l2.weight"));
         let (train, _) = loaders().unwrap();
         let module = Classifier::new(1, train.batches_per_epoch() as u64).unwrap();
-        let pre = CheckpointDir::open_read_only(root.path().join("pretrain"))
-            .unwrap()
-            .latest()
-            .unwrap()
-            .unwrap();
-        load_weights(&module, &pre).unwrap();
-        let saved = relume_ckpt::load(&pre).unwrap().components["model"].clone();
-        assert_eq!(module.params().state_dict().unwrap(), saved);
+        assert_ne!(module.params().state_dict().unwrap(), pre);
     }
 
     /// Every ```rust block of the README's "Writing your own" section is quoted

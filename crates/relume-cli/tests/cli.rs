@@ -1313,3 +1313,60 @@ fn plot_draws_title_axis_labels_and_log_loss() {
         "{help}"
     );
 }
+
+/// A model built from candle-nn layers through relume's VarBuilder fine-tunes from a
+/// converted Lightning checkpoint: strict names, values equal to what torch read.
+#[test]
+fn a_converted_lightning_checkpoint_is_fine_tuning_weights_for_a_candle_model() {
+    use relume::weights::WeightsOptions;
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("w");
+    let src = lightning_fixture("weights_only.ckpt");
+    let o = relume([
+        "lightning".as_ref(),
+        "convert".as_ref(),
+        src.as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(lightning_fixture("weights_only.ckpt.expected.json")).unwrap(),
+    )
+    .unwrap();
+    // The torch module was nn.Sequential(Linear(16, 32), ReLU, Linear(32, 4)) as `body`,
+    // loaded here under `backbone.` with a new head the file does not have.
+    let store = relume::params::ParamStore::new(candle_core::Device::Cpu);
+    let vb = store.var_builder(0);
+    candle_nn::linear(16, 32, vb.pp("backbone.body.0")).unwrap();
+    candle_nn::linear(32, 4, vb.pp("backbone.body.2")).unwrap();
+    candle_nn::linear(4, 2, vb.pp("head")).unwrap();
+    let strict = store.load_weights(&out, &WeightsOptions::strict());
+    let msg = strict.unwrap_err().to_string();
+    assert!(
+        msg.contains("backbone.body.0.weight") && msg.contains("head.weight"),
+        "{msg}"
+    );
+    let opts = WeightsOptions::strict()
+        .add_prefix("backbone.")
+        .allow_missing("head");
+    let report = store.load_weights(&out, &opts).unwrap();
+    assert_eq!(report.loaded.len(), 4);
+    assert_eq!(report.allowed_missing, ["head.bias", "head.weight"]);
+    for (name, want) in expected["state_dict"].as_object().unwrap() {
+        let want = &want["__tensor__"];
+        let got: Vec<f32> = store
+            .get(&format!("backbone.{name}"))
+            .unwrap()
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(f64::from(got[0]), want["first"].as_f64().unwrap(), "{name}");
+        let sum: f64 = got.iter().map(|x| f64::from(*x)).sum();
+        assert!(
+            (sum - want["sum"].as_f64().unwrap()).abs() < 1e-4,
+            "{name}: {sum}"
+        );
+    }
+}

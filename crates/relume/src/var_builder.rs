@@ -30,7 +30,8 @@ use crate::params::{Init, ParamStore};
 /// use relume::var_builder::init_from_candle;
 /// let shape = candle_core::Shape::from((4, 16));
 /// let init = init_from_candle(candle_nn::init::DEFAULT_KAIMING_UNIFORM, &shape);
-/// let bound = 3f32.sqrt() * 2f32.sqrt() / 4.0; // sqrt(3) * gain(relu) / sqrt(fan_in)
+/// // sqrt(3) * gain(relu) / sqrt(fan_in), computed in f64 as candle does
+/// let bound = (3f64.sqrt() * 2f64.sqrt() / 4.0) as f32;
 /// assert_eq!(init, Init::Uniform { lo: -bound, hi: bound });
 /// ```
 pub fn init_from_candle(hint: candle_nn::Init, shape: &Shape) -> Init {
