@@ -30,7 +30,7 @@ use relume::trainer::{
 };
 use relume::weights::WeightsOptions;
 use relume::Result;
-use relume_ckpt::{CheckpointDir, Stateful};
+use relume_ckpt::CheckpointDir;
 
 // --8<-- [start:model]
 /// A 64-32-10 MLP. Parameters live in a `ParamStore`, named `l1.weight`, ...
@@ -216,6 +216,7 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relume_ckpt::Stateful;
 
     #[test]
     fn runs_pretrain_finetune_and_keeps_what_it_says() {
