@@ -339,6 +339,37 @@ pub enum Error {
         /// Why the rollback failed.
         rollback: String,
     },
+    /// Ranks of a data-parallel run did not arrive at a collective operation in time.
+    #[error("rank {rank}: ranks {missing:?} did not arrive at {what} within {waited:?}; a rank died, hangs, or runs another program or config (see its own output); the step is not committed")]
+    RankTimeout {
+        /// The rank reporting.
+        rank: usize,
+        /// The ranks that did not arrive.
+        missing: Vec<usize>,
+        /// The operation (`"the checkpoint at step 12"`).
+        what: String,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// A rank's value differs from rank 0's where every rank must agree (the
+    /// configuration, the state fingerprint before a commit, a resume result).
+    #[error(
+        "rank {rank} disagrees on {what}: {detail}; run the same binary and settings on every rank"
+    )]
+    RankDisagrees {
+        /// The rank that differs.
+        rank: usize,
+        /// What was compared.
+        what: String,
+        /// The difference (the first differing setting, the two fingerprints, ...).
+        detail: String,
+    },
+    /// A rank thread of a [`crate::dist::ThreadGroup`] panicked.
+    #[error("data-parallel rank {rank} panicked (its message is above)")]
+    RankPanicked {
+        /// The rank.
+        rank: usize,
+    },
     /// A parameter is requested with another shape or dtype than the one it
     /// already has in the store (two layers under one name, or a changed model).
     #[error("parameter {name:?} already exists as {existing} but is requested as {requested}; give the layers distinct names (vb.pp(...)) or build the model with the shapes it was saved with")]

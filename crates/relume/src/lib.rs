@@ -6,6 +6,7 @@
 
 pub mod convert;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod loggers;
 pub mod nn;

@@ -329,6 +329,10 @@ impl Stateful for Rng {
 pub struct RngStreams {
     seed: u64,
     streams: BTreeMap<String, Rng>,
+    /// In a data-parallel training micro-batch: its global index, and the streams
+    /// derived from it (not saved: they are a pure function of the index).
+    batch: Option<u64>,
+    batch_streams: BTreeMap<String, Rng>,
 }
 
 impl RngStreams {
@@ -337,7 +341,17 @@ impl RngStreams {
         RngStreams {
             seed,
             streams: BTreeMap::new(),
+            batch: None,
+            batch_streams: BTreeMap::new(),
         }
+    }
+
+    /// From now on until the next call, [`RngStreams::stream`] returns generators
+    /// derived from `(seed, name, index)` (a data-parallel micro-batch's, the same
+    /// on whichever rank computes it); `None` returns to the saved streams.
+    pub fn set_batch(&mut self, index: Option<u64>) {
+        self.batch = index;
+        self.batch_streams.clear();
     }
 
     /// Root seed.
@@ -348,6 +362,12 @@ impl RngStreams {
     /// The generator named `name`, created at position 0 on first use.
     pub fn stream(&mut self, name: &str) -> &mut Rng {
         let seed = self.seed;
+        if let Some(i) = self.batch {
+            return self
+                .batch_streams
+                .entry(name.to_string())
+                .or_insert_with(|| Rng::for_index(seed, &format!("{name}/micro-batch"), i));
+        }
         self.streams
             .entry(name.to_string())
             .or_insert_with(|| Rng::new(seed, name))

@@ -37,6 +37,82 @@ impl Grads {
         Grads::default()
     }
 
+    /// The gradients as bytes, for a data-parallel exchange: per gradient its name,
+    /// shape and f32 values (little-endian), in name order.
+    ///
+    /// # Errors
+    /// A gradient that is not f32 ([`Error::InvalidSetting`]); candle errors.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(self.grads.len() as u64).to_le_bytes());
+        for (name, g) in &self.grads {
+            if g.dtype() != candle_core::DType::F32 {
+                return Err(Error::InvalidSetting {
+                    setting: format!("gradient of {name}"),
+                    value: format!("{:?}", g.dtype()),
+                    rule:
+                        "data-parallel training exchanges f32 gradients; keep the parameters in f32"
+                            .into(),
+                });
+            }
+            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&(g.rank() as u64).to_le_bytes());
+            for d in g.dims() {
+                out.extend_from_slice(&(*d as u64).to_le_bytes());
+            }
+            let v = g.flatten_all()?.to_vec1::<f32>()?;
+            out.extend_from_slice(bytemuck::cast_slice(&v));
+        }
+        Ok(out)
+    }
+
+    /// The inverse of [`Grads::encode`], building tensors on `device`.
+    ///
+    /// # Errors
+    /// Truncated or malformed bytes ([`Error::InvalidSetting`]); candle errors.
+    pub(crate) fn decode(bytes: &[u8], device: &candle_core::Device) -> Result<Self> {
+        let bad = || Error::InvalidSetting {
+            setting: "data-parallel gradient message".into(),
+            value: format!("{} bytes", bytes.len()),
+            rule: "must be what Grads::encode wrote (same relume version on every rank)".into(),
+        };
+        let mut pos = 0usize;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            let end = pos
+                .checked_add(n)
+                .filter(|e| *e <= bytes.len())
+                .ok_or_else(bad)?;
+            let s = &bytes[pos..end];
+            pos = end;
+            Ok(s)
+        };
+        let u64_at = |b: &[u8]| -> u64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        };
+        let n = u64_at(take(8)?) as usize;
+        let mut grads = BTreeMap::new();
+        for _ in 0..n {
+            let len = u64_at(take(8)?) as usize;
+            let name = String::from_utf8(take(len)?.to_vec()).map_err(|_| bad())?;
+            let rank = u64_at(take(8)?) as usize;
+            let mut dims = Vec::with_capacity(rank);
+            for _ in 0..rank {
+                dims.push(u64_at(take(8)?) as usize);
+            }
+            let count: usize = dims.iter().product();
+            let raw = take(count.checked_mul(4).ok_or_else(bad)?)?;
+            let v: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            grads.insert(name, Tensor::from_vec(v, dims, device)?);
+        }
+        Ok(Grads { grads })
+    }
+
     /// Takes the gradient of every trainable parameter in `params` out of `store`.
     /// Parameters without a gradient (unused in the forward pass) and frozen ones
     /// ([`ParamStore::freeze`]) are skipped.

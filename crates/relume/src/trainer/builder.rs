@@ -90,6 +90,8 @@ pub struct TrainerConfig {
     /// When a resume raises `max_epochs`/`max_steps`, let the schedulers' settings
     /// change with it (see [`TrainerBuilder::extend_schedules`]).
     pub extend_schedules: bool,
+    /// The process group of a data-parallel run (None: one process).
+    pub collective: Option<Arc<dyn crate::dist::Collective>>,
 }
 
 impl Default for TrainerConfig {
@@ -120,6 +122,7 @@ impl Default for TrainerConfig {
             checkpoint_storage: None,
             allow_steps_without_gradients: false,
             extend_schedules: false,
+            collective: None,
         }
     }
 }
@@ -354,6 +357,17 @@ impl TrainerBuilder {
         self.cfg.async_writer_priority = priority;
         self
     }
+    /// Trains data-parallel over `collective` (see [`crate::dist`]): each rank
+    /// computes `accumulate_grad_batches / world_size` of every step's
+    /// micro-batches, and every rank folds all of them in micro-batch order, so the
+    /// run is byte-identical at every world size that divides
+    /// `accumulate_grad_batches`. Rank 0 alone writes checkpoints and logs.
+    /// Synchronous checkpointing only (async saves are refused).
+    pub fn collective(mut self, collective: Arc<dyn crate::dist::Collective>) -> Self {
+        self.cfg.collective = Some(collective);
+        self
+    }
+
     /// Writes checkpoints through `storage` (e.g. a [`relume_ckpt::FaultyStorage`]
     /// in failure-injection tests). Default: the local filesystem.
     pub fn checkpoint_storage(mut self, storage: Arc<dyn relume_ckpt::Storage>) -> Self {

@@ -52,6 +52,22 @@ pub(crate) fn config_json<B: Send + 'static>(
     })
 }
 
+/// The first setting (dotted key, `a`'s value, `b`'s value) where `a` and `b`
+/// differ at all: no growth or override is excused (ranks of one run must agree).
+pub(crate) fn first_difference(a: &Value, b: &Value) -> Option<(String, String, String)> {
+    let (mut fa, mut fb) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", a, &mut fa);
+    flatten("", b, &mut fb);
+    let keys: std::collections::BTreeSet<String> = fa.keys().chain(fb.keys()).cloned().collect();
+    keys.into_iter().find_map(|k| {
+        let (x, y) = (
+            fa.get(&k).unwrap_or(&Value::Null).to_string(),
+            fb.get(&k).unwrap_or(&Value::Null).to_string(),
+        );
+        (x != y).then_some((k, x, y))
+    })
+}
+
 /// Flattens a JSON value into `dotted.key -> value` (arrays index as `key.0`).
 fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
     match v {
@@ -121,6 +137,12 @@ pub fn diff_config(
             b.get(k).unwrap_or(&Value::Null),
         );
         if s == l {
+            continue;
+        }
+        if k == "world_size" {
+            // The global batch (batch_size × accumulate_grad_batches) is compared
+            // on its own; the world size only says how it was split (`crate::dist`).
+            tracing::info!("world size changed from {s} to {l}; the global batch is unchanged");
             continue;
         }
         if overrides

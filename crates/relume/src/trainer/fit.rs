@@ -127,6 +127,9 @@ impl Trainer {
             }
             keys.push(k);
         }
+        if let Some(c) = &self.cfg.collective {
+            super::data_parallel::check_settings(&self.cfg, c.as_ref())?;
+        }
         let mut config = config_json(&self.cfg, train, val, &optimizers, &schedulers);
         let frozen = module.params().frozen_names();
         if !frozen.is_empty() {
@@ -134,6 +137,11 @@ impl Trainer {
             // config block (and fingerprint) they always had.
             config["frozen"] = serde_json::json!(frozen);
         }
+        if let Some(c) = &self.cfg.collective {
+            config["world_size"] = serde_json::json!(c.world_size());
+            super::data_parallel::agree_on_config(c.as_ref(), &config)?;
+        }
+        let root = self.cfg.collective.as_ref().is_none_or(|c| c.rank() == 0);
         let mut run = FitRun {
             cfg: &self.cfg,
             callbacks: &mut self.callbacks,
@@ -157,7 +165,7 @@ impl Trainer {
             finished_metrics: None,
             last_checkpoint: None,
             config: Arc::new(config),
-            progress: if self.cfg.enable_progress_bar {
+            progress: if self.cfg.enable_progress_bar && root {
                 ProgressBar::new(
                     ProgressConfig::new()
                         .every_n_steps(self.cfg.log_every_n_steps)
@@ -312,6 +320,12 @@ where
     M: TrainModule,
     M::Batch: Send + 'static,
 {
+    /// True on rank 0 of a data-parallel run and in a single-process one: the
+    /// process that writes checkpoints and logs.
+    pub(super) fn is_root(&self) -> bool {
+        self.cfg.collective.as_ref().is_none_or(|c| c.rank() == 0)
+    }
+
     pub(super) fn summary(&self) -> FitSummary {
         FitSummary {
             global_step: self.state.global_step,
@@ -395,7 +409,18 @@ where
         if !self.cfg.enable_checkpointing && self.cfg.resume.source().is_none() {
             return Ok(false);
         }
-        let Some(path) = self.connector.resolve(&self.cfg.resume, self.callbacks)? else {
+        let resolved = if self.is_root() {
+            self.connector.resolve(&self.cfg.resume, self.callbacks)
+        } else {
+            Ok(None)
+        };
+        let resolved = match &self.cfg.collective {
+            // Rank 0 resolves (and holds the writer lock); every rank resumes from
+            // its choice.
+            Some(c) => super::data_parallel::broadcast_choice(c.as_ref(), resolved)?,
+            None => resolved?,
+        };
+        let Some(path) = resolved else {
             return Ok(false);
         };
         if self.past_the_end(&path)? {
@@ -405,6 +430,8 @@ where
         let config = self.config.clone();
         let cfg = self.cfg;
         let restored = self.with_live(train, |live, module| {
+            // (In a data-parallel run every rank restores and verifies; the ranks
+            // agree on the outcome below.)
             let live_user = module.on_save_checkpoint()?;
             let module_cell = std::cell::RefCell::new(module);
             restore(
@@ -416,7 +443,11 @@ where
                 &mut |sd| module_cell.borrow_mut().on_load_checkpoint(sd),
                 &|| module_cell.borrow().on_save_checkpoint(),
             )
-        })?;
+        });
+        let restored = match &self.cfg.collective {
+            Some(c) => super::data_parallel::agree_on(c.as_ref(), "the resume", restored)?,
+            None => restored?,
+        };
         self.resumed_from = Some(restored.path.clone());
         tracing::info!(
             "resumed from {} at step {} (epoch {}, batch {}) in {:.1} ms: restored {}; fingerprint verified",
@@ -479,8 +510,10 @@ where
                     }
                 }
             }
-            for l in self.loggers.iter_mut() {
-                l.log_hyperparams(&self.config)?;
+            if self.is_root() {
+                for l in self.loggers.iter_mut() {
+                    l.log_hyperparams(&self.config)?;
+                }
             }
         }
         hook!(self, |cb, ctx| cb.on_fit_start(&mut ctx));
@@ -512,37 +545,47 @@ where
                 next_batch: self.state.batch_in_epoch as usize,
             });
             let mut grads: Option<Grads> = None;
+            let mut window = super::data_parallel::Window::default();
             let mut iter = train.epoch_iter()?;
             while self.state.batch_in_epoch < nb {
                 let Some(batch) = iter.next() else { break };
                 let batch = batch?;
                 hook!(self, |cb, ctx| cb.on_train_batch_start(&mut ctx));
-                let loss = {
-                    let mut ctx = StepCtx::new(
-                        Stage::Train,
-                        &mut self.rng,
-                        &mut self.state.metrics,
-                        self.state.global_step,
-                        self.state.epoch,
-                        self.state.batch_in_epoch,
-                    );
-                    self.module.training_step(batch, &mut ctx)?
-                };
-                let loss = if accum > 1 {
-                    (loss / accum as f64)?
+                if self.cfg.collective.is_some() {
+                    // Data-parallel: this rank computes only the micro-batches it
+                    // owns; all are folded in order at the window's end.
+                    self.dp_micro_batch(batch, accum, &mut window)?;
                 } else {
-                    loss
-                };
-                let g = Grads::from_backward(&loss.backward()?, self.module.params());
-                match &mut grads {
-                    Some(acc) => acc.accumulate(g)?,
-                    None => grads = Some(g),
+                    let loss = {
+                        let mut ctx = StepCtx::new(
+                            Stage::Train,
+                            &mut self.rng,
+                            &mut self.state.metrics,
+                            self.state.global_step,
+                            self.state.epoch,
+                            self.state.batch_in_epoch,
+                        );
+                        self.module.training_step(batch, &mut ctx)?
+                    };
+                    let loss = if accum > 1 {
+                        (loss / accum as f64)?
+                    } else {
+                        loss
+                    };
+                    let g = Grads::from_backward(&loss.backward()?, self.module.params());
+                    match &mut grads {
+                        Some(acc) => acc.accumulate(g)?,
+                        None => grads = Some(g),
+                    }
                 }
                 self.state.batch_in_epoch += 1;
                 self.state.accumulation_position += 1;
                 let last = self.state.batch_in_epoch >= nb;
                 let boundary = self.state.accumulation_position >= accum || last;
                 if boundary {
+                    if self.cfg.collective.is_some() {
+                        grads = self.dp_fold_window(std::mem::take(&mut window))?;
+                    }
                     self.optimizer_step(grads.take().unwrap_or_default())?;
                     let shown = self.state.metrics.prog_bar();
                     self.progress.update(
@@ -595,7 +638,9 @@ where
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
             let step = self.state.global_step;
-            log_all(self.loggers, step, self.state.epoch - 1, &epoch_metrics)?;
+            if self.is_root() {
+                log_all(self.loggers, step, self.state.epoch - 1, &epoch_metrics)?;
+            }
             self.state.logger_step = step;
             let saved_before = self.last_checkpoint.clone();
             let out = self.boundary(train, true)?;
@@ -608,8 +653,10 @@ where
         }
         hook!(self, |cb, ctx| cb.on_fit_end(&mut ctx));
         self.delete_at_fit_end()?;
-        for l in self.loggers.iter_mut() {
-            l.flush()?;
+        if self.is_root() {
+            for l in self.loggers.iter_mut() {
+                l.flush()?;
+            }
         }
         Ok(FitOutcome::Completed(self.summary()))
     }
@@ -657,7 +704,7 @@ where
         let step = self.state.global_step;
         self.step_schedulers(Interval::Step, step)?;
         let step_metrics = self.state.metrics.take_step();
-        if step % self.cfg.log_every_n_steps == 0 && !step_metrics.is_empty() {
+        if step % self.cfg.log_every_n_steps == 0 && !step_metrics.is_empty() && self.is_root() {
             log_all(self.loggers, step, self.state.epoch, &step_metrics)?;
             self.state.logger_step = step;
         }
@@ -714,7 +761,9 @@ where
         self.progress.update_validation(n);
         self.progress.finish_validation(&m);
         let step = self.state.global_step;
-        log_all(self.loggers, step, self.state.epoch, &m)?;
+        if self.is_root() {
+            log_all(self.loggers, step, self.state.epoch, &m)?;
+        }
         self.state.logger_step = step;
         hook!(self, |cb, ctx| cb.on_validation_end(&mut ctx));
         Ok(())

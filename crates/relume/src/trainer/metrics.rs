@@ -86,11 +86,65 @@ pub struct Metrics {
     step: BTreeMap<String, f64>,
     latest: BTreeMap<String, f64>,
     prog_bar: Vec<String>,
+    /// Set in a data-parallel micro-batch: `log` calls are recorded here, to be
+    /// replayed on every rank in micro-batch order.
+    record: Option<Vec<LogCall>>,
+}
+
+/// One recorded `log` call (data-parallel runs replay them in micro-batch order).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LogCall {
+    name: String,
+    /// The value's bits (exact through JSON).
+    value: u64,
+    on_step: Option<bool>,
+    on_epoch: Option<bool>,
+    prog_bar: bool,
+    batch_size: Option<usize>,
+    training: bool,
 }
 
 impl Metrics {
+    /// A store that records `log` calls instead of aggregating them.
+    pub(crate) fn recorder() -> Self {
+        Metrics {
+            record: Some(Vec::new()),
+            ..Metrics::default()
+        }
+    }
+
+    /// The calls recorded by a [`Metrics::recorder`].
+    pub(crate) fn into_calls(self) -> Vec<LogCall> {
+        self.record.unwrap_or_default()
+    }
+
+    /// Applies recorded calls, in order, as if they were logged here.
+    pub(crate) fn replay(&mut self, calls: &[LogCall]) {
+        for c in calls {
+            let opts = LogOpts {
+                on_step: c.on_step,
+                on_epoch: c.on_epoch,
+                prog_bar: c.prog_bar,
+                batch_size: c.batch_size,
+            };
+            self.log(&c.name, f64::from_bits(c.value), opts, c.training);
+        }
+    }
+
     /// Records one value. `training` picks the stage defaults.
     pub(crate) fn log(&mut self, name: &str, value: f64, opts: LogOpts, training: bool) {
+        if let Some(rec) = self.record.as_mut() {
+            rec.push(LogCall {
+                name: name.to_string(),
+                value: value.to_bits(),
+                on_step: opts.on_step,
+                on_epoch: opts.on_epoch,
+                prog_bar: opts.prog_bar,
+                batch_size: opts.batch_size,
+                training,
+            });
+            return;
+        }
         let on_step = opts.on_step.unwrap_or(training);
         let on_epoch = opts.on_epoch.unwrap_or(!training);
         let (step_name, epoch_name) = if on_step && on_epoch {
@@ -214,6 +268,7 @@ impl Metrics {
                 .map(|(k, v)| (k, f64::from_bits(v)))
                 .collect(),
             prog_bar: s.prog_bar,
+            record: None,
         }
     }
 }

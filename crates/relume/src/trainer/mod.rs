@@ -22,6 +22,7 @@ pub mod builder;
 pub mod config;
 pub mod connector;
 pub mod context;
+mod data_parallel;
 pub mod fit;
 pub mod loop_state;
 pub mod loops;

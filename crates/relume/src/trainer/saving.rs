@@ -5,6 +5,7 @@
 //! retention carried out strictly after it.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::callbacks::{HookCtx, Request, SavedCheckpoint};
@@ -33,9 +34,12 @@ where
         if let Some(a) = self.async_saves.as_ref() {
             debug_assert!(a.is_idle(), "the final boundary flushed every async save");
         }
+        let root = self.is_root();
         for r in std::mem::take(&mut self.requests) {
             if let Request::Delete { name } = r {
-                self.connector.delete(&name, None)?;
+                if root {
+                    self.connector.delete(&name, None)?;
+                }
             }
         }
         Ok(())
@@ -49,7 +53,12 @@ where
     ) -> Result<Option<FitOutcome>> {
         let saved_before = self.last_checkpoint.clone();
         // Preemption hook point: a flag set by a signal handler is read here only.
-        let interrupted = self.interrupt.iter().any(Interrupt::is_set);
+        let mut interrupted = self.interrupt.iter().any(Interrupt::is_set);
+        if let Some(c) = &self.cfg.collective {
+            // A signal on any rank stops every rank at this same boundary.
+            let what = format!("the preemption check at step {}", self.state.global_step);
+            interrupted = c.any(&what, interrupted)?;
+        }
         let stopping = self
             .requests
             .iter()
@@ -111,7 +120,9 @@ where
                     let step = self.state.global_step;
                     // At an epoch's end the loop already stands in the next epoch.
                     let epoch = self.state.epoch - u64::from(epoch_end);
-                    log_all(self.loggers, step, epoch, &metrics)?;
+                    if self.is_root() {
+                        log_all(self.loggers, step, epoch, &metrics)?;
+                    }
                     self.state.logger_step = step;
                 }
             }
@@ -128,6 +139,9 @@ where
             self.collect_async(true)?;
         }
         for name in deletes {
+            if !self.is_root() {
+                continue; // rank 0 alone touches the checkpoint directory
+            }
             let keep = self.resumed_from.clone();
             self.connector.delete(&name, keep.as_deref())?;
         }
@@ -150,8 +164,10 @@ where
                     .as_ref()
                     .map_or("<nothing>".into(), |p| p.display().to_string())
             );
-            for l in self.loggers.iter_mut() {
-                l.flush()?;
+            if self.is_root() {
+                for l in self.loggers.iter_mut() {
+                    l.flush()?;
+                }
             }
             return Ok(Some(FitOutcome::Interrupted(self.summary())));
         }
@@ -176,8 +192,10 @@ where
         saves: Vec<(String, BTreeMap<String, f64>)>,
         deletes: &mut Vec<String>,
     ) -> Result<()> {
-        for l in self.loggers.iter_mut() {
-            l.flush()?;
+        if self.is_root() {
+            for l in self.loggers.iter_mut() {
+                l.flush()?;
+            }
         }
         let view = View {
             params: self.module.params(),
@@ -195,18 +213,30 @@ where
         let components = view.components(self.module.on_save_checkpoint()?)?;
         let progress = self.state.progress_json();
         let group = boundary_group(&saves);
+        if let Some(c) = &self.cfg.collective {
+            // Every replica must hold the same state before rank 0 commits it.
+            super::data_parallel::agree_on_state(c.as_ref(), &components, self.state.global_step)?;
+        }
         for (name, extra) in saves {
             let mut metrics = self.state.metrics.latest().clone();
             metrics.extend(extra);
             metrics.retain(|_, v| v.is_finite());
-            let path = self.connector.save(
-                &name,
-                components.clone(),
-                progress.clone(),
-                (*self.config).clone(),
-                metrics.clone(),
-                group.clone(),
-            )?;
+            let saved = if self.is_root() {
+                self.connector.save(
+                    &name,
+                    components.clone(),
+                    progress.clone(),
+                    (*self.config).clone(),
+                    metrics.clone(),
+                    group.clone(),
+                )
+            } else {
+                Ok(PathBuf::new())
+            };
+            let path = match &self.cfg.collective {
+                Some(c) => super::data_parallel::broadcast_commit(c.as_ref(), &name, saved)?,
+                None => saved?,
+            };
             tracing::debug!(
                 "saved checkpoint {} at step {}",
                 path.display(),
