@@ -32,6 +32,7 @@ use candle_core::{DType, Device, Tensor, D};
 use clap::Parser;
 use relume::callbacks::{LearningRateMonitor, Mode, ModelCheckpoint};
 use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
+use relume::dist::{Collective, SingleProcess};
 use relume::loggers::{CsvLogger, TensorBoardLogger};
 use relume::nn::{cross_entropy, dropout, Linear};
 use relume::optim::{AdamConfig, AdamW};
@@ -75,7 +76,39 @@ struct Args {
     /// Seed of the initialisation, shuffling and dropout.
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
+    /// Split every batch of 32 into N micro-batches (a divisor of 32) and train
+    /// data-parallel: under `mpirun -np W` (built with `--features relume/mpi`)
+    /// each of the W ranks computes N/W of them, and the run is byte-identical to
+    /// the same command at any W that divides N, `mpirun`-less included.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    micro_batches: u64,
 }
+
+/// The process group: MPI when started by `mpirun` (with the `mpi` feature), one
+/// process otherwise; `None` for a plain single-process run.
+fn collective(args: &Args) -> Result<Option<Arc<dyn Collective>>> {
+    #[cfg(feature = "mpi")]
+    if relume::dist::launched_by_mpirun() {
+        let c = Arc::new(relume::dist::MpiCollective::init(
+            relume::dist::DEFAULT_TIMEOUT,
+        )?);
+        *MPI.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&c));
+        return Ok(Some(c));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() {
+        anyhow::bail!(
+            "started by mpirun, but built without MPI: build with `--features relume/mpi`"
+        );
+    }
+    Ok((args.micro_batches > 1).then(|| Arc::new(SingleProcess) as Arc<dyn Collective>))
+}
+
+/// The MPI group, kept to abort every rank after an error, and dropped (MPI
+/// finalised) before a normal exit.
+#[cfg(feature = "mpi")]
+static MPI: std::sync::Mutex<Option<Arc<relume::dist::MpiCollective>>> =
+    std::sync::Mutex::new(None);
 
 /// The MLP.
 struct Mlp {
@@ -187,13 +220,24 @@ fn main() {
         std::process::exit(1);
     }
     match run(args) {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => {
+            // The trainer is gone: this is the last handle, and dropping it
+            // finalises MPI (mpirun reports an exit without it as a failure).
+            #[cfg(feature = "mpi")]
+            drop(MPI.lock().unwrap_or_else(|p| p.into_inner()).take());
+            std::process::exit(code)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<relume::Error>()
                 .is_some_and(relume::Error::config_change_is_schedule)
             {
                 eprintln!("hint: to train this run longer, add --extend-schedule");
+            }
+            // Under mpirun: end every rank now rather than leave them waiting.
+            #[cfg(feature = "mpi")]
+            if let Some(c) = MPI.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                c.abort(1);
             }
             std::process::exit(1);
         }
@@ -203,6 +247,20 @@ fn main() {
 fn run(args: Args) -> Result<i32> {
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
+    let dist = collective(&args)?;
+    let root = dist.as_ref().is_none_or(|c| c.rank() == 0);
+    let world = dist.as_ref().map_or(1, |c| c.world_size());
+    if args.micro_batches == 0 || 32 % args.micro_batches != 0 {
+        anyhow::bail!(
+            "--micro-batches {}: must divide the batch of 32 (1, 2, 4, 8, 16 or 32)",
+            args.micro_batches
+        );
+    }
+    if args.fresh && world > 1 {
+        anyhow::bail!(
+            "--fresh under mpirun: clear the run once without mpirun, then start the ranks"
+        );
+    }
     if args.fresh {
         // Under the writer lock (a live run in this directory makes this an error),
         // and crash-safe: a kill leaves the old run whole or an empty one.
@@ -229,21 +287,33 @@ fn run(args: Args) -> Result<i32> {
     let mut train = DataLoader::new(
         train_set,
         TensorCollate::default(),
-        LoaderConfig::new(32).shuffle(true).seed(args.seed),
+        LoaderConfig::new(32 / args.micro_batches as usize)
+            .shuffle(true)
+            .seed(args.seed),
     )?;
     let val = DataLoader::new(val_set, TensorCollate::default(), LoaderConfig::new(256))?;
-    let steps_per_epoch = train.batches_per_epoch() as u64;
-    println!(
+    let steps_per_epoch = (train.batches_per_epoch() as u64).div_ceil(args.micro_batches);
+    if root {
+        println!(
         "digits: {n_train} train / {n_val} val examples, {steps_per_epoch} steps per epoch, {} epochs; checkpoints in {}, metrics in {}",
         args.max_epochs,
         ckpt_dir.display(),
         args.run_dir.join("logs/metrics.csv").display()
-    );
+        );
+    }
+    if world > 1 && root {
+        println!(
+            "data-parallel: {world} ranks, {} of the {} micro-batches of every step each",
+            args.micro_batches / world as u64,
+            args.micro_batches
+        );
+    }
 
     let mut module = Mlp::new(args.seed, steps_per_epoch, args.max_epochs)?;
     let logs = args.run_dir.join("logs");
-    let mut trainer = Trainer::builder()
+    let mut builder = Trainer::builder()
         .max_epochs(args.max_epochs)
+        .accumulate_grad_batches(args.micro_batches)
         .seed(args.seed)
         .default_root_dir(&args.run_dir)
         // What is kept: the 3 best epochs by val_loss and the newest one (`last`),
@@ -266,8 +336,11 @@ fn run(args: Args) -> Result<i32> {
         // one, an uninterrupted one) then end with identical logger state.
         .logger(Box::new(
             TensorBoardLogger::new(&logs).with_file_name("events.out.tfevents.digits")?,
-        ))
-        .build()?;
+        ));
+    if let Some(c) = dist {
+        builder = builder.collective(c);
+    }
+    let mut trainer = builder.build()?;
     let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;
     let s = outcome.summary();
     let acc = s.metrics.get("val_acc").copied().unwrap_or(f64::NAN);
@@ -276,6 +349,8 @@ fn run(args: Args) -> Result<i32> {
         |p| p.display().to_string(),
     );
     match &outcome {
+        FitOutcome::Interrupted(_) if !root => return Ok(PREEMPTED_EXIT_CODE),
+        _ if !root => return Ok(0),
         FitOutcome::Interrupted(_) => {
             println!(
                 "interrupted at step {}; checkpoint saved: {last}\nrun the same command to resume (exit code {PREEMPTED_EXIT_CODE})",
