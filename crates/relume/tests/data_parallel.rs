@@ -48,7 +48,7 @@ fn a_signal_on_one_rank_stops_all_and_the_resume_is_exact_at_any_world_size() {
     // (interrupted at world, after batch n on rank r) then resumed at world'.
     for (world, rank, batches, resume_world, expect) in [
         (2, 1, 6, 2, "interrupted@2"), // mid-window on rank 1: honoured at step 2
-        (2, 0, 21, 1, "interrupted@6"), // the next epoch, resumed alone
+        (2, 0, 21, 1, "interrupted@7"), // a window's last batch: honoured one step later
         (1, 0, 9, 2, "interrupted@3"), // written alone, resumed by two ranks
     ] {
         let dir = tempfile::tempdir().unwrap();

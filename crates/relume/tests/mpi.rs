@@ -141,7 +141,7 @@ fn two_mpi_ranks_match_one_process_and_resume_across_world_sizes() {
             c.path(),
         ),
     );
-    assert_eq!(ran.outcomes, both("interrupted@6"), "{}", ran.all);
+    assert_eq!(ran.outcomes, both("interrupted@7"), "{}", ran.all);
     assert_eq!(fit_at(1, &SPEC, c.path()).unwrap(), ["completed@15"]);
     assert_same_state(r.path(), c.path());
     let d = tempfile::tempdir().unwrap();
@@ -164,7 +164,13 @@ fn sigterm_to_one_rank_saves_on_all_and_the_resume_is_exact() {
         ..SPEC
     };
     let ran = mpirun(2, &job(&spec, dir.path()));
-    assert_eq!(ran.outcomes, both("interrupted@3"), "{}", ran.all);
+    // The handler runs asynchronously: the flag is seen at the window's end (step 3)
+    // or the next one; every rank stops at the same step either way.
+    assert!(
+        ran.outcomes == both("interrupted@3") || ran.outcomes == both("interrupted@4"),
+        "{}",
+        ran.all
+    );
     let ran = mpirun(2, &job(&SPEC, dir.path()));
     assert_eq!(ran.outcomes, both("completed@15"), "{}", ran.all);
     assert_same_state(r.path(), dir.path());

@@ -61,6 +61,12 @@ pub trait Collective: Send + Sync + fmt::Debug {
     /// [`Error::RankTimeout`] naming the ranks that did not arrive in time.
     fn all_gather_bytes(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
 
+    /// Total time this rank has spent inside [`Collective::all_gather_bytes`]
+    /// (waiting for the others and moving bytes); zero where not measured.
+    fn time_in_exchanges(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// Waits until every rank has arrived.
     ///
     /// # Errors
@@ -174,6 +180,7 @@ pub struct ThreadGroup {
     world: usize,
     timeout: Duration,
     shared: Arc<Shared>,
+    spent_ns: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ThreadGroup {
@@ -193,6 +200,7 @@ impl ThreadGroup {
                 world: world_size,
                 timeout,
                 shared: Arc::clone(&shared),
+                spent_ns: Arc::default(),
             })
             .collect()
     }
@@ -208,7 +216,22 @@ impl Collective for ThreadGroup {
     fn timeout(&self) -> Duration {
         self.timeout
     }
+    fn time_in_exchanges(&self) -> Duration {
+        Duration::from_nanos(self.spent_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
     fn all_gather_bytes(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let started = Instant::now();
+        let out = self.gather(what, mine);
+        self.spent_ns.fetch_add(
+            started.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        out
+    }
+}
+
+impl ThreadGroup {
+    fn gather(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let deadline = Instant::now() + self.timeout;
         let mut g = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let generation = g.generation;

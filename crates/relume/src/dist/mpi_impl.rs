@@ -11,7 +11,7 @@
 //! program should print it and call [`MpiCollective::abort`], which ends every
 //! rank at once instead of leaving them waiting.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ pub struct MpiCollective {
     world: usize,
     timeout: Duration,
     tag: AtomicI32,
+    spent_ns: AtomicU64,
 }
 
 struct Inner {
@@ -94,10 +95,10 @@ fn decode_all(b: &[u8]) -> Option<Vec<Vec<u8>>> {
 /// does not spin a core.
 fn back_off(round: &mut u32) {
     *round += 1;
-    if *round < 200 {
+    if *round < 2_000 {
         std::thread::yield_now();
     } else {
-        std::thread::sleep(Duration::from_micros(500));
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 
@@ -135,6 +136,7 @@ impl MpiCollective {
             world: size,
             timeout,
             tag: AtomicI32::new(0),
+            spent_ns: AtomicU64::new(0),
         })
     }
 
@@ -163,7 +165,21 @@ impl Collective for MpiCollective {
         self.timeout
     }
 
+    fn time_in_exchanges(&self) -> Duration {
+        Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed))
+    }
+
     fn all_gather_bytes(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let started = Instant::now();
+        let out = self.exchange(what, mine);
+        self.spent_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl MpiCollective {
+    fn exchange(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let tag = self.next_tag();
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let world = &inner.world;

@@ -343,18 +343,27 @@ where
     /// replayed into the metrics.
     pub(super) fn dp_fold_window(&mut self, window: Window) -> Result<Option<Grads>> {
         let c = self.collective()?;
-        let mine = window.encode()?;
+        let mut mine = vec![u8::from(
+            self.interrupt
+                .iter()
+                .any(crate::trainer::builder::Interrupt::is_set),
+        )];
+        mine.extend_from_slice(&window.encode()?);
         let what = format!("the gradients of step {}", self.state.global_step + 1);
         let all = c.all_gather_bytes(&what, &mine)?;
         let mut entries: Vec<Entry> = Vec::new();
+        let mut interrupted = false;
         for (r, bytes) in all.iter().enumerate() {
-            let mut theirs = Window::decode(bytes).ok_or_else(|| Error::RankDisagrees {
+            interrupted |= bytes.first() == Some(&1);
+            let body = bytes.get(1..).unwrap_or_default();
+            let mut theirs = Window::decode(body).ok_or_else(|| Error::RankDisagrees {
                 rank: r,
                 what: what.clone(),
                 detail: "its message does not parse: another relume version?".into(),
             })?;
             entries.append(&mut theirs);
         }
+        self.dp_interrupt = Some(interrupted);
         entries.sort_by_key(|e| e.position);
         let device = self.module.params().device().clone();
         let mut acc: Option<Grads> = None;

@@ -165,6 +165,7 @@ impl Trainer {
             finished_metrics: None,
             last_checkpoint: None,
             config: Arc::new(config),
+            dp_interrupt: None,
             progress: if self.cfg.enable_progress_bar && root {
                 ProgressBar::new(
                     ProgressConfig::new()
@@ -176,7 +177,21 @@ impl Trainer {
             },
         };
         run.state.loggers = run.loggers.iter().map(|l| l.name().to_string()).collect();
-        run.run(train)
+        let started = Instant::now();
+        let out = run.run(train);
+        if let (Some(c), Ok(_)) = (&self.cfg.collective, &out) {
+            if c.world_size() > 1 {
+                let total = started.elapsed().as_secs_f64();
+                let spent = c.time_in_exchanges().as_secs_f64();
+                tracing::info!(
+                    "data-parallel: rank {} of {} spent {:.1}% of fit's {total:.2} s in exchanges with the other ranks",
+                    c.rank(),
+                    c.world_size(),
+                    100.0 * spent / total.max(1e-9)
+                );
+            }
+        }
+        out
     }
 }
 
@@ -284,6 +299,9 @@ pub(super) struct FitRun<'t, M: TrainModule> {
     pub(super) last_checkpoint: Option<PathBuf>,
     pub(super) config: Arc<Value>,
     pub(super) progress: ProgressBar,
+    /// Data-parallel: the ranks' agreed preemption flag, exchanged with the last
+    /// window's gradients (saves a round trip at the boundary that follows).
+    pub(super) dp_interrupt: Option<bool>,
 }
 
 /// Calls `hook` on every callback with a fresh [`HookCtx`].

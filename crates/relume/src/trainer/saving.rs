@@ -55,9 +55,15 @@ where
         // Preemption hook point: a flag set by a signal handler is read here only.
         let mut interrupted = self.interrupt.iter().any(Interrupt::is_set);
         if let Some(c) = &self.cfg.collective {
-            // A signal on any rank stops every rank at this same boundary.
-            let what = format!("the preemption check at step {}", self.state.global_step);
-            interrupted = c.any(&what, interrupted)?;
+            // A signal on any rank stops every rank at this same boundary (agreed
+            // with the window's gradients, or here when no window preceded).
+            interrupted = match self.dp_interrupt.take() {
+                Some(agreed) => agreed,
+                None => {
+                    let what = format!("the preemption check at step {}", self.state.global_step);
+                    c.any(&what, interrupted)?
+                }
+            };
         }
         let stopping = self
             .requests
