@@ -39,6 +39,12 @@ fn world_sizes_one_two_and_four_end_byte_identical() {
     .unwrap()
     .manifest;
     assert_eq!(m.config["world_size"], 2);
+    // Three ranks need a window that splits in three.
+    let six = Spec { accum: 6, ..SPEC };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let out = fit_at(1, &six, a.path()).unwrap();
+    assert_eq!(out, fit_at(3, &six, b.path()).unwrap()[..1]);
+    assert_same_state(a.path(), b.path());
 }
 
 #[test]

@@ -234,3 +234,17 @@ fn another_config_on_one_rank_and_a_rank_that_never_arrives_are_named() {
     );
     assert!(started.elapsed() < Duration::from_secs(120));
 }
+
+#[test]
+fn three_mpi_ranks_match_one_process() {
+    let six = Spec { accum: 6, ..SPEC };
+    let r = tempfile::tempdir().unwrap();
+    let alone = fit_at(1, &six, r.path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = job(&six, dir.path());
+    j.specs.push(six.clone());
+    let ran = mpirun(3, &j);
+    let want: Vec<String> = (0..3).map(|r| format!("rank{r}:{}", alone[0])).collect();
+    assert_eq!(ran.outcomes, want, "{}", ran.all);
+    assert_same_state(r.path(), dir.path());
+}

@@ -130,8 +130,19 @@ pub(super) fn check_settings(cfg: &TrainerConfig, c: &dyn Collective) -> Result<
 /// # Errors
 /// [`Error::RankDisagrees`], [`Error::RankTimeout`].
 pub(super) fn agree_on_config(c: &dyn Collective, config: &Value) -> Result<()> {
+    // The program too: the same relume version and the same executable bytes.
+    static PROGRAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let program = PROGRAM.get_or_init(|| match std::env::current_exe().map(std::fs::read) {
+        Ok(Ok(bytes)) => format!("crc32c {:08x}", crc32c::crc32c(&bytes)),
+        _ => "unreadable".to_string(),
+    });
+    let mut with_program = config.clone();
+    with_program["program"] = serde_json::json!({
+        "relume": env!("CARGO_PKG_VERSION"),
+        "executable": program,
+    });
     let mut text = String::new();
-    relume_ckpt::canonical_json(config, &mut text);
+    relume_ckpt::canonical_json(&with_program, &mut text);
     let mine = text.into_bytes();
     let all = c.all_gather_bytes("the configuration check at start", &mine)?;
     let parse = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap_or(Value::Null);
