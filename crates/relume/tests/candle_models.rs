@@ -11,12 +11,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, Linear};
-use relume::callbacks::{Callback, HookCtx};
 use relume::data::{DataLoader, LoaderConfig, TensorCollate, TensorDataset};
 use relume::nn::{dropout, LayerNorm};
 use relume::optim::{AdamConfig, AdamW};
@@ -29,8 +28,10 @@ use relume::trainer::{
 };
 use relume::weights::WeightsOptions;
 use relume::{Error, Result};
-use relume_ckpt::StateDict;
 use serde::{Deserialize, Serialize};
+use support::{assert_identical, describe, final_components, Interrupter};
+
+mod support;
 
 /// conv → linear → +embedding(bucket) → layer_norm → relu → dropout → linear.
 struct Net {
@@ -154,40 +155,6 @@ impl Spec {
     }
 }
 
-/// Counts batches (stateful) and raises the interrupt flag after `at` of them.
-struct Interrupter {
-    flag: Arc<AtomicBool>,
-    at: Option<u64>,
-    batches: u64,
-}
-
-impl Callback for Interrupter {
-    fn state_key(&self) -> String {
-        "interrupter".into()
-    }
-    fn state_dict(&self) -> Result<StateDict> {
-        let mut sd = StateDict::new();
-        sd.insert_json("batches", self.batches.into());
-        Ok(sd)
-    }
-    fn load_state_dict(&mut self, state: &StateDict) -> Result<relume_ckpt::RestoreReport> {
-        let mut r = relume_ckpt::RestoreReport::new();
-        r.diff_keys(["batches"], state);
-        if r.is_clean() {
-            self.batches = state.require_value("batches")?;
-            r.restored("batches");
-        }
-        Ok(r)
-    }
-    fn on_train_batch_end(&mut self, _ctx: &mut HookCtx<'_>, _boundary: bool) -> Result<()> {
-        self.batches += 1;
-        if self.at == Some(self.batches) {
-            self.flag.store(true, Ordering::SeqCst);
-        }
-        Ok(())
-    }
-}
-
 fn run(spec: &Spec, run_dir: &Path) -> Result<FitOutcome> {
     let flag = Arc::new(AtomicBool::new(false));
     let mut trainer = Trainer::builder()
@@ -197,11 +164,10 @@ fn run(spec: &Spec, run_dir: &Path) -> Result<FitOutcome> {
         .default_root_dir(run_dir)
         .enable_progress_bar(false)
         .interrupt_flag(flag.clone())
-        .callback(Box::new(Interrupter {
+        .callback(Box::new(Interrupter::after(
             flag,
-            at: spec.interrupt_after_batches,
-            batches: 0,
-        }))
+            spec.interrupt_after_batches,
+        )))
         .resume(if spec.resume {
             ResumePolicy::IfExists(Source::Last)
         } else {
@@ -213,16 +179,6 @@ fn run(spec: &Spec, run_dir: &Path) -> Result<FitOutcome> {
     let mut train = DataLoader::new(data(42, 1), TensorCollate::default(), cfg)?;
     let val = DataLoader::new(data(12, 2), TensorCollate::default(), LoaderConfig::new(12))?;
     trainer.fit(&mut module, &mut train, Some(&val))
-}
-
-fn describe(o: &FitOutcome) -> String {
-    let kind = match o {
-        FitOutcome::Completed(_) => "completed",
-        FitOutcome::Stopped { .. } => "stopped",
-        FitOutcome::Interrupted(_) => "interrupted",
-        FitOutcome::AlreadyFinished(_) => "finished",
-    };
-    format!("{kind}@{}", o.summary().global_step)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -284,21 +240,6 @@ fn values(store: &ParamStore) -> BTreeMap<String, Vec<f32>> {
             (n, x)
         })
         .collect()
-}
-
-fn latest_components(run_dir: &Path) -> BTreeMap<String, StateDict> {
-    let dir = relume_ckpt::CheckpointDir::open_read_only(run_dir).unwrap();
-    let latest = dir.latest().unwrap().expect("a final checkpoint");
-    relume_ckpt::load(&latest).unwrap().components
-}
-
-fn assert_identical(a: &Path, b: &Path) {
-    let (ca, cb) = (latest_components(a), latest_components(b));
-    assert_eq!(ca.keys().collect::<Vec<_>>(), cb.keys().collect::<Vec<_>>());
-    for (name, sd) in &ca {
-        assert!(sd == &cb[name], "component {name} differs after resume");
-    }
-    assert_eq!(relume_ckpt::fingerprint(&ca), relume_ckpt::fingerprint(&cb));
 }
 
 #[test]
@@ -392,7 +333,7 @@ fn frozen_parameters_stay_fixed_have_no_optimizer_state_and_pin_the_resume() {
     let reference = tempfile::tempdir().unwrap();
     let out = run(&spec, reference.path()).unwrap();
     assert!(matches!(out, FitOutcome::Completed(_)), "{out:?}");
-    let comps = latest_components(reference.path());
+    let comps = final_components(reference.path());
     let initial = Net::new(9, &[], false).unwrap();
     let init = initial.params.state_dict_values();
     let model = &comps["model"];
@@ -506,7 +447,7 @@ fn a_freeze_typo_or_a_frozen_parameter_in_the_optimizer_is_refused() {
 fn fine_tunes_from_a_run_directory_with_strict_accounting() {
     let pre = tempfile::tempdir().unwrap();
     run(&Spec::new(), pre.path()).unwrap();
-    let pretrained = latest_components(pre.path());
+    let pretrained = final_components(pre.path());
     // A new net (another seed): strict load of the whole run's latest model.
     let net = Net::new(100, &[], false).unwrap();
     let r = net

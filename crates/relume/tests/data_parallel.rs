@@ -7,6 +7,7 @@
 //!   impossible split are errors naming the rank and the setting.
 
 mod dp_common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;

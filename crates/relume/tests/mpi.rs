@@ -9,6 +9,7 @@
 #![cfg(feature = "mpi")]
 
 mod dp_common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

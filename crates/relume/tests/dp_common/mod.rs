@@ -4,12 +4,11 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use relume::callbacks::{Callback, HookCtx};
 use relume::data::{DataLoader, LoaderConfig, TensorCollate, TensorDataset};
 use relume::dist::{run_threads, Collective, SingleProcess};
 use relume::nn::{dropout, Linear};
@@ -21,8 +20,10 @@ use relume::trainer::{
     FitOutcome, LogOpts, OptimizerConfig, ResumePolicy, SchedulerConfig, Source, StepCtx,
     TrainModule, Trainer,
 };
-use relume::{Error, Result};
-use relume_ckpt::{RestoreReport, StateDict};
+use relume::Result;
+
+use crate::support::Interrupter;
+pub use crate::support::{assert_identical as assert_same_state, describe};
 
 pub struct Mlp {
     params: ParamStore,
@@ -79,57 +80,6 @@ pub fn data(n: usize, seed: u64) -> TensorDataset {
         ys.push(c);
     }
     TensorDataset::new(xs, 4, ys).unwrap()
-}
-
-/// Raises its rank's interrupt flag after `at` training batches (only on `rank`);
-/// fails after `fail` of them (only on that rank).
-pub struct Interrupter {
-    flag: Arc<AtomicBool>,
-    at: Option<(usize, u64)>,
-    fail: Option<(usize, u64)>,
-    signal: Option<(usize, u64, i32)>,
-    rank: usize,
-    batches: u64,
-}
-
-impl Callback for Interrupter {
-    fn state_key(&self) -> String {
-        "interrupter".into()
-    }
-    fn state_dict(&self) -> Result<StateDict> {
-        let mut sd = StateDict::new();
-        sd.insert_json("batches", self.batches.into());
-        Ok(sd)
-    }
-    fn load_state_dict(&mut self, state: &StateDict) -> Result<RestoreReport> {
-        let mut r = RestoreReport::new();
-        r.diff_keys(["batches"], state);
-        if r.is_clean() {
-            self.batches = state.require_value("batches")?;
-            r.restored("batches");
-        }
-        Ok(r)
-    }
-    fn on_train_batch_end(&mut self, _: &mut HookCtx<'_>, _: bool) -> Result<()> {
-        self.batches += 1;
-        if self.at == Some((self.rank, self.batches)) {
-            self.flag.store(true, Ordering::SeqCst);
-        }
-        if let Some((r, b, sig)) = self.signal {
-            if (r, b) == (self.rank, self.batches) {
-                // SAFETY: kill(2) on our own pid with a plain signal number.
-                unsafe { libc::kill(libc::getpid(), sig) };
-            }
-        }
-        if self.fail == Some((self.rank, self.batches)) {
-            return Err(Error::InvalidSetting {
-                setting: "test".into(),
-                value: format!("rank {} dies", self.rank),
-                rule: "never arrives".into(),
-            });
-        }
-        Ok(())
-    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -195,16 +145,6 @@ pub fn fit(spec: &Spec, dir: &Path, c: Arc<dyn Collective>) -> Result<FitOutcome
     trainer.fit(&mut module, &mut train, Some(&val))
 }
 
-pub fn describe(o: &FitOutcome) -> String {
-    let kind = match o {
-        FitOutcome::Completed(_) => "completed",
-        FitOutcome::Stopped { .. } => "stopped",
-        FitOutcome::Interrupted(_) => "interrupted",
-        FitOutcome::AlreadyFinished(_) => "finished",
-    };
-    format!("{kind}@{}", o.summary().global_step)
-}
-
 /// Runs `spec` at world size `world` in `dir`; every rank's outcome.
 pub fn fit_at(world: usize, spec: &Spec, dir: &Path) -> Result<Vec<String>> {
     if world == 1 {
@@ -214,19 +154,4 @@ pub fn fit_at(world: usize, spec: &Spec, dir: &Path) -> Result<Vec<String>> {
     run_threads(world, Duration::from_secs(60), move |g| {
         fit(&spec, &dir, Arc::new(g)).map(|o| describe(&o))
     })
-}
-
-pub fn final_components(dir: &Path) -> std::collections::BTreeMap<String, StateDict> {
-    let d = relume_ckpt::CheckpointDir::open_read_only(dir).unwrap();
-    relume_ckpt::load(d.latest().unwrap().unwrap())
-        .unwrap()
-        .components
-}
-
-pub fn assert_same_state(a: &Path, b: &Path) {
-    let (ca, cb) = (final_components(a), final_components(b));
-    assert_eq!(ca.keys().collect::<Vec<_>>(), cb.keys().collect::<Vec<_>>());
-    for (name, sd) in &ca {
-        assert!(sd == &cb[name], "component {name} differs");
-    }
 }
