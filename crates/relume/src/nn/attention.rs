@@ -7,14 +7,6 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 
-/// GELU with the tanh approximation (GPT-2's, PyTorch's `approximate="tanh"`).
-///
-/// # Errors
-/// candle errors.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu()?)
-}
-
 /// The additive causal mask of `t` positions: 0 on and below the diagonal,
 /// -inf above.
 fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -56,13 +48,27 @@ mod tests {
     fn attention_is_causal_and_backpropagates() {
         let dev = Device::Cpu;
         let q = candle_core::Var::from_tensor(
-            &Tensor::arange(0f32, 24., &dev).unwrap().reshape((1, 1, 4, 6)).unwrap().affine(0.1, 0.0).unwrap(),
+            &Tensor::arange(0f32, 24., &dev)
+                .unwrap()
+                .reshape((1, 1, 4, 6))
+                .unwrap()
+                .affine(0.1, 0.0)
+                .unwrap(),
         )
         .unwrap();
-        let v = Tensor::arange(0f32, 24., &dev).unwrap().reshape((1, 1, 4, 6)).unwrap();
+        let v = Tensor::arange(0f32, 24., &dev)
+            .unwrap()
+            .reshape((1, 1, 4, 6))
+            .unwrap();
         let y = causal_attention(q.as_tensor(), q.as_tensor(), &v).unwrap();
         // Position 0 sees only itself.
-        let first = y.narrow(2, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let first = y
+            .narrow(2, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(first, vec![0., 1., 2., 3., 4., 5.]);
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(q.as_tensor()).is_some());

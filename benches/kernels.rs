@@ -1,0 +1,2 @@
+//! Fused kernels against their composite candle fallbacks (placeholder).
+fn main() {}
