@@ -53,6 +53,7 @@ pub use norm::{layer_norm, LayerNorm};
 /// that benchmarks and downstream tests can compare against them.
 pub mod composite {
     pub use super::gelu::composite as gelu;
+    pub use super::norm::composite as layer_norm;
 }
 
 /// Inverted dropout drawing its mask from `rng`; identity when `train` is false or `p == 0`.
