@@ -34,6 +34,7 @@ use crate::error::Result;
 use crate::rng::Rng;
 
 mod attention;
+mod attention_kernel;
 mod gelu;
 mod kernels;
 mod linear;
@@ -52,6 +53,7 @@ pub use norm::{layer_norm, LayerNorm};
 /// other devices and dtypes, with the same results up to float rounding. Public so
 /// that benchmarks and downstream tests can compare against them.
 pub mod composite {
+    pub use super::attention::composite as causal_attention;
     pub use super::gelu::composite as gelu;
     pub use super::norm::composite as layer_norm;
 }
