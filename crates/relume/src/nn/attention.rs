@@ -1,19 +1,15 @@
-//! Transformer pieces: GELU and causal scaled-dot-product attention.
+//! Causal scaled-dot-product attention.
 //!
-//! Both are composites of candle ops that backpropagate (candle-nn 0.11's fused
-//! `softmax_last_dim` has no backward pass either, so it is not used here).
+//! On f32 CPU tensors it is one fused op with a hand-written backward
+//! (`attention_kernel.rs`); elsewhere a composite of candle ops that backpropagate
+//! ([`composite`]; candle-nn 0.11's fused `softmax_last_dim` has no backward pass,
+//! so it is not used).
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::Result;
+use super::attention_kernel::Attention;
 
-/// GELU with the tanh approximation (GPT-2's, PyTorch's `approximate="tanh"`).
-///
-/// # Errors
-/// candle errors.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu()?)
-}
+use crate::error::Result;
 
 /// The additive causal mask of `t` positions: 0 on and below the diagonal,
 /// -inf above.
@@ -27,6 +23,10 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 /// Causal scaled-dot-product attention: `softmax(q·kᵀ/√d + mask)·v` for `q`, `k`,
 /// `v` shaped `[batch, heads, time, head_dim]`; position `i` attends to `0..=i`.
 ///
+/// f32 CPU tensors use the fused op (non-contiguous inputs, such as the usual
+/// `[batch, time, heads, head_dim]` transposed, are copied first); other dtypes and
+/// devices use [`composite`], with the same results up to float rounding.
+///
 /// # Errors
 /// Shape mismatches; candle errors.
 ///
@@ -39,7 +39,27 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 /// # Ok::<(), relume::Error>(())
 /// ```
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let fused = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if !fused {
+        return composite(q, k, v);
+    }
+    let op = Attention {
+        save: q.track_op() || k.track_op() || v.track_op(),
+        probs: std::sync::OnceLock::new(),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// Causal attention from candle ops: the fallback of [`causal_attention`].
+///
+/// # Errors
+/// Shape mismatches; candle errors.
+pub fn composite(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (_, _, t, d) = q.dims4()?;
+    // candle's CPU matmul refuses batch strides like those of a transposed
+    // `[batch, time, heads, head_dim]`.
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
     let scores = scores.broadcast_add(&causal_mask(t, q.dtype(), q.device())?)?;
     let max = scores.max_keepdim(D::Minus1)?;
@@ -51,6 +71,71 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{assert_close, check_grads};
+    use crate::rng::Rng;
+
+    fn qkv(shape: (usize, usize, usize, usize), seed: u64) -> Vec<Tensor> {
+        let mut r = Rng::new(seed, "qkv");
+        (0..3)
+            .map(|_| r.uniform_tensor(shape, -2.0, 2.0, &Device::Cpu).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn fused_matches_composite_forward_and_all_gradients() {
+        // T below, at and across tile boundaries; several heads in parallel.
+        for shape in [(1, 1, 1, 4), (1, 2, 5, 3), (2, 3, 32, 8), (2, 2, 77, 16)] {
+            check_grads(
+                &qkv(shape, shape.2 as u64),
+                |t| causal_attention(&t[0], &t[1], &t[2]).unwrap(),
+                |t| composite(&t[0], &t[1], &t[2]).unwrap(),
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn strided_inputs_and_other_dtypes() {
+        // [B, T, H, D] transposed to [B, H, T, D], as a GPT block produces them.
+        let t = qkv((2, 40, 3, 8), 9);
+        let tr = |t: &Tensor| t.transpose(1, 2).unwrap();
+        assert!(!tr(&t[0]).is_contiguous());
+        check_grads(
+            &t,
+            |t| causal_attention(&tr(&t[0]), &tr(&t[1]), &tr(&t[2])).unwrap(),
+            |t| composite(&tr(&t[0]), &tr(&t[1]), &tr(&t[2])).unwrap(),
+            2e-5,
+        );
+        let t64: Vec<Tensor> = t.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+        let y = causal_attention(&t64[0], &t64[1], &t64[2]).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        assert_close(
+            &y.to_dtype(DType::F32).unwrap(),
+            &causal_attention(&t[0], &t[1], &t[2]).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn fused_is_deterministic_and_checks_shapes() {
+        let t = qkv((2, 4, 64, 16), 3);
+        let run = || {
+            let v = candle_core::Var::from_tensor(&t[0]).unwrap();
+            let y = causal_attention(v.as_tensor(), &t[1], &t[2]).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g = g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            g.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+        let e = causal_attention(&t[0], &t[1].narrow(2, 0, 10).unwrap(), &t[2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("k shape"), "{e}");
+    }
 
     #[test]
     fn attention_is_causal_and_backpropagates() {

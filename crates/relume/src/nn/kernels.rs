@@ -70,6 +70,31 @@ impl<'a> Mat<'a> {
 /// `dst = a · b`, or `dst += a · b` when `accumulate`; `dst` is row-major
 /// `a.rows × b.cols`.
 pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) -> Result<()> {
+    let (m, n) = (a.rows, b.cols);
+    if dst.len() != m * n {
+        bail!(
+            "relume matmul: destination holds {} values, {m}x{n} needs {}",
+            dst.len(),
+            m * n
+        );
+    }
+    let parallel = m * n * a.cols >= PARALLEL_MIN_MACS;
+    gemm_into(dst, n, a, b, accumulate, 1.0, parallel)
+}
+
+/// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`, where `dst`
+/// is the `a.rows × b.cols` block at the start of `dst` with row stride `dst_rs`.
+/// `parallel` lets `gemm` use candle's thread count; callers that already split
+/// work across threads pass false.
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
         bail!(
@@ -77,11 +102,17 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: b
             b.rows
         );
     }
-    if dst.len() != m * n {
+    let out = Mat {
+        data: dst,
+        rows: m,
+        cols: n,
+        rs: dst_rs,
+        cs: 1,
+    };
+    if n > dst_rs || !out.in_bounds() {
         bail!(
-            "relume matmul: destination holds {} values, {m}x{n} needs {}",
-            dst.len(),
-            m * n
+            "relume matmul: a {m}x{n} destination with row stride {dst_rs} does not fit in {} values",
+            dst.len()
         );
     }
     if !a.in_bounds() || !b.in_bounds() {
@@ -92,21 +123,19 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: b
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return Ok(());
     }
-    let parallelism = if m * n * k >= PARALLEL_MIN_MACS {
-        match threads() {
-            t if t > 1 => gemm::Parallelism::Rayon(t),
-            _ => gemm::Parallelism::None,
-        }
-    } else {
-        gemm::Parallelism::None
+    let parallelism = match threads() {
+        t if parallel && t > 1 => gemm::Parallelism::Rayon(t),
+        _ => gemm::Parallelism::None,
     };
-    // SAFETY: `dst` is exactly m×n row-major; both views were checked to lie inside
-    // their slices; the slices outlive the call and `dst` does not alias them (it is
-    // a unique borrow).
+    // SAFETY: the m×n block with row stride `dst_rs` (≥ n) was checked to lie inside
+    // `dst`; both views were checked to lie inside their slices; the slices outlive
+    // the call and `dst` does not alias them (it is a unique borrow).
     unsafe {
         gemm::gemm(
             m,
@@ -114,7 +143,7 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: b
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -123,7 +152,7 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: b
             b.cs as isize,
             b.rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -131,6 +160,67 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: b
         );
     }
     Ok(())
+}
+
+/// Below this many elements of work an element- or row-wise kernel runs on the
+/// calling thread: waking the pool costs more than it saves.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+/// Whether a kernel touching `elems` values should split its rows across threads.
+/// The kernels' results never depend on the answer: each row (or head) is computed
+/// by the same code on whichever thread, and nothing is reduced across threads.
+pub(crate) fn parallel(elems: usize) -> bool {
+    elems >= PARALLEL_MIN_ELEMS && threads() > 1
+}
+
+/// `f(index, chunk)` for consecutive `chunk`-sized pieces of `out`, across threads
+/// when `par`. Deterministic: each piece is written by one call, whatever the
+/// thread count.
+pub(crate) fn for_chunks<F>(out: &mut [f32], chunk: usize, par: bool, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    if par {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `e^x` in f32 within 2 ulp of `f32::exp` over the finite range, written so the
+/// compiler vectorises loops over it (no calls, no branches). Inputs below −87.3
+/// give 0 (not subnormals), above 88.37 give +inf (`f32::exp` overflows at 88.72); NaN gives NaN.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round-to-nearest by the 1.5·2^23 trick, which vectorises on plain SSE2.
+    const ROUND: f32 = 12_582_912.0;
+    let c = x.clamp(-87.336_55, 88.376_26);
+    let n = (c * LOG2E + ROUND) - ROUND;
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    // Cephes' expf polynomial for e^r on |r| ≤ ln2/2.
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let y = e * scale;
+    let y = if x > 88.376_26 { f32::INFINITY } else { y };
+    let y = if x < -87.336_55 { 0.0 } else { y };
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
 }
 
 /// The contiguous f32 values behind `layout`, or an error naming `what`.
@@ -193,6 +283,78 @@ mod tests {
                 assert!((g - (w + 1.0)).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_std() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x < 88.3 {
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max(a.to_bits().abs_diff(b.to_bits()));
+            x += 0.0137;
+        }
+        assert!(worst <= 2, "{worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gemm_into_writes_a_strided_block() {
+        let a = [1.0f32, 2.0, 3.0, 4.0];
+        let id = [1.0f32, 0.0, 0.0, 1.0];
+        let mut dst = vec![9.0f32; 6];
+        gemm_into(
+            &mut dst,
+            3,
+            Mat::row_major(&a, 2, 2),
+            Mat::row_major(&id, 2, 2),
+            false,
+            0.5,
+            false,
+        )
+        .unwrap();
+        assert_eq!(dst, vec![0.5, 1.0, 9.0, 1.5, 2.0, 9.0]);
+        assert!(gemm_into(
+            &mut dst,
+            2,
+            Mat::row_major(&a, 2, 2),
+            Mat::row_major(&id, 2, 2),
+            false,
+            1.0,
+            false
+        )
+        .is_ok());
+        assert!(
+            gemm_into(
+                &mut dst,
+                1,
+                Mat::row_major(&a, 2, 2),
+                Mat::row_major(&id, 2, 2),
+                false,
+                1.0,
+                false
+            )
+            .is_err(),
+            "stride below width"
+        );
+        assert!(
+            gemm_into(
+                &mut dst[..4],
+                3,
+                Mat::row_major(&a, 2, 2),
+                Mat::row_major(&id, 2, 2),
+                false,
+                1.0,
+                false
+            )
+            .is_err(),
+            "too short"
+        );
     }
 
     #[test]

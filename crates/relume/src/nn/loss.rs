@@ -6,7 +6,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::kernels::{dims2, f32_slice};
+use super::kernels::{dims2, f32_slice, for_chunks, parallel};
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
 
@@ -76,6 +76,9 @@ fn logits_and_targets<'a>(
     Ok((n, c, x, t))
 }
 
+/// Rows per task when the loss or its gradient is split across threads.
+const ROWS: usize = 64;
+
 /// The max and `ln Σ exp(v − max)` of one row; NaN anywhere gives NaN.
 fn row_lse(row: &[f32]) -> (f32, f32) {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -99,11 +102,18 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, x, t) = logits_and_targets(s1, l1, s2, l2)?;
-        let mut total = 0.0f64;
-        for (row, &ti) in x.chunks_exact(c.max(1)).zip(&t) {
-            let (m, lse) = row_lse(row);
-            total += f64::from(m + lse - row[ti]);
-        }
+        // Per-row losses on any thread, then one sum in row order: the same bits
+        // whatever the thread count.
+        let mut losses = vec![0.0f32; n];
+        for_chunks(&mut losses, ROWS, parallel(x.len()), |i, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let r = i * ROWS + j;
+                let row = &x[r * c..(r + 1) * c];
+                let (m, lse) = row_lse(row);
+                *o = m + lse - row[t[r]];
+            }
+        });
+        let total: f64 = losses.iter().map(|&l| f64::from(l)).sum();
         let mean = if n == 0 {
             f32::NAN
         } else {
@@ -150,14 +160,19 @@ impl CustomOp3 for CrossEntropyGrad {
             ),
         };
         let scale = g / n.max(1) as f32;
-        let mut out = Vec::with_capacity(n * c);
-        for (row, &ti) in x.chunks_exact(c.max(1)).zip(&t) {
-            let (m, lse) = row_lse(row);
-            let shift = m + lse;
-            let start = out.len();
-            out.extend(row.iter().map(|&v| (v - shift).exp() * scale));
-            out[start + ti] -= scale;
-        }
+        let mut out = vec![0.0f32; n * c];
+        for_chunks(&mut out, ROWS * c, parallel(x.len()), |i, out| {
+            for (j, o) in out.chunks_exact_mut(c.max(1)).enumerate() {
+                let r = i * ROWS + j;
+                let row = &x[r * c..(r + 1) * c];
+                let (m, lse) = row_lse(row);
+                let shift = m + lse;
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - shift).exp() * scale;
+                }
+                o[t[r]] -= scale;
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, c))))
     }
 }
@@ -198,6 +213,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn split_across_threads_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let (n, c) = (3001, 20);
+        let x = Rng::new(6, "x")
+            .uniform_tensor((n, c), -3.0, 3.0, &dev)
+            .unwrap();
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % c as u32).collect();
+        let t = Tensor::new(t, &dev).unwrap();
+        crate::nn::test_util::check_grads(
+            &[x],
+            |v| cross_entropy(&v[0], &t).unwrap(),
+            |v| candle_nn::loss::cross_entropy(&v[0], &t).unwrap(),
+            1e-5,
+        );
     }
 
     #[test]

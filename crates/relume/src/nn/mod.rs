@@ -34,15 +34,29 @@ use crate::error::Result;
 use crate::rng::Rng;
 
 mod attention;
+mod attention_kernel;
+mod gelu;
 mod kernels;
 mod linear;
 mod loss;
 mod norm;
+#[cfg(test)]
+mod test_util;
 
-pub use attention::{causal_attention, gelu};
+pub use attention::causal_attention;
+pub use gelu::gelu;
 pub use linear::Linear;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, LayerNorm};
+
+/// The composite candle-op implementations that the fused ops fall back to on
+/// other devices and dtypes, with the same results up to float rounding. Public so
+/// that benchmarks and downstream tests can compare against them.
+pub mod composite {
+    pub use super::attention::composite as causal_attention;
+    pub use super::gelu::composite as gelu;
+    pub use super::norm::composite as layer_norm;
+}
 
 /// Inverted dropout drawing its mask from `rng`; identity when `train` is false or `p == 0`.
 ///

@@ -1,0 +1,357 @@
+//! The fused causal attention op behind [`super::causal_attention`].
+//!
+//! Per (batch, head), in row tiles of [`TILE`] positions: `S = q·kᵀ/√d` only for
+//! the columns a tile can see (the masked upper triangle is skipped, apart from
+//! the diagonal tile), a causal softmax in place, then `P·v`. The probabilities are
+//! kept in the op for the backward pass, which computes
+//! `dS = P ⊙ (dP − rowsum(dP ⊙ P))/√d` from `dP = dO·vᵀ`, then `dq = dS·k`,
+//! `dk = dSᵀ·q` and `dv = Pᵀ·dO`, again skipping the masked triangle.
+//!
+//! Heads run in parallel, each on one thread with single-threaded products, so
+//! every value is computed in the same order whatever the thread count.
+
+use std::sync::OnceLock;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+
+use super::kernels::{exp, f32_slice, gemm_into, parallel, Mat};
+
+/// Query positions per tile.
+const TILE: usize = 32;
+
+/// The forward op: `(q, k, v)`, each `[B, H, T, D]` → `[B, H, T, D]`.
+pub(super) struct Attention {
+    /// Keep the probabilities for a backward pass (false when nothing needs a
+    /// gradient).
+    pub save: bool,
+    /// The probabilities `[B·H, T, T]`, zero above the diagonal.
+    pub probs: OnceLock<Vec<f32>>,
+}
+
+/// `(heads, T, D)` after checking that `q`, `k` and `v` share one rank-4 shape.
+fn check(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let &[b, h, t, d] = l1.dims() else {
+        bail!(
+            "causal_attention: q must be [batch, heads, time, head_dim], got {:?}",
+            l1.dims()
+        );
+    };
+    for (l, what) in [(l2, "k"), (l3, "v")] {
+        if l.dims() != l1.dims() {
+            bail!(
+                "causal_attention: {what} shape {:?}, q shape {:?}",
+                l.dims(),
+                l1.dims()
+            );
+        }
+    }
+    Ok((b * h, t, d))
+}
+
+/// Runs `f(head, a, b, c)` over matching `size`-sized chunks of three buffers.
+fn for_heads<F>(a: &mut [f32], b: &mut [f32], c: &mut [f32], size: usize, par: bool, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let size = size.max(1);
+    if par {
+        a.par_chunks_mut(size)
+            .zip(b.par_chunks_mut(size))
+            .zip(c.par_chunks_mut(size))
+            .enumerate()
+            .for_each(|(i, ((a, b), c))| f(i, a, b, c));
+    } else {
+        a.chunks_mut(size)
+            .zip(b.chunks_mut(size))
+            .zip(c.chunks_mut(size))
+            .enumerate()
+            .for_each(|(i, ((a, b), c))| f(i, a, b, c));
+    }
+}
+
+/// Rows `r0..r0 + rows` of a `[_, cols]` row-major matrix (`cols` wide).
+fn rows_of(data: &[f32], r0: usize, rows: usize, cols: usize, stride: usize) -> Mat<'_> {
+    Mat {
+        data: &data[r0 * stride..],
+        rows,
+        cols,
+        rs: stride,
+        cs: 1,
+    }
+}
+
+/// One head's forward pass. `p` is `T×T` zeros, `o` is `T×D`.
+fn head_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    p: &mut [f32],
+    o: &mut [f32],
+    t: usize,
+    d: usize,
+) -> candle_core::Result<()> {
+    let scale = 1.0 / (d as f32).sqrt();
+    for r0 in (0..t).step_by(TILE) {
+        let r1 = (r0 + TILE).min(t);
+        let rows = r1 - r0;
+        // S[r0..r1, 0..r1]: the columns beyond r1 are masked for the whole tile.
+        gemm_into(
+            &mut p[r0 * t..],
+            t,
+            rows_of(q, r0, rows, d, d),
+            rows_of(k, 0, r1, d, d).t(),
+            false,
+            scale,
+            false,
+        )?;
+        for i in r0..r1 {
+            let row = &mut p[i * t..i * t + r1];
+            let (seen, masked) = row.split_at_mut(i + 1);
+            masked.fill(0.0);
+            let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in seen.iter_mut() {
+                *s = exp(*s - m);
+                sum += *s;
+            }
+            for s in seen.iter_mut() {
+                *s /= sum;
+            }
+        }
+        gemm_into(
+            &mut o[r0 * d..],
+            d,
+            rows_of(p, r0, rows, r1, t),
+            rows_of(v, 0, r1, d, d),
+            false,
+            1.0,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "relume-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (heads, t, d) = check(l1, l2, l3)?;
+        let q = f32_slice(s1, l1, "causal_attention q")?;
+        let k = f32_slice(s2, l2, "causal_attention k")?;
+        let v = f32_slice(s3, l3, "causal_attention v")?;
+        let mut out = vec![0.0f32; heads * t * d];
+        let mut probs = vec![0.0f32; heads * t * t];
+        let (td, tt) = (t * d, t * t);
+        let failed = std::sync::Mutex::new(None);
+        let par = heads > 1 && parallel(heads * tt * d);
+        {
+            use rayon::prelude::*;
+            let body = |(h, (o, p)): (usize, (&mut [f32], &mut [f32]))| {
+                let r = h * td..(h + 1) * td;
+                if let Err(e) = head_forward(&q[r.clone()], &k[r.clone()], &v[r], p, o, t, d) {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+            };
+            if par {
+                out.par_chunks_mut(td.max(1))
+                    .zip(probs.par_chunks_mut(tt.max(1)))
+                    .enumerate()
+                    .for_each(body);
+            } else {
+                out.chunks_mut(td.max(1))
+                    .zip(probs.chunks_mut(tt.max(1)))
+                    .enumerate()
+                    .for_each(body);
+            }
+        }
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        if self.save {
+            // The op runs forward once; a second run would compute the same values.
+            let _ = self.probs.set(probs);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(probs) = self.probs.get() else {
+            bail!("causal_attention: backward through an attention run without gradients");
+        };
+        let grad = grad.contiguous()?;
+        let (guard, layout) = grad.storage_and_layout();
+        let Storage::Cpu(s) = &*guard else {
+            bail!("causal_attention: output gradient is not on the CPU");
+        };
+        let g = f32_slice(s, layout, "causal_attention output gradient")?;
+        if layout.dims() != q.dims() {
+            bail!(
+                "causal_attention: output gradient shape {:?}, q shape {:?}",
+                layout.dims(),
+                q.dims()
+            );
+        }
+        let all = q.apply_op3_no_bwd(k, v, &AttentionGrad { probs, grad: g })?;
+        drop(guard);
+        let n = q.elem_count();
+        let part = |i: usize, t: &Tensor| {
+            t.track_op()
+                .then(|| all.narrow(0, i * n, n)?.reshape(q.shape()))
+                .transpose()
+        };
+        Ok((part(0, q)?, part(1, k)?, part(2, v)?))
+    }
+}
+
+/// The backward op: `(q, k, v)` with the saved probabilities and the output
+/// gradient → `dq`, `dk` and `dv`, flattened and concatenated.
+struct AttentionGrad<'a> {
+    probs: &'a [f32],
+    grad: &'a [f32],
+}
+
+/// One head's backward pass into `dq`, `dk`, `dv` (each `T×D`).
+fn head_backward(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    p: &[f32],
+    g: &[f32],
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    t: usize,
+    d: usize,
+) -> candle_core::Result<()> {
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut ds = vec![0.0f32; t * t];
+    for r0 in (0..t).step_by(TILE) {
+        let r1 = (r0 + TILE).min(t);
+        let rows = r1 - r0;
+        // dP[r0..r1, 0..r1] = dO · vᵀ
+        gemm_into(
+            &mut ds[r0 * t..],
+            t,
+            rows_of(g, r0, rows, d, d),
+            rows_of(v, 0, r1, d, d).t(),
+            false,
+            1.0,
+            false,
+        )?;
+        for i in r0..r1 {
+            let pr = &p[i * t..i * t + i + 1];
+            let row = &mut ds[i * t..i * t + r1];
+            let (seen, masked) = row.split_at_mut(i + 1);
+            masked.fill(0.0);
+            let dot: f32 = pr.iter().zip(seen.iter()).map(|(a, b)| a * b).sum();
+            for (s, &pv) in seen.iter_mut().zip(pr) {
+                *s = pv * (*s - dot) * scale;
+            }
+        }
+        gemm_into(
+            &mut dq[r0 * d..],
+            d,
+            rows_of(&ds, r0, rows, r1, t),
+            rows_of(k, 0, r1, d, d),
+            false,
+            1.0,
+            false,
+        )?;
+    }
+    for c0 in (0..t).step_by(TILE) {
+        let c1 = (c0 + TILE).min(t);
+        // Rows before c0 cannot see columns c0..c1.
+        let below = Mat {
+            data: &ds[c0 * t + c0..],
+            rows: t - c0,
+            cols: c1 - c0,
+            rs: t,
+            cs: 1,
+        };
+        gemm_into(
+            &mut dk[c0 * d..],
+            d,
+            below.t(),
+            rows_of(q, c0, t - c0, d, d),
+            false,
+            1.0,
+            false,
+        )?;
+        let below = Mat {
+            data: &p[c0 * t + c0..],
+            ..below
+        };
+        gemm_into(
+            &mut dv[c0 * d..],
+            d,
+            below.t(),
+            rows_of(g, c0, t - c0, d, d),
+            false,
+            1.0,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+impl CustomOp3 for AttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "relume-causal-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (heads, t, d) = check(l1, l2, l3)?;
+        let q = f32_slice(s1, l1, "causal_attention q")?;
+        let k = f32_slice(s2, l2, "causal_attention k")?;
+        let v = f32_slice(s3, l3, "causal_attention v")?;
+        let (td, tt, n) = (t * d, t * t, heads * t * d);
+        if self.probs.len() != heads * tt || self.grad.len() != n {
+            bail!("causal_attention backward: saved state does not match the inputs");
+        }
+        let mut out = vec![0.0f32; 3 * n];
+        let (dq, rest) = out.split_at_mut(n);
+        let (dk, dv) = rest.split_at_mut(n);
+        let failed = std::sync::Mutex::new(None);
+        let par = heads > 1 && parallel(heads * tt * d);
+        for_heads(dq, dk, dv, td, par, |h, dq, dk, dv| {
+            let r = h * td..(h + 1) * td;
+            let res = head_backward(
+                (&q[r.clone()], &k[r.clone()], &v[r.clone()]),
+                &self.probs[h * tt..(h + 1) * tt],
+                &self.grad[r],
+                (dq, dk, dv),
+                t,
+                d,
+            );
+            if let Err(e) = res {
+                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(3 * n)))
+    }
+}
