@@ -60,7 +60,7 @@ struct Args {
     #[arg(long)]
     fresh: bool,
     /// Optimizer steps to train (raise it, with --extend-schedule, to continue a finished run).
-    #[arg(long, value_name = "N", default_value_t = 1500)]
+    #[arg(long, value_name = "N", default_value_t = 400)]
     max_steps: u64,
     /// Let the learning-rate schedule follow a larger --max-steps from where it stands.
     #[arg(long)]
@@ -108,10 +108,10 @@ struct Args {
     #[arg(long, value_name = "LR", default_value_t = 3e-3)]
     lr: f64,
     /// A checkpoint every N optimizer steps.
-    #[arg(long, value_name = "N", default_value_t = 250)]
+    #[arg(long, value_name = "N", default_value_t = 100)]
     checkpoint_every: u64,
     /// Validate (on --val-batches batches) every N optimizer steps.
-    #[arg(long, value_name = "N", default_value_t = 250)]
+    #[arg(long, value_name = "N", default_value_t = 100)]
     val_every: u64,
     /// Validation batches per periodic validation (0: the whole split).
     #[arg(long, value_name = "N", default_value_t = 16)]
