@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Optimizer as _, VarBuilder, VarMap};
-use gpt_model::{Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
+use gpt_model::{linear, Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
 use relume::data::LoaderConfig;
 
 const BLOCK: usize = 64;
@@ -127,19 +127,6 @@ impl Norm {
     }
 }
 
-fn lin(inp: usize, out: usize, std: f64, vb: VarBuilder) -> candle_core::Result<candle_nn::Linear> {
-    let w = vb.get_with_hints(
-        (out, inp),
-        "weight",
-        candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        },
-    )?;
-    let b = vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(w, Some(b)))
-}
-
 struct CandleBlock {
     ln1: Norm,
     qkv: candle_nn::Linear,
@@ -178,11 +165,11 @@ impl CandleGpt {
                 let vb = vb.pp(format!("h.{i}"));
                 Ok(CandleBlock {
                     ln1: Norm::new(d, vb.pp("ln1"))?,
-                    qkv: lin(d, 3 * d, 0.02, vb.pp("attn.qkv"))?,
-                    proj: lin(d, d, resid, vb.pp("attn.proj"))?,
+                    qkv: linear(d, 3 * d, 0.02, vb.pp("attn.qkv"))?,
+                    proj: linear(d, d, resid, vb.pp("attn.proj"))?,
                     ln2: Norm::new(d, vb.pp("ln2"))?,
-                    fc: lin(d, 4 * d, 0.02, vb.pp("mlp.fc"))?,
-                    out: lin(4 * d, d, resid, vb.pp("mlp.proj"))?,
+                    fc: linear(d, 4 * d, 0.02, vb.pp("mlp.fc"))?,
+                    out: linear(4 * d, d, resid, vb.pp("mlp.proj"))?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;

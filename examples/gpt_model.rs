@@ -240,7 +240,7 @@ pub struct GptConfig {
 
 /// A `Linear` of candle-nn whose weight is drawn N(0, std²) and bias zero, both
 /// from the VarBuilder (GPT-2's initialisation, not candle-nn's kaiming default).
-fn linear(inp: usize, out: usize, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
+pub fn linear(inp: usize, out: usize, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
     let w = vb.get_with_hints(
         (out, inp),
         "weight",
