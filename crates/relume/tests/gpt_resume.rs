@@ -1,0 +1,279 @@
+//! The GPT job's resume contract at a test size: the model of
+//! `examples/gpt_model.rs` with dropout on and gradient accumulation, interrupted
+//! in fresh processes mid-epoch and inside an accumulation window, resumed, ends
+//! with a final checkpoint byte-identical to an uninterrupted run's. Plus the
+//! corpus errors (missing, empty, too short) and seeded sampling.
+//!
+//! Fresh processes are this test binary re-executed with `RELUME_GPT_CHILD` set,
+//! running only the `child` test.
+
+#[path = "../../../examples/gpt_model.rs"]
+#[allow(dead_code)]
+mod gpt_model;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use gpt_model::{Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
+use relume::callbacks::{Callback, HookCtx};
+use relume::data::LoaderConfig;
+use relume::rng::Rng;
+use relume::trainer::{FitOutcome, ResumePolicy, Source};
+use relume_ckpt::{RestoreReport, StateDict};
+use serde::{Deserialize, Serialize};
+
+const BLOCK: usize = 16;
+
+/// The first 3000 bytes of the shipped corpus: 2700 train / 300 val characters,
+/// 84 windows of 17 at stride 32, 11 batches of 8 per epoch.
+fn corpus() -> Corpus {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data/kjv.txt");
+    let text = std::fs::read(&path).unwrap();
+    Corpus::from_bytes(&text[..3000], BLOCK).unwrap()
+}
+
+fn config(vocab: usize) -> GptConfig {
+    GptConfig {
+        vocab,
+        block: BLOCK,
+        d_model: 16,
+        layers: 2,
+        heads: 2,
+        dropout: 0.1,
+        tied: true,
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Spec {
+    /// Raise the interrupt flag after this many training batches in total.
+    interrupt_after_batches: Option<u64>,
+    resume: bool,
+}
+
+/// Counts batches (stateful) and raises the interrupt flag after `at` of them.
+struct Interrupter {
+    flag: Arc<AtomicBool>,
+    at: Option<u64>,
+    batches: u64,
+}
+
+impl Callback for Interrupter {
+    fn state_key(&self) -> String {
+        "interrupter".into()
+    }
+    fn state_dict(&self) -> relume::Result<StateDict> {
+        let mut sd = StateDict::new();
+        sd.insert_json("batches", self.batches.into());
+        Ok(sd)
+    }
+    fn load_state_dict(&mut self, state: &StateDict) -> relume::Result<RestoreReport> {
+        let mut r = RestoreReport::new();
+        r.diff_keys(["batches"], state);
+        if r.is_clean() {
+            self.batches = state.require_value("batches")?;
+            r.restored("batches");
+        }
+        Ok(r)
+    }
+    fn on_train_batch_end(&mut self, _: &mut HookCtx<'_>, _boundary: bool) -> relume::Result<()> {
+        self.batches += 1;
+        if self.at == Some(self.batches) {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// 14 steps of 2 micro-batches: 6 steps an epoch (after batches 2, 4, 6, 8, 10
+/// and 11), so the run ends in its third epoch; a checkpoint every 4 steps,
+/// validation on 2 batches every 5.
+fn run(spec: &Spec, run_dir: &Path) -> relume::Result<FitOutcome> {
+    let corpus = corpus();
+    let mut train = gpt_model::loader(
+        corpus.train.clone(),
+        BLOCK,
+        32,
+        LoaderConfig::new(8).shuffle(true).seed(3),
+    )?;
+    let val = gpt_model::loader(corpus.val.clone(), BLOCK, BLOCK, LoaderConfig::new(8))?;
+    let cadence = Cadence {
+        max_steps: 14,
+        accumulate: 2,
+        val_every: 5,
+        val_batches: 2,
+        checkpoint_every: 4,
+        keep: 2,
+    };
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut trainer = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), 11)
+        .default_root_dir(run_dir)
+        .enable_progress_bar(false)
+        .interrupt_flag(flag.clone())
+        .callback(Box::new(Interrupter {
+            flag,
+            at: spec.interrupt_after_batches,
+            batches: 0,
+        }))
+        .resume(if spec.resume {
+            ResumePolicy::IfExists(Source::Last)
+        } else {
+            ResumePolicy::Never
+        })
+        .build()?;
+    let mut module = GptModule {
+        model: Gpt::new(config(corpus.vocab.len()), 7)?,
+        opt: OptConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            warmup: 3,
+            total_steps: 14,
+        },
+    };
+    trainer.fit(&mut module, &mut train, Some(&val))
+}
+
+fn describe(o: &FitOutcome) -> String {
+    let kind = match o {
+        FitOutcome::Completed(_) => "completed",
+        FitOutcome::Stopped { .. } => "stopped",
+        FitOutcome::Interrupted(_) => "interrupted",
+        FitOutcome::AlreadyFinished(_) => "finished",
+    };
+    format!("{kind}@{}", o.summary().global_step)
+}
+
+/// The child-process entry point: does nothing unless re-executed by `spawn`.
+#[test]
+fn child() {
+    let Ok(arg) = std::env::var("RELUME_GPT_CHILD") else {
+        return;
+    };
+    let (spec, dir): (Spec, PathBuf) = serde_json::from_str(&arg).unwrap();
+    let out = run(&spec, &dir).unwrap();
+    println!("OUTCOME={}", describe(&out));
+}
+
+fn spawn(spec: &Spec, dir: &Path) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        .env(
+            "RELUME_GPT_CHILD",
+            serde_json::to_string(&(spec, dir)).unwrap(),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("OUTCOME=").map(|(_, o)| o.trim().to_string()))
+        .unwrap_or_else(|| panic!("no outcome in child output: {stdout}"))
+}
+
+/// The latest checkpoint of a run and its verified components.
+fn latest(run_dir: &Path) -> (PathBuf, std::collections::BTreeMap<String, StateDict>) {
+    let dir = relume_ckpt::CheckpointDir::open_read_only(run_dir).unwrap();
+    let path = dir.latest().unwrap().expect("a final checkpoint");
+    let components = relume_ckpt::load(&path).unwrap().components;
+    (path, components)
+}
+
+#[test]
+fn resumes_byte_identically_mid_epoch_and_inside_an_accumulation_window() {
+    let reference = tempfile::tempdir().unwrap();
+    let clean = Spec {
+        interrupt_after_batches: None,
+        resume: false,
+    };
+    let out = run(&clean, reference.path()).unwrap();
+    assert_eq!(describe(&out), "completed@14");
+
+    let dir = tempfile::tempdir().unwrap();
+    // After batch 5 (epoch 0, inside the window of batches 5-6): honoured at its
+    // end, step 3. After batch 16 (epoch 1's fifth, inside the window 16-17):
+    // step 9. Each in a fresh process, resuming the previous one.
+    for (at, expect) in [(5, "interrupted@3"), (16, "interrupted@9")] {
+        let spec = Spec {
+            interrupt_after_batches: Some(at),
+            resume: true,
+        };
+        assert_eq!(
+            spawn(&spec, dir.path()),
+            expect,
+            "interrupt after batch {at}"
+        );
+    }
+    let done = Spec {
+        interrupt_after_batches: None,
+        resume: true,
+    };
+    assert_eq!(spawn(&done, dir.path()), "completed@14");
+
+    let (a, ca) = latest(reference.path());
+    let (b, cb) = latest(dir.path());
+    assert_eq!(a.file_name(), b.file_name());
+    assert_eq!(ca.keys().collect::<Vec<_>>(), cb.keys().collect::<Vec<_>>());
+    for (name, sd) in &ca {
+        assert!(sd == &cb[name], "component {name} differs after resume");
+    }
+    assert_eq!(relume_ckpt::fingerprint(&ca), relume_ckpt::fingerprint(&cb));
+    for file in ["model.safetensors", "optimizer.0.safetensors", "state.json"] {
+        assert_eq!(
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+    // Dropout was on: its stream advanced and was saved.
+    let state = std::fs::read_to_string(b.join("state.json")).unwrap();
+    assert!(state.contains("dropout"), "{state}");
+}
+
+#[test]
+fn a_missing_empty_or_short_corpus_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.txt");
+    let e = format!("{:#}", Corpus::from_path(&missing, BLOCK).unwrap_err());
+    assert!(
+        e.contains("cannot read the corpus") && e.contains("nope.txt"),
+        "{e}"
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let e = format!("{:#}", Corpus::from_path(&empty, BLOCK).unwrap_err());
+    assert!(e.contains("empty.txt") && e.contains("empty"), "{e}");
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "In the beginning God created").unwrap();
+    let e = format!("{:#}", Corpus::from_path(&short, BLOCK).unwrap_err());
+    assert!(
+        e.contains("short.txt") && e.contains("validation part has 3 bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_split_is_fixed_and_sampling_is_seeded() {
+    let c = corpus();
+    assert_eq!((c.train.len(), c.val.len()), (2700, 300));
+    let text = c.decode(&c.train[..16]);
+    assert_eq!(text, "In the beginning");
+    assert!(c.val_unigram_entropy() > 2.0 && c.val_unigram_entropy() < 3.5);
+    let model = Gpt::new(config(c.vocab.len()), 1).unwrap();
+    let prompt = c.encode("And God").unwrap();
+    let draw = |seed| {
+        model
+            .generate(&prompt, 20, 0.8, &mut Rng::new(seed, "sample"))
+            .unwrap()
+    };
+    assert_eq!(draw(4), draw(4));
+    assert_ne!(draw(4), draw(5));
+    assert_eq!(draw(4).len(), prompt.len() + 20);
+    assert!(c.encode("§").is_err());
+}
