@@ -7,7 +7,8 @@
 //! the composite in the same run; it prints the median of `BENCH_ITERS` runs
 //! (default 10) after two warm-ups, and the composite/fused ratio.
 //!
-//! `cargo bench --bench kernels` (`RAYON_NUM_THREADS=1` for one thread).
+//! `cargo bench --bench kernels` (`RAYON_NUM_THREADS=1` for one thread, `BENCH_ONLY=name`
+//! for the cases whose name contains it).
 
 use std::time::Instant;
 
@@ -47,6 +48,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    // `BENCH_ONLY=gelu` runs the cases whose name contains it.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let dev = Device::Cpu;
     let mut rng = Rng::new(0, "bench");
     let mut u =
@@ -97,6 +100,14 @@ fn main() {
             Box::new(|t| composite::causal_attention(&t[0], &t[1], &t[2]).unwrap()),
         ));
     }
+    // What every row pays outside the op: the weighted sum, its backward and
+    // candle's gradient accumulation.
+    cases.push((
+        "harness only (y = x) [4096, 1024]".into(),
+        vec![u(&[4096, 1024], -1.0, 1.0)],
+        Box::new(|t| t[0].clone()),
+        Box::new(|t| t[0].clone()),
+    ));
     let targets: Vec<u32> = (0..4096u32).map(|i| (i * 37) % 100).collect();
     let targets = Tensor::new(targets, &dev).unwrap();
     let (t1, t2) = (targets.clone(), targets);
@@ -107,6 +118,9 @@ fn main() {
         Box::new(move |t| candle_nn::loss::cross_entropy(&t[0], &t2).unwrap()),
     ));
     for (name, inputs, fused, reference) in &cases {
+        if !name.contains(&only) {
+            continue;
+        }
         let f = time(inputs, fused, iters);
         let r = time(inputs, reference, iters);
         println!(

@@ -1,12 +1,16 @@
 //! Layers built on relume's parameter store and RNG, with fused CPU kernels.
 //!
-//! [`Linear`] (optionally with its ReLU) and [`cross_entropy`] are single candle
-//! custom ops with hand-written backward passes on f32 CPU tensors, and fall back to
-//! candle's composite ops elsewhere. On small models, where candle's per-op
-//! bookkeeping outweighs the arithmetic, that makes a training step several times
-//! faster (see `benches/trainer.rs`). [`dropout`] draws its mask from a relume
-//! [`Rng`] stream, so it is saved and restored with the checkpoint. [`LayerNorm`]
-//! replaces candle-nn's, whose fused forward has no backward pass.
+//! [`Linear`] (optionally with its ReLU), [`cross_entropy`], [`LayerNorm`],
+//! [`gelu`] and [`causal_attention`] are single candle custom ops with hand-written
+//! backward passes on f32 CPU tensors (non-contiguous inputs are copied first), and
+//! fall back to candle's composite ops ([`composite`]) on other dtypes and devices.
+//! Where candle's per-op bookkeeping outweighs the arithmetic, that makes a training
+//! step several times faster (see `benches/trainer.rs` and `benches/kernels.rs`).
+//! The kernels are deterministic: work is split across threads by rows or heads,
+//! and every sum is taken in a fixed order, so results do not depend on the thread
+//! count. [`dropout`] draws its mask from a relume [`Rng`] stream, so it is saved
+//! and restored with the checkpoint. [`LayerNorm`] replaces candle-nn's, whose fused
+//! forward has no backward pass.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
