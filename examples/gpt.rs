@@ -60,7 +60,7 @@ struct Args {
     #[arg(long)]
     fresh: bool,
     /// Optimizer steps to train (raise it, with --extend-schedule, to continue a finished run).
-    #[arg(long, value_name = "N", default_value_t = 400)]
+    #[arg(long, value_name = "N", default_value_t = 900)]
     max_steps: u64,
     /// Let the learning-rate schedule follow a larger --max-steps from where it stands.
     #[arg(long)]
