@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -29,7 +28,7 @@ use relume::trainer::{
 use relume::weights::WeightsOptions;
 use relume::{Error, Result};
 use serde::{Deserialize, Serialize};
-use support::{assert_identical, describe, final_components, Interrupter};
+use support::{assert_identical, describe, final_components, spawn_child, Interrupter};
 
 mod support;
 
@@ -209,21 +208,7 @@ fn child() {
 }
 
 fn spawn(job: &Job) -> String {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-        .env("RELUME_CANDLE_CHILD", serde_json::to_string(job).unwrap())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .find_map(|l| l.split_once("OUTCOME=").map(|(_, o)| o.trim().to_string()))
-        .unwrap_or_else(|| panic!("no outcome in child output: {stdout}"))
+    spawn_child("RELUME_CANDLE_CHILD", job)
 }
 
 fn values(store: &ParamStore) -> BTreeMap<String, Vec<f32>> {

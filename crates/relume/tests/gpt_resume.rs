@@ -10,19 +10,19 @@
 #[path = "../../../examples/gpt_model.rs"]
 #[allow(dead_code)]
 mod gpt_model;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use gpt_model::{Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
-use relume::callbacks::{Callback, HookCtx};
 use relume::data::LoaderConfig;
 use relume::rng::Rng;
 use relume::trainer::{FitOutcome, ResumePolicy, Source};
-use relume_ckpt::{RestoreReport, StateDict};
+use relume_ckpt::StateDict;
 use serde::{Deserialize, Serialize};
+use support::{describe, spawn_child, Interrupter};
 
 const BLOCK: usize = 16;
 
@@ -53,40 +53,6 @@ struct Spec {
     resume: bool,
 }
 
-/// Counts batches (stateful) and raises the interrupt flag after `at` of them.
-struct Interrupter {
-    flag: Arc<AtomicBool>,
-    at: Option<u64>,
-    batches: u64,
-}
-
-impl Callback for Interrupter {
-    fn state_key(&self) -> String {
-        "interrupter".into()
-    }
-    fn state_dict(&self) -> relume::Result<StateDict> {
-        let mut sd = StateDict::new();
-        sd.insert_json("batches", self.batches.into());
-        Ok(sd)
-    }
-    fn load_state_dict(&mut self, state: &StateDict) -> relume::Result<RestoreReport> {
-        let mut r = RestoreReport::new();
-        r.diff_keys(["batches"], state);
-        if r.is_clean() {
-            self.batches = state.require_value("batches")?;
-            r.restored("batches");
-        }
-        Ok(r)
-    }
-    fn on_train_batch_end(&mut self, _: &mut HookCtx<'_>, _boundary: bool) -> relume::Result<()> {
-        self.batches += 1;
-        if self.at == Some(self.batches) {
-            self.flag.store(true, Ordering::SeqCst);
-        }
-        Ok(())
-    }
-}
-
 /// 14 steps of 2 micro-batches: 6 steps an epoch (after batches 2, 4, 6, 8, 10
 /// and 11), so the run ends in its third epoch; a checkpoint every 4 steps,
 /// validation on 2 batches every 5.
@@ -112,11 +78,10 @@ fn run(spec: &Spec, run_dir: &Path) -> relume::Result<FitOutcome> {
         .default_root_dir(run_dir)
         .enable_progress_bar(false)
         .interrupt_flag(flag.clone())
-        .callback(Box::new(Interrupter {
+        .callback(Box::new(Interrupter::after(
             flag,
-            at: spec.interrupt_after_batches,
-            batches: 0,
-        }))
+            spec.interrupt_after_batches,
+        )))
         .resume(if spec.resume {
             ResumePolicy::IfExists(Source::Last)
         } else {
@@ -135,16 +100,6 @@ fn run(spec: &Spec, run_dir: &Path) -> relume::Result<FitOutcome> {
     trainer.fit(&mut module, &mut train, Some(&val))
 }
 
-fn describe(o: &FitOutcome) -> String {
-    let kind = match o {
-        FitOutcome::Completed(_) => "completed",
-        FitOutcome::Stopped { .. } => "stopped",
-        FitOutcome::Interrupted(_) => "interrupted",
-        FitOutcome::AlreadyFinished(_) => "finished",
-    };
-    format!("{kind}@{}", o.summary().global_step)
-}
-
 /// The child-process entry point: does nothing unless re-executed by `spawn`.
 #[test]
 fn child() {
@@ -157,24 +112,7 @@ fn child() {
 }
 
 fn spawn(spec: &Spec, dir: &Path) -> String {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-        .env(
-            "RELUME_GPT_CHILD",
-            serde_json::to_string(&(spec, dir)).unwrap(),
-        )
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .find_map(|l| l.split_once("OUTCOME=").map(|(_, o)| o.trim().to_string()))
-        .unwrap_or_else(|| panic!("no outcome in child output: {stdout}"))
+    spawn_child("RELUME_GPT_CHILD", &(spec, dir))
 }
 
 /// The latest checkpoint of a run and its verified components.

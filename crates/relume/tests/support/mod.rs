@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -103,4 +104,24 @@ pub fn assert_identical(a: &Path, b: &Path) {
         assert!(sd == &cb[name], "component {name} differs");
     }
     assert_eq!(relume_ckpt::fingerprint(&ca), relume_ckpt::fingerprint(&cb));
+}
+
+/// Runs this test binary again as a fresh process, running only its `child` test
+/// with `env_var` set to `payload` as JSON; returns the `OUTCOME=` it prints.
+pub fn spawn_child(env_var: &str, payload: &impl serde::Serialize) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        .env(env_var, serde_json::to_string(payload).unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("OUTCOME=").map(|(_, o)| o.trim().to_string()))
+        .unwrap_or_else(|| panic!("no outcome in child output: {stdout}"))
 }
