@@ -52,15 +52,21 @@ use relume_ckpt::CheckpointDir;
 #[derive(Parser, Debug)]
 #[command(
     name = "digits",
-    override_usage = "digits [--data FILE] [--run-dir DIR] [--fresh] [--max-epochs N [--extend-schedule]] [--seed N]"
+    override_usage = "digits [--data FILE] [--run-dir DIR|s3://BUCKET/PREFIX] [--log-dir DIR] [--fresh] [--max-epochs N [--extend-schedule]] [--seed N]"
 )]
 struct Args {
     /// The digits CSV (label first, then 64 pixels).
     #[arg(long, value_name = "FILE", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/digits.csv"))]
     data: PathBuf,
-    /// The run directory: checkpoints/ and logs/ go under it.
-    #[arg(long, value_name = "DIR", default_value = "runs/digits")]
+    /// The run directory: checkpoints/ and logs/ go under it. An `s3://bucket/prefix`
+    /// URL keeps the checkpoints in that bucket (credentials and endpoint from the
+    /// `AWS_*` variables); the logs then stay local (see --log-dir).
+    #[arg(long, value_name = "DIR|URL", default_value = "runs/digits")]
     run_dir: PathBuf,
+    /// Where metrics.csv and the TensorBoard events go [default: RUN_DIR/logs, or
+    /// runs/<last segment of the URL>/logs for an s3:// run].
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
     /// Delete the run's checkpoints first and start over.
     #[arg(long)]
     fresh: bool,
@@ -247,6 +253,18 @@ fn main() {
 fn run(args: Args) -> Result<i32> {
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
+    let logs = match &args.log_dir {
+        Some(d) => d.clone(),
+        None if relume_ckpt::is_remote(&args.run_dir) => {
+            let last = args
+                .run_dir
+                .to_str()
+                .and_then(|u| u.trim_end_matches('/').rsplit('/').next())
+                .unwrap_or("digits");
+            PathBuf::from("runs").join(last).join("logs")
+        }
+        None => args.run_dir.join("logs"),
+    };
     let dist = collective(&args)?;
     let root = dist.as_ref().is_none_or(|c| c.rank() == 0);
     let world = dist.as_ref().map_or(1, |c| c.world_size());
@@ -298,7 +316,7 @@ fn run(args: Args) -> Result<i32> {
         "digits: {n_train} train / {n_val} val examples, {steps_per_epoch} steps per epoch, {} epochs; checkpoints in {}, metrics in {}",
         args.max_epochs,
         ckpt_dir.display(),
-        args.run_dir.join("logs/metrics.csv").display()
+        logs.join("metrics.csv").display()
         );
     }
     if world > 1 && root {
@@ -310,7 +328,6 @@ fn run(args: Args) -> Result<i32> {
     }
 
     let mut module = Mlp::new(args.seed, steps_per_epoch, args.max_epochs)?;
-    let logs = args.run_dir.join("logs");
     let mut builder = Trainer::builder()
         .max_epochs(args.max_epochs)
         .accumulate_grad_batches(args.micro_batches)

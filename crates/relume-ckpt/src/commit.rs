@@ -374,8 +374,8 @@ fn write_temporary_seq(
     storage
         .create_dir_all(&tmp)
         .map_err(io_err("create directory", &tmp))?;
-    match write_contents(storage, &tmp, ckpt, commit_seq) {
-        Ok(()) => Ok(tmp),
+    match write_contents(storage, &tmp, ckpt, commit_seq, false) {
+        Ok(_) => Ok(tmp),
         Err(e) => {
             if let Err(rm) = storage.remove_dir_all(&tmp) {
                 tracing::warn!(
@@ -388,12 +388,20 @@ fn write_temporary_seq(
     }
 }
 
-fn write_contents(
+/// Writes every file of `ckpt` into `tmp`, the manifest last, and makes them durable.
+/// Returns the BLAKE3 (hex) of the manifest's bytes.
+///
+/// With `manifest_after_data`, the data files are synced (for a remote store:
+/// their uploads completed) before the manifest is written, so no store ever holds a
+/// manifest whose files are still in flight; otherwise all files are synced in one
+/// concurrent batch and the directory is fsynced after.
+pub(crate) fn write_contents(
     storage: &dyn Storage,
     tmp: &Path,
     ckpt: &Checkpoint,
     commit_seq: Option<u64>,
-) -> Result<()> {
+    manifest_after_data: bool,
+) -> Result<String> {
     let mut files = Vec::new();
     let mut unsynced = Vec::new();
     let mut components = BTreeMap::new();
@@ -457,6 +465,9 @@ fn write_contents(
         group: ckpt.group.clone(),
     };
     let bytes = manifest.to_bytes();
+    if manifest_after_data {
+        sync_all(std::mem::take(&mut unsynced))?;
+    }
     let mpath = tmp.join(MANIFEST_FILE);
     let mut f = storage
         .create_file(&mpath)
@@ -470,7 +481,7 @@ fn write_contents(
     storage
         .sync_dir(tmp)
         .map_err(io_err("fsync directory", tmp))?;
-    Ok(())
+    Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
 /// Atomically points `dir/latest` at checkpoint `name`: writes a temporary file,

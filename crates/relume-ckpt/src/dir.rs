@@ -96,6 +96,19 @@ pub struct CheckpointDir {
     lock: Option<File>,
     /// The next `commit_seq` a save records.
     next_seq: AtomicU64,
+    /// Set for an `s3://` run: every operation goes to it (see [`crate::remote`]).
+    #[cfg(feature = "s3")]
+    remote: Option<crate::remote::RemoteDir>,
+}
+
+/// Runs `$body` with the remote directory when this handle is remote.
+macro_rules! if_remote {
+    ($self:ident, |$r:ident| $body:expr) => {
+        #[cfg(feature = "s3")]
+        if let Some($r) = &$self.remote {
+            return $body;
+        }
+    };
 }
 
 /// How long [`CheckpointDir::open`] waits for a held writer lock before returning
@@ -116,6 +129,10 @@ impl CheckpointDir {
     /// [`Error::Io`] when the directory cannot be created or cleaned, or `latest`
     /// cannot be rewritten.
     pub fn open(run_dir: impl AsRef<Path>) -> Result<Self> {
+        #[cfg(feature = "s3")]
+        if crate::location::is_remote(run_dir.as_ref()) {
+            return Self::open_remote(run_dir, None, crate::remote::RemoteOptions::default());
+        }
         Self::open_with_storage(run_dir, Arc::new(LocalStorage))
     }
 
@@ -124,6 +141,12 @@ impl CheckpointDir {
     /// # Errors
     /// As [`CheckpointDir::open`].
     pub fn open_with_storage(run_dir: impl AsRef<Path>, storage: Arc<dyn Storage>) -> Result<Self> {
+        if crate::location::is_remote(run_dir.as_ref()) {
+            #[cfg(feature = "s3")]
+            return Self::open_remote(run_dir, Some(storage), crate::remote::RemoteOptions::default());
+            #[cfg(not(feature = "s3"))]
+            return Err(crate::location::not_built(run_dir.as_ref()));
+        }
         let dir = run_dir.as_ref().join(CHECKPOINTS_DIR);
         storage
             .create_dir_all(&dir)
@@ -134,6 +157,8 @@ impl CheckpointDir {
             storage,
             lock: Some(lock),
             next_seq: AtomicU64::new(0),
+            #[cfg(feature = "s3")]
+            remote: None,
         };
         for trash in me.pending_clears()? {
             tracing::info!(
@@ -177,6 +202,20 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::Io`] when `run_dir/checkpoints` is not a readable directory.
     pub fn open_read_only(run_dir: impl AsRef<Path>) -> Result<Self> {
+        if crate::location::is_remote(run_dir.as_ref()) {
+            #[cfg(feature = "s3")]
+            {
+                let r = crate::remote::RemoteDir::open(
+                    run_dir.as_ref(),
+                    None,
+                    false,
+                    crate::remote::RemoteOptions::default(),
+                )?;
+                return Ok(Self::from_remote(r));
+            }
+            #[cfg(not(feature = "s3"))]
+            return Err(crate::location::not_built(run_dir.as_ref()));
+        }
         let dir = run_dir.as_ref().join(CHECKPOINTS_DIR);
         fs::read_dir(&dir).map_err(io_err("read directory", &dir))?;
         Ok(CheckpointDir {
@@ -184,7 +223,50 @@ impl CheckpointDir {
             storage: Arc::new(LocalStorage),
             lock: None,
             next_seq: AtomicU64::new(0),
+            #[cfg(feature = "s3")]
+            remote: None,
         })
+    }
+
+    /// Opens the `s3://` run `run_dir` for writing (feature `s3`): finishes an
+    /// interrupted clear and deletes uncommitted attempts older than
+    /// `options.stale_after`. Writes go through `storage` when given (a
+    /// [`crate::FaultyStorage`] over a [`crate::remote::RemoteStorage`], for failure
+    /// tests). There is no writer lock on an object store: two writers of one run
+    /// race on the create-only commit markers, and all but one get
+    /// [`Error::RemoteAlreadyExists`].
+    ///
+    /// # Errors
+    /// [`Error::RemoteUnsupported`] for a malformed URL, [`Error::Remote`] when the
+    /// store cannot be reached (naming the URL, and whether the endpoint, the
+    /// credentials or the bucket is at fault).
+    #[cfg(feature = "s3")]
+    pub fn open_remote(
+        run_dir: impl AsRef<Path>,
+        storage: Option<Arc<dyn Storage>>,
+        options: crate::remote::RemoteOptions,
+    ) -> Result<Self> {
+        let r = crate::remote::RemoteDir::open(run_dir.as_ref(), storage, true, options)?;
+        Ok(Self::from_remote(r))
+    }
+
+    #[cfg(feature = "s3")]
+    fn from_remote(r: crate::remote::RemoteDir) -> Self {
+        CheckpointDir {
+            dir: r.path(),
+            storage: Arc::new(LocalStorage),
+            lock: None,
+            next_seq: AtomicU64::new(0),
+            remote: Some(r),
+        }
+    }
+
+    /// Whether this handle is on an object store (an `s3://` run).
+    pub fn is_remote(&self) -> bool {
+        #[cfg(feature = "s3")]
+        return self.remote.is_some();
+        #[cfg(not(feature = "s3"))]
+        false
     }
 
     /// The `checkpoints` directory.
@@ -193,6 +275,7 @@ impl CheckpointDir {
     }
 
     pub(crate) fn require_writer(&self) -> Result<()> {
+        if_remote!(self, |r| r.require_writer());
         if self.lock.is_none() {
             return Err(Error::ReadOnly {
                 path: self.dir.clone(),
@@ -207,6 +290,7 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn temporaries(&self) -> Result<Vec<PathBuf>> {
+        if_remote!(self, |r| r.temporaries());
         self.entries_starting_with(TMP_PREFIX)
     }
 
@@ -236,6 +320,7 @@ impl CheckpointDir {
     /// [`Error::AlreadyExists`], [`Error::Io`]. On error `latest` still names the
     /// previous checkpoint.
     pub fn save(&self, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
+        if_remote!(self, |r| r.save(name, ckpt));
         self.require_writer()?;
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let path = write_checkpoint_seq(self.storage.as_ref(), &self.dir, name, ckpt, Some(seq))?;
@@ -257,6 +342,7 @@ impl CheckpointDir {
     /// [`Error::ReadOnly`], or [`Error::Io`] naming the entry; a clear that fails
     /// part-way is finished by the next [`CheckpointDir::open`].
     pub fn clear(&self) -> Result<usize> {
+        if_remote!(self, |r| r.clear());
         self.require_writer()?;
         let trash = self
             .dir
@@ -278,6 +364,7 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn clear_pending(&self) -> Result<bool> {
+        if_remote!(self, |r| r.clear_pending());
         Ok(!self.pending_clears()?.is_empty())
     }
 
@@ -333,6 +420,7 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn list(&self) -> Result<Vec<CheckpointInfo>> {
+        if_remote!(self, |r| r.list());
         let mut out = Vec::new();
         if !self.pending_clears()?.is_empty() {
             tracing::info!(
@@ -389,6 +477,8 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::Io`] when it exists but cannot be read.
     pub fn latest_pointer(&self) -> Result<Option<String>> {
+        // A remote run has no pointer: `latest` is resolved from the markers.
+        if_remote!(self, |_r| Ok(None));
         self.read_pointer()
     }
 
@@ -446,6 +536,7 @@ impl CheckpointDir {
     /// # Errors
     /// [`Error::ReadOnly`], [`Error::Io`] when `latest` cannot be rewritten.
     pub fn reconcile(&self) -> Result<Option<PathBuf>> {
+        if_remote!(self, |r| r.latest());
         self.require_writer()?;
         let (pointer, newest) = self.resolve_newest()?;
         let Some(newest) = newest else {
@@ -474,6 +565,7 @@ impl CheckpointDir {
     /// committed checkpoint and none is committed; [`Error::Io`] when it cannot be
     /// read.
     pub fn latest(&self) -> Result<Option<PathBuf>> {
+        if_remote!(self, |r| r.latest());
         let (pointer, newest) = self.resolve_newest()?;
         match (pointer, newest) {
             (pointer, Some(c)) => {
@@ -508,6 +600,7 @@ impl CheckpointDir {
         if name_or_path == "latest" || name_or_path == "last" {
             return self.latest()?.ok_or_else(missing);
         }
+        if_remote!(self, |r| r.committed(name_or_path)?.map(|u| u.path()).ok_or_else(missing));
         let candidate = if check_name(name_or_path).is_ok() {
             self.dir.join(name_or_path)
         } else {
@@ -530,6 +623,7 @@ impl CheckpointDir {
     /// [`Error::ReadOnly`], [`Error::InvalidName`] (a path, not a name),
     /// [`Error::NoSuchCheckpoint`], [`Error::DeleteLatest`], [`Error::InUse`], [`Error::Io`].
     pub fn delete(&self, name: &str) -> Result<()> {
+        if_remote!(self, |r| r.delete(name));
         self.require_writer()?;
         check_name(name)?;
         let path = self.dir.join(name);
@@ -564,6 +658,34 @@ impl CheckpointDir {
             .map_err(io_err("remove", &tmp))?;
         Ok(())
     }
+}
+
+/// Whether `path` is a committed checkpoint: a local directory holding a
+/// `manifest.json`, or an `s3://` checkpoint URL whose `COMMIT` marker exists.
+///
+/// # Errors
+/// For a URL, [`Error::Remote`] when the store cannot be asked (never `false` for an
+/// unreachable store), and [`Error::RemoteUnsupported`] without the `s3` feature.
+pub fn is_committed(path: &Path) -> Result<bool> {
+    if crate::location::is_remote(path) {
+        #[cfg(feature = "s3")]
+        return crate::remote::is_committed(path);
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::location::not_built(path));
+    }
+    Ok(path.join(MANIFEST_FILE).is_file())
+}
+
+/// Whether anything exists at `path` (a committed checkpoint, or for a local path
+/// any file or directory): names already taken are not reused.
+///
+/// # Errors
+/// As [`is_committed`].
+pub fn name_taken(path: &Path) -> Result<bool> {
+    if crate::location::is_remote(path) {
+        return is_committed(path);
+    }
+    Ok(fs::symlink_metadata(path).is_ok())
 }
 
 /// How a log line describes what `latest` said.

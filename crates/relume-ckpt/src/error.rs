@@ -376,6 +376,43 @@ pub enum Error {
         /// The fingerprint of the state being saved.
         new: String,
     },
+    /// An object-store operation on an `s3://` URL failed (endpoint unreachable,
+    /// credentials refused, bucket missing, or any other error the store returned).
+    #[error("{op} {url}: {reason}; {hint}")]
+    Remote {
+        /// The URL (bucket and key) the operation was on.
+        url: String,
+        /// What was being done (`put`, `get`, `list`, ...).
+        op: &'static str,
+        /// What the store said.
+        reason: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// Another writer committed a checkpoint of the same name first: the create-only
+    /// commit marker already exists and names another attempt with other state.
+    #[error("{url}: another writer committed this checkpoint first (attempt {winner}, fingerprint {existing}; this save's state has fingerprint {new}); nothing of this save is kept. Either two writers are saving into one run (stop one of them, or give each its own run URL), or an earlier run that was not deterministic committed this name (delete the checkpoint or use another run URL)")]
+    RemoteAlreadyExists {
+        /// The checkpoint's URL.
+        url: String,
+        /// The attempt the existing marker names.
+        winner: String,
+        /// The committed checkpoint's fingerprint.
+        existing: String,
+        /// The fingerprint of the state this writer tried to commit.
+        new: String,
+    },
+    /// An `s3://` URL where it cannot be used: a command or operation that only works
+    /// on the local filesystem, or a build without the `s3` feature.
+    #[error("{url}: {what}; {hint}")]
+    RemoteUnsupported {
+        /// The URL given.
+        url: String,
+        /// What cannot be done with it.
+        what: String,
+        /// What to do instead.
+        hint: String,
+    },
     /// A deferred snapshot (see [`crate::Snapshot`]) could not be turned into a
     /// checkpoint on the writer thread; nothing was written.
     #[error("could not build the snapshot of component {component:?} for saving")]

@@ -69,10 +69,13 @@ pub mod dir;
 pub mod dtype;
 pub mod error;
 pub mod fingerprint;
+pub mod location;
 pub mod manifest;
 pub mod migrate;
 mod pages;
 pub mod read;
+#[cfg(feature = "s3")]
+pub mod remote;
 pub mod snapshot;
 pub mod state;
 pub mod stateful;
@@ -86,13 +89,15 @@ pub use async_writer::{
 pub use bytes::TensorBytes;
 pub use checkpoint::Checkpoint;
 pub use commit::{write_checkpoint, write_latest};
-pub use dir::{CheckpointDir, CheckpointInfo, LOCK_WAIT};
+pub use dir::{is_committed, name_taken, CheckpointDir, CheckpointInfo, LOCK_WAIT};
 pub use dtype::DType;
 pub use error::{Error, Mismatch, Result};
+pub use location::is_remote;
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
 pub use manifest::{ComponentEntry, FileEntry, Manifest, FORMAT_VERSION};
 pub use migrate::{migrate_dir, migrate_in_place};
-pub use read::{load, read_safetensors, verify, LoadedCheckpoint, VerifyReport};
+pub use read::{
+    load, read_checkpoint_file, read_manifest, read_safetensors, verify, LoadedCheckpoint, VerifyReport};
 pub use snapshot::{BufferPool, Snapshot};
 pub use state::{join_key, Leaf, StateDict, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, RestoreReport, Stateful};

@@ -248,11 +248,16 @@ impl Manifest {
 
     /// The training step recorded in `progress.step` or `progress.global_step`, if any.
     pub fn step(&self) -> Option<u64> {
-        self.progress
-            .get("step")
-            .or_else(|| self.progress.get("global_step"))
-            .and_then(Value::as_u64)
+        progress_step(&self.progress)
     }
+}
+
+/// The training step a progress block records (`step`, or `global_step`), if any.
+pub fn progress_step(progress: &Value) -> Option<u64> {
+    progress
+        .get("step")
+        .or_else(|| progress.get("global_step"))
+        .and_then(Value::as_u64)
 }
 
 /// Encodes a JSON object as manifest bytes: pretty JSON whose last field is

@@ -39,8 +39,9 @@ pub struct LoadedCheckpoint {
     pub manifest: Manifest,
     /// The state of every component; tensors are memory-mapped.
     pub components: BTreeMap<String, StateDict>,
-    /// Shared lock on `manifest.json`, held while the maps are alive.
-    _lock: File,
+    /// Shared lock on `manifest.json`, held while the maps are alive (none for a
+    /// remote checkpoint, whose bytes live in anonymous memory).
+    pub(crate) _lock: Option<File>,
 }
 
 /// The outcome of [`verify`]: every problem found, and how much was checked.
@@ -203,12 +204,28 @@ fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
     // SAFETY: the map is read-only; checkpoints are immutable once committed and the
     // writer never modifies a file in place (see the module docs of `commit`).
     let map = unsafe { Mmap::map(&file) }.map_err(io_err("mmap", &path))?;
+    let mut hasher = blake3::Hasher::new();
+    if map.len() as u64 == fe.bytes {
+        crate::pages::for_each_piece(&map, 0, map.len(), |p| {
+            hasher.update(p);
+        });
+    }
+    check_bytes(&path, m, idx, &map, &hasher.finalize().to_hex())?;
+    Ok(Arc::new(map))
+}
+
+/// Checks the bytes of file `m.files[idx]` (at `path`, for messages), whose BLAKE3
+/// is `got` (not looked at when the size is already wrong): [`Error::FileSize`] or
+/// [`Error::ChecksumMismatch`], naming the damaged tensor where the CRC32s tell.
+pub(crate) fn check_bytes(path: &Path, m: &Manifest, idx: usize, map: &[u8], got: &str) -> Result<()> {
+    let fe = &m.files[idx];
+    let path = path.to_path_buf();
     let component = m
         .components
         .values()
         .find(|c| c.file.as_deref() == Some(fe.path.as_str()));
     if map.len() as u64 != fe.bytes {
-        let tensor = component.and_then(|_| match parse_header(&path, &map, map.len() as u64) {
+        let tensor = component.and_then(|_| match parse_header(&path, map, map.len() as u64) {
             Err(Error::FileSize { tensor, .. }) => tensor,
             _ => None,
         });
@@ -219,14 +236,9 @@ fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
             got: map.len() as u64,
         });
     }
-    let mut hasher = blake3::Hasher::new();
-    crate::pages::for_each_piece(&map, 0, map.len(), |p| {
-        hasher.update(p);
-    });
-    let got = hasher.finalize().to_hex().to_string();
     if got != fe.blake3 {
         let tensor = component.and_then(|c| {
-            let entries = parse_header(&path, &map, map.len() as u64).ok()?;
+            let entries = parse_header(&path, map, map.len() as u64).ok()?;
             entries.into_iter().find_map(|e| {
                 let crc = crc32fast::hash(&map[e.start as usize..e.end as usize]);
                 (c.tensor_crc32.get(&e.key) != Some(&crc)).then_some(e.key)
@@ -236,10 +248,10 @@ fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
             path,
             tensor,
             expected: fe.blake3.clone(),
-            got,
+            got: got.to_string(),
         });
     }
-    Ok(Arc::new(map))
+    Ok(())
 }
 
 /// Checks every file, in parallel; results are in manifest order.
@@ -274,7 +286,7 @@ fn check_all(dir: &Path, m: &Manifest) -> Vec<Result<Arc<Mmap>>> {
 }
 
 /// Builds the components from verified maps; pushes every inconsistency to `errors`.
-fn build_components(
+pub(crate) fn build_components(
     dir: &Path,
     m: &Manifest,
     maps: &BTreeMap<String, Arc<Mmap>>,
@@ -383,8 +395,18 @@ fn build_components(
 /// [`Error::UnsafePath`], [`Error::MissingFile`], [`Error::FileSize`],
 /// [`Error::ChecksumMismatch`], [`Error::LimitExceeded`],
 /// [`Error::SafetensorsHeader`], [`Error::TensorFileLength`], [`Error::Inconsistent`].
+///
+/// An `s3://bucket/.../checkpoints/<name>` URL loads a remote checkpoint (feature
+/// `s3`): its `COMMIT` marker, then the manifest it names, then every file, streamed
+/// into anonymous memory and verified the same way.
 pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
     let dir = path.as_ref();
+    if crate::location::is_remote(dir) {
+        #[cfg(feature = "s3")]
+        return crate::remote::RemoteDir::load_url(dir);
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::location::not_built(dir));
+    }
     check_dir_not_symlink(dir)?;
     if let Some(e) = symlinks_inside(dir).into_iter().next() {
         return Err(e);
@@ -403,8 +425,53 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
         path: dir.to_path_buf(),
         manifest,
         components,
-        _lock: lock,
+        _lock: Some(lock),
     })
+}
+
+/// Reads and validates the manifest of the checkpoint at `path` (a local directory
+/// or an `s3://` checkpoint URL) without reading its data: for a listing, or a
+/// decision that needs only progress and config. [`load`] verifies the data.
+///
+/// # Errors
+/// [`Error::MissingManifest`], [`Error::ManifestChecksum`], [`Error::Symlink`], the
+/// parse errors of [`Manifest::parse`], [`Error::Remote`] for an unreachable store.
+pub fn read_manifest(path: impl AsRef<Path>) -> Result<Manifest> {
+    let dir = path.as_ref();
+    if crate::location::is_remote(dir) {
+        #[cfg(feature = "s3")]
+        return crate::remote::read_manifest_url(dir);
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::location::not_built(dir));
+    }
+    check_dir_not_symlink(dir)?;
+    let (_lock, m, _) = open_manifest(dir)?;
+    Ok(m)
+}
+
+/// The bytes of file `rel` (`manifest.json`, `state.json`, ...) of the checkpoint at
+/// `path`, local or an `s3://` URL (the file of its committed attempt), unverified:
+/// for listings that read one small file. [`load`] verifies.
+///
+/// # Errors
+/// [`Error::MissingFile`] when it does not exist, [`Error::UnsafePath`] for a `rel`
+/// that leaves the checkpoint, [`Error::Io`] / [`Error::Remote`].
+pub fn read_checkpoint_file(path: impl AsRef<Path>, rel: &str) -> Result<Vec<u8>> {
+    let dir = path.as_ref();
+    crate::manifest::check_relative_path(&dir.join(MANIFEST_FILE), rel)?;
+    if crate::location::is_remote(dir) {
+        #[cfg(feature = "s3")]
+        return crate::remote::read_file_url(dir, rel);
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::location::not_built(dir));
+    }
+    let fpath = dir.join(rel);
+    let mut f = open_nofollow(&fpath, || Error::MissingFile {
+        path: fpath.clone(),
+    })?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out).map_err(io_err("read", &fpath))?;
+    Ok(out)
 }
 
 /// Reads a standalone safetensors file (any writer's: relume's own component
@@ -449,8 +516,22 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<StateDict> {
 /// the damage lies in a tensor's bytes), then the safetensors headers and the
 /// agreement between files and manifest. A symlink is reported once, as
 /// [`Error::Symlink`], whether the scan or the opening of a listed file found it.
+///
+/// An `s3://` checkpoint URL is verified remotely (feature `s3`): every object is
+/// streamed and hashed, tensor headers are range-read, nothing is copied to disk.
 pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
     let dir = path.as_ref();
+    if crate::location::is_remote(dir) {
+        #[cfg(feature = "s3")]
+        return crate::remote::RemoteDir::verify_url(dir);
+        #[cfg(not(feature = "s3"))]
+        return VerifyReport {
+            path: dir.to_path_buf(),
+            manifest: None,
+            problems: vec![crate::location::not_built(dir)],
+            bytes_checked: 0,
+        };
+    }
     let mut report = VerifyReport {
         path: dir.to_path_buf(),
         manifest: None,

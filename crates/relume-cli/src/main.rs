@@ -68,8 +68,37 @@ enum LightningCommand {
     Convert(cmd::lightning_convert::ConvertArgs),
 }
 
+/// Refuses an `s3://` URL in a command that only works on local files (ls,
+/// inspect, verify and diff take URLs), rather than treating it as a relative path.
+fn refuse_urls(command: &Command) -> anyhow::Result<()> {
+    use cmd::local_only;
+    let copy = "copy the checkpoint to a local directory first (for example with `aws s3 cp --recursive`)";
+    match command {
+        Command::Migrate(a) => {
+            local_only("migrate", &a.ckpt, "an object store only holds checkpoints in the current format; migrate a local copy")?;
+            if let Some(out) = &a.out {
+                local_only("migrate", out, "write to a local directory")?;
+            }
+        }
+        Command::Plot(a) => {
+            local_only("plot", &a.run_dir, "the logs of an s3:// run stay local: pass the local run directory that holds logs/metrics.csv")?;
+            local_only("plot", &a.out, "write the image to a local file")?;
+        }
+        Command::Lightning(LightningCommand::Read(lightning::LightningCommand::Inspect(a))) => {
+            local_only("lightning inspect", &a.path, copy)?;
+        }
+        Command::Lightning(LightningCommand::Convert(a)) => {
+            local_only("lightning convert", &a.ckpt, copy)?;
+            local_only("lightning convert", &a.out, "convert into a local run directory, then train with the s3:// run URL")?;
+        }
+        Command::Ls(_) | Command::Inspect(_) | Command::Verify(_) | Command::Diff(_) => {}
+    }
+    Ok(())
+}
+
 /// Runs one parsed command.
 fn run(command: Command) -> anyhow::Result<Status> {
+    refuse_urls(&command)?;
     match command {
         Command::Ls(a) => cmd::ls::run(&a.validate()?),
         Command::Inspect(a) => cmd::inspect::run(&a.validate()?),

@@ -156,10 +156,12 @@ impl fmt::Display for WeightsReport {
 /// `model` component) or a run directory (its latest checkpoint's). Returns the
 /// tensors and the path they were read from.
 fn read_weights(path: &Path) -> Result<(StateDict, PathBuf)> {
-    if !path.is_dir() {
+    let remote = relume_ckpt::is_remote(path);
+    if !remote && !path.is_dir() {
         return Ok((relume_ckpt::read_safetensors(path)?, path.to_path_buf()));
     }
-    let ckpt = if path.join(relume_ckpt::manifest::MANIFEST_FILE).exists() {
+    // A remote path is a checkpoint URL (its marker) or a run URL (its latest).
+    let ckpt = if relume_ckpt::is_committed(path)? {
         path.to_path_buf()
     } else {
         CheckpointDir::open_read_only(path)?

@@ -14,7 +14,8 @@ use super::{Storage, StorageFile};
 /// default) never fails. The failure is an `io::ErrorKind::StorageFull`-style error
 /// ("injected write failure"), as a full disk would produce.
 ///
-/// [`FaultyStorage::fail_rename_to`] fails the renames onto one file name instead:
+/// [`FaultyStorage::fail_rename_to`] fails the renames onto one file name instead
+/// (and the create-only puts of that name: a remote checkpoint's `COMMIT` marker):
 /// for example `"latest"`, the instant after a checkpoint was renamed into place
 /// and before `latest` names it, which a kill or a full disk can also hit.
 /// [`FaultyStorage::abort_before_rename_to`] aborts the process there instead, as
@@ -164,5 +165,14 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.inner.remove_file(path)
+    }
+    fn put_create(&self, path: &Path, bytes: &[u8]) -> io::Result<bool> {
+        if self.budget.load(Ordering::SeqCst) == 0 {
+            return Err(injected());
+        }
+        if self.rename_faults(path) {
+            return Err(injected());
+        }
+        self.inner.put_create(path, bytes)
     }
 }

@@ -67,4 +67,25 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// The underlying I/O error.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+
+    /// Creates a file holding `bytes` only if none exists, durably; returns `false`
+    /// (and writes nothing) when it exists. The remote protocol's commit marker
+    /// (S3 `If-None-Match: *`); the default writes a new file, fsyncs it and its
+    /// directory.
+    ///
+    /// # Errors
+    /// The underlying I/O error.
+    fn put_create(&self, path: &Path, bytes: &[u8]) -> io::Result<bool> {
+        let mut f = match self.create_file(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        f.write_all(bytes)?;
+        f.sync()?;
+        if let Some(parent) = path.parent() {
+            self.sync_dir(parent)?;
+        }
+        Ok(true)
+    }
 }

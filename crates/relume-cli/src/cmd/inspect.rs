@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use relume_ckpt::manifest::MANIFEST_FILE;
 use relume_ckpt::migrate::{detect_version, read_any};
 use relume_ckpt::{CheckpointDir, StateDict, FORMAT_VERSION};
 use serde::Serialize;
@@ -102,7 +101,13 @@ pub struct Read {
 /// # Errors
 /// The library's error (damage, unsupported version, I/O).
 pub fn read(path: &Path) -> anyhow::Result<Read> {
-    let version = detect_version(path)?;
+    // An object store only ever holds the current format (it cannot be migrated in
+    // place there).
+    let version = if relume_ckpt::is_remote(path) {
+        FORMAT_VERSION
+    } else {
+        detect_version(path)?
+    };
     if version == FORMAT_VERSION {
         let l = relume_ckpt::load(path)?;
         let m = &l.manifest;
@@ -115,7 +120,7 @@ pub fn read(path: &Path) -> anyhow::Result<Read> {
             "fingerprint": m.fingerprint,
             "files": m.files.len() + 1,
             // Every file, the manifest included, as `ls` and `verify` count.
-            "bytes": m.total_bytes() + std::fs::metadata(path.join(MANIFEST_FILE)).map_or(0, |m| m.len()),
+            "bytes": m.total_bytes() + super::ls::manifest_bytes(path),
         });
         return Ok(Read {
             format_version: version,

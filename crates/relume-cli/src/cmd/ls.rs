@@ -62,6 +62,15 @@ impl LsArgs {
 /// # Errors
 /// A [`UsageError`] when neither holds.
 pub fn resolve_run_dir(path: &Path) -> anyhow::Result<PathBuf> {
+    if relume_ckpt::is_remote(path) {
+        // The store is asked when the run is opened, which names what is wrong.
+        let s = path.to_string_lossy();
+        let s = s.trim_end_matches('/');
+        let run = s
+            .strip_suffix(&format!("/{}", relume_ckpt::dir::CHECKPOINTS_DIR))
+            .unwrap_or(s);
+        return Ok(PathBuf::from(run));
+    }
     if !path.exists() {
         bail!(UsageError(format!(
             "{}: no such file or directory",
@@ -181,13 +190,23 @@ fn find_relume_best(callbacks: &serde_json::Map<String, Value>) -> Option<Best> 
 /// callback state has no best; an unreadable `state.json` is reported as a note.
 fn best_from(ckpt: &Path) -> Result<Option<Best>, String> {
     let path = ckpt.join(STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = relume_ckpt::read_checkpoint_file(ckpt, STATE_FILE)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let state: Value = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{}: not JSON ({e}); run `relume verify`", path.display()))?;
     Ok(state
         .get("callbacks")
         .and_then(Value::as_object)
         .and_then(find_best))
+}
+
+/// The size of a checkpoint's manifest (0 when it cannot be read: the row's other
+/// fields came from it a moment ago, and `verify` reports damage).
+pub(crate) fn manifest_bytes(ckpt: &Path) -> u64 {
+    if relume_ckpt::is_remote(ckpt) {
+        return relume_ckpt::read_checkpoint_file(ckpt, MANIFEST_FILE).map_or(0, |b| b.len() as u64);
+    }
+    std::fs::metadata(ckpt.join(MANIFEST_FILE)).map_or(0, |m| m.len())
 }
 
 /// One checkpoint row.
@@ -320,7 +339,13 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
     let listed: BTreeSet<&str> = infos.iter().map(|i| i.name.as_str()).collect();
-    let other = others(dir.path(), &listed)?;
+    // An object store holds no directories that are not checkpoints; uncommitted
+    // attempts are the temporaries.
+    let other = if dir.is_remote() {
+        Vec::new()
+    } else {
+        others(dir.path(), &listed)?
+    };
     problems.extend(
         other
             .iter()
@@ -332,7 +357,7 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
         .map(|i| Row {
             // As `verify` counts: every file, the manifest included. The manifest
             // was just read by `list`, so it is there to stat.
-            bytes: i.bytes + std::fs::metadata(i.path.join(MANIFEST_FILE)).map_or(0, |m| m.len()),
+            bytes: i.bytes + manifest_bytes(&i.path),
             latest: latest_name.as_deref() == Some(i.name.as_str()),
             best: best_name.as_deref() == Some(i.name.as_str()),
             epoch: i.progress.get("epoch").and_then(Value::as_u64),

@@ -84,9 +84,28 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// True when `path` is a checkpoint directory (it holds `manifest.json`).
+/// True when `path` is a checkpoint directory (it holds `manifest.json`), or an
+/// `s3://` checkpoint URL whose commit marker exists. A store that cannot be asked
+/// answers `false` here; the run-directory open that follows reports its error.
 pub fn is_checkpoint(path: &Path) -> bool {
+    if relume_ckpt::is_remote(path) {
+        return matches!(relume_ckpt::is_committed(path), Ok(true));
+    }
     path.join(MANIFEST_FILE).is_file()
+}
+
+/// Refuses an `s3://` URL for a command that works on local files only.
+///
+/// # Errors
+/// A [`UsageError`] naming the URL and what to do instead.
+pub fn local_only(command: &str, path: &Path, instead: &str) -> anyhow::Result<()> {
+    if relume_ckpt::is_remote(path) {
+        bail!(UsageError(format!(
+            "{}: `relume {command}` works on local paths only; {instead}",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that `path` is an existing checkpoint directory.
@@ -94,6 +113,15 @@ pub fn is_checkpoint(path: &Path) -> bool {
 /// # Errors
 /// A [`UsageError`] naming the path when it does not exist or is not a checkpoint.
 pub fn require_checkpoint(path: &Path) -> anyhow::Result<()> {
+    if relume_ckpt::is_remote(path) {
+        if relume_ckpt::is_committed(path)? {
+            return Ok(());
+        }
+        bail!(UsageError(format!(
+            "{}: not a committed checkpoint (no COMMIT marker); pass a URL like s3://BUCKET/RUN/checkpoints/step=000120, or the run URL",
+            path.display()
+        )));
+    }
     if !path.exists() {
         bail!(UsageError(format!(
             "{}: no such file or directory",

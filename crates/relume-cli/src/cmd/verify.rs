@@ -59,6 +59,17 @@ impl VerifyArgs {
     /// A [`UsageError`] when the path does not exist or is neither.
     pub fn validate(self) -> anyhow::Result<VerifyOpts> {
         let p = self.path;
+        if relume_ckpt::is_remote(&p) {
+            let target = if is_checkpoint(&p) {
+                Target::Checkpoint(p)
+            } else {
+                Target::RunDir(resolve_run_dir(&p)?)
+            };
+            return Ok(VerifyOpts {
+                target,
+                json: self.json,
+            });
+        }
         if !p.exists() {
             bail!(UsageError(format!(
                 "{}: no such file or directory",
@@ -231,6 +242,15 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
         ));
         problems.push(no_checkpoint(dir.path()));
         return Ok((Vec::new(), problems, notes));
+    }
+    if dir.is_remote() {
+        // Exactly the committed checkpoints: an attempt without a marker is a
+        // temporary (noted above).
+        let paths: Vec<PathBuf> = dir.list()?.into_iter().map(|c| c.path).collect();
+        if paths.is_empty() {
+            problems.push(no_checkpoint(dir.path()));
+        }
+        return Ok((paths.iter().map(|p| check(p)).collect(), problems, notes));
     }
     let entries = std::fs::read_dir(dir.path())
         .with_context(|| format!("read directory {}", dir.path().display()))?;

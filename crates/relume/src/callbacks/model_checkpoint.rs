@@ -270,16 +270,16 @@ impl ModelCheckpoint {
         let base = format_name(&self.filename, ctx.progress, ctx.metrics)?;
         let ckdir = ctx.run_dir.join(relume_ckpt::dir::CHECKPOINTS_DIR);
         let tracked_before = self.tracked();
-        let unique = |base: &str| {
+        let unique = |base: &str| -> Result<String> {
             let mut name = base.to_string();
             let mut v = 1;
-            while tracked_before.contains(&name) || ckdir.join(&name).exists() {
+            while tracked_before.contains(&name) || relume_ckpt::name_taken(&ckdir.join(&name))? {
                 name = format!("{base}-v{v}");
                 v += 1;
             }
-            name
+            Ok(name)
         };
-        let name = unique(&base);
+        let name = unique(&base)?;
         let plan = plan_top_k(&self.best_k, &name, score, self.save_top_k, mode);
         let mut saved = false;
         if plan.save {
@@ -291,7 +291,7 @@ impl ModelCheckpoint {
             let last = if plan.save {
                 name
             } else {
-                let n = unique(&format!("last-{base}"));
+                let n = unique(&format!("last-{base}"))?;
                 ctx.save_checkpoint(n.clone(), BTreeMap::new());
                 saved = true;
                 n
@@ -463,7 +463,7 @@ impl Callback for ModelCheckpoint {
         // requested are due; a killed run may not have carried them out.
         let ckdir = ctx.run_dir.join(relume_ckpt::dir::CHECKPOINTS_DIR);
         for n in self.pending_deletes.clone() {
-            if !self.tracked().contains(&n) && ckdir.join(&n).join("manifest.json").is_file() {
+            if !self.tracked().contains(&n) && relume_ckpt::is_committed(&ckdir.join(&n))? {
                 tracing::info!("ModelCheckpoint: deleting {n}, evicted before the restart");
                 ctx.delete_checkpoint(n);
             }
@@ -502,7 +502,7 @@ impl Callback for ModelCheckpoint {
         }
         for n in &due {
             let wanted = tracked.contains(n) || best.as_ref() == Some(n);
-            if !wanted && is_plain_name(n) && ckdir.join(n).join("manifest.json").is_file() {
+            if !wanted && is_plain_name(n) && relume_ckpt::is_committed(&ckdir.join(n))? {
                 tracing::info!("ModelCheckpoint: deleting {n}, the former resume source, now that the run completed");
                 ctx.delete_checkpoint(n.clone());
             }

@@ -305,7 +305,7 @@ impl Connector {
             return Ok(false);
         }
         if relume_ckpt::commit::check_name(name).is_ok()
-            && !dir.path().join(name).join("manifest.json").exists()
+            && !relume_ckpt::is_committed(&dir.path().join(name))?
         {
             // Already gone: a run resumed from an older checkpoint (`Source::Best`,
             // a path) tracks checkpoints that the original run deleted later.
@@ -334,7 +334,7 @@ impl Connector {
         let found = match source {
             Source::Path(p) => {
                 // A path the user typed must exist, whatever the policy.
-                if !p.join("manifest.json").is_file() {
+                if !relume_ckpt::is_committed(p)? {
                     return Err(Error::CheckpointPathMissing { path: p.clone() });
                 }
                 Some(p.clone())

@@ -364,13 +364,7 @@ where
     /// Lightning does), instead of a config error about the smaller limit.
     fn past_the_end(&mut self, path: &std::path::Path) -> Result<bool> {
         // The manifest alone (self-checksummed); the data is verified by a restore.
-        let mpath = path.join(relume_ckpt::manifest::MANIFEST_FILE);
-        let bytes = std::fs::read(&mpath).map_err(|source| relume_ckpt::Error::Io {
-            op: "read",
-            path: mpath.clone(),
-            source,
-        })?;
-        let manifest = relume_ckpt::Manifest::parse(&mpath, &bytes)?;
+        let manifest = relume_ckpt::read_manifest(path)?;
         let m = &manifest;
         let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
         let (epoch, step) = (get(&m.progress, "epoch"), get(&m.progress, "global_step"));
