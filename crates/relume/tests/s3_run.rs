@@ -1,0 +1,129 @@
+//! The Trainer with an `s3://` run directory: killed, preempted and resumed from the
+//! bucket, it ends byte-identical to a local uninterrupted run, with sync and with
+//! async saves, with ModelCheckpoint retention deleting from the bucket.
+//!
+//! The bucket is the local S3 server's that `.ci/run` starts (`RELUME_S3_TEST_BUCKET`
+//! and the `AWS_*` variables). Without it the cross-process tests are skipped with
+//! a loud message, except under CI (`CI` set), where they fail; the in-process test
+//! runs against an in-memory store always.
+#![cfg(feature = "s3")]
+
+mod cb_common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cb_common::*;
+
+#[test]
+fn child() {
+    child_main();
+}
+
+/// A fresh run URL in the test bucket, or `None` (loudly) when there is none.
+fn s3_run(tag: &str) -> Option<PathBuf> {
+    match std::env::var("RELUME_S3_TEST_BUCKET") {
+        Ok(b) if !b.is_empty() => Some(PathBuf::from(format!(
+            "s3://{b}/trainer-{tag}-{}",
+            uuid::Uuid::new_v4().simple()
+        ))),
+        _ if std::env::var_os("CI").is_some() => panic!(
+            "CI is set but RELUME_S3_TEST_BUCKET is not: run the tests through .ci/run, which starts the local S3 server"
+        ),
+        _ => {
+            eprintln!("\n*** SKIPPED: no S3 server (RELUME_S3_TEST_BUCKET unset); `eval \"$(.ci/s3-server.sh start)\"` first ***\n");
+            None
+        }
+    }
+}
+
+fn spec(async_ckpt: bool) -> Spec {
+    Spec {
+        max_epochs: 4,
+        top_k: Some(2),
+        save_last: true,
+        every_n_steps: Some(5),
+        async_ckpt,
+        ..Spec::default()
+    }
+}
+
+/// Kill (SIGKILL at step 7), preempt (SIGTERM at step 19), resume to the end; the
+/// final checkpoint equals a local uninterrupted run's, and so do the names kept.
+fn kill_preempt_resume(async_ckpt: bool) {
+    let _serial = serial();
+    let Some(run) = s3_run(if async_ckpt { "async" } else { "sync" }) else {
+        return;
+    };
+    let local = tempfile::tempdir().unwrap();
+    let base = spec(async_ckpt);
+    run_with(&base, local.path(), Arc::new(relume::preempt::Preemption::manual())).unwrap();
+
+    let (code, _) = spawn(
+        &Spec {
+            kill_at: Some(7),
+            ..base.clone()
+        },
+        &run,
+    );
+    assert_eq!(code, -libc::SIGKILL);
+    if !async_ckpt {
+        // A sync save of step 5 committed before the kill at step 7 (an async one
+        // may still have been uploading).
+        assert_eq!(checkpoint_names(&run), ["step=000005-epoch=0"]);
+    }
+    let (code, outcome) = spawn(
+        &Spec {
+            term_at: Some(19),
+            ..base.clone()
+        },
+        &run,
+    );
+    assert_eq!(code, PREEMPTED, "{outcome}");
+    let (code, outcome) = spawn(&base, &run);
+    assert_eq!(code, 0, "{outcome}");
+    assert_eq!(outcome, "completed@32");
+    assert_identical(local.path(), &run);
+    // The same checkpoints kept, plus the one the preemption saved.
+    let mut expected = checkpoint_names(local.path());
+    expected.push("step=000019-epoch=2".into());
+    expected.sort();
+    assert_eq!(checkpoint_names(&run), expected);
+    // Every checkpoint in the bucket verifies; nothing uncommitted is left over
+    // from the sync runs (an attempt killed mid-upload is younger than the grace
+    // period and stays until a later writer finds it stale).
+    for c in ckdir(&run).list().unwrap() {
+        let r = relume_ckpt::verify(&c.path);
+        assert!(r.is_ok(), "{}: {:?}", c.name, r.problems);
+    }
+    // A finished run resumed again has nothing left to do.
+    let (code, outcome) = spawn(&base, &run);
+    assert_eq!((code, outcome.as_str()), (0, "finished@32"));
+}
+
+#[test]
+fn killed_preempted_and_resumed_from_the_bucket_equals_a_local_run() {
+    kill_preempt_resume(false);
+}
+
+#[test]
+fn async_saves_to_the_bucket_resume_byte_identically() {
+    kill_preempt_resume(true);
+}
+
+#[test]
+fn a_run_in_an_in_memory_store_equals_a_local_run() {
+    let _serial = serial();
+    let bucket = format!("mem-{}", uuid::Uuid::new_v4().simple());
+    relume_ckpt::remote::register_store(&bucket, Arc::new(object_store::memory::InMemory::new()));
+    let run = PathBuf::from(format!("s3://{bucket}/run"));
+    let local = tempfile::tempdir().unwrap();
+    for (s, dir) in [(spec(true), local.path().to_path_buf()), (spec(true), run.clone())] {
+        let out = run_with(&s, &dir, Arc::new(relume::preempt::Preemption::manual())).unwrap();
+        assert_eq!(describe(&out), "completed@32");
+    }
+    assert_identical(local.path(), &run);
+    assert_eq!(checkpoint_names(&run), checkpoint_names(local.path()));
+    // ModelCheckpoint deleted evicted checkpoints from the store, as locally.
+    assert!(checkpoint_names(&run).len() < 32 / 5 + 4);
+}
