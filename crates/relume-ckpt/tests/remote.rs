@@ -19,21 +19,7 @@ use relume_ckpt::{
     load, verify, Checkpoint, CheckpointDir, Error, FaultyStorage, StateDict, TensorData,
 };
 
-/// The S3 bucket of the test server, or `None` (loudly) when there is none.
-pub fn s3_bucket() -> Option<String> {
-    match std::env::var("RELUME_S3_TEST_BUCKET") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ if std::env::var_os("CI").is_some() => panic!(
-            "CI is set but RELUME_S3_TEST_BUCKET is not: the S3 tests must run against the local S3 server that .ci/run starts (.ci/s3-server.sh)"
-        ),
-        _ => {
-            eprintln!(
-                "\n*** SKIPPED the real-S3 half of this test: RELUME_S3_TEST_BUCKET is not set. Run `eval \"$(.ci/s3-server.sh start)\"` first (CI does). ***\n"
-            );
-            None
-        }
-    }
-}
+use relume_ckpt::remote::test_bucket as s3_bucket;
 
 /// A fresh in-memory bucket.
 fn mem_bucket() -> String {

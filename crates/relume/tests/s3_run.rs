@@ -22,19 +22,11 @@ fn child() {
 
 /// A fresh run URL in the test bucket, or `None` (loudly) when there is none.
 fn s3_run(tag: &str) -> Option<PathBuf> {
-    match std::env::var("RELUME_S3_TEST_BUCKET") {
-        Ok(b) if !b.is_empty() => Some(PathBuf::from(format!(
-            "s3://{b}/trainer-{tag}-{}",
-            uuid::Uuid::new_v4().simple()
-        ))),
-        _ if std::env::var_os("CI").is_some() => panic!(
-            "CI is set but RELUME_S3_TEST_BUCKET is not: run the tests through .ci/run, which starts the local S3 server"
-        ),
-        _ => {
-            eprintln!("\n*** SKIPPED: no S3 server (RELUME_S3_TEST_BUCKET unset); `eval \"$(.ci/s3-server.sh start)\"` first ***\n");
-            None
-        }
-    }
+    let b = relume_ckpt::remote::test_bucket()?;
+    Some(PathBuf::from(format!(
+        "s3://{b}/trainer-{tag}-{}",
+        uuid::Uuid::new_v4().simple()
+    )))
 }
 
 fn spec(async_ckpt: bool) -> Spec {
@@ -126,4 +118,44 @@ fn a_run_in_an_in_memory_store_equals_a_local_run() {
     assert_eq!(checkpoint_names(&run), checkpoint_names(local.path()));
     // ModelCheckpoint deleted evicted checkpoints from the store, as locally.
     assert!(checkpoint_names(&run).len() < 32 / 5 + 4);
+}
+
+#[test]
+fn a_failed_async_upload_surfaces_and_the_rerun_finishes_equal_to_a_local_run() {
+    let _serial = serial();
+    let bucket = format!("mem-{}", uuid::Uuid::new_v4().simple());
+    relume_ckpt::remote::register_store(&bucket, Arc::new(object_store::memory::InMemory::new()));
+    let run = PathBuf::from(format!("s3://{bucket}/run"));
+    let manual = || Arc::new(relume::preempt::Preemption::manual());
+    // The third commit marker fails to be created.
+    let faulty = relume_ckpt::FaultyStorage::new(
+        relume_ckpt::remote::RemoteStorage::for_url(run.to_str().unwrap()).unwrap(),
+    );
+    faulty.fail_rename_to("COMMIT", 2);
+    let mut t = builder(&spec(true), &run, manual())
+        .unwrap()
+        .checkpoint_storage(Arc::new(faulty))
+        .build()
+        .unwrap();
+    let mut module = Tiny::new().unwrap();
+    let (mut train, val) = loaders();
+    let err = t.fit(&mut module, &mut train, Some(&val)).unwrap_err();
+    let msg = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(msg.contains("async save"), "{msg}");
+    drop(t);
+    let names = checkpoint_names(&run);
+    assert_eq!(names.len(), 2, "{names:?}");
+    for c in ckdir(&run).list().unwrap() {
+        assert!(relume_ckpt::verify(&c.path).is_ok());
+    }
+    // A local storage for an s3:// run is refused, not written to local paths.
+    let err = relume_ckpt::CheckpointDir::open_with_storage(&run, Arc::new(relume_ckpt::LocalStorage))
+        .unwrap_err();
+    assert!(matches!(err, relume_ckpt::Error::RemoteUnsupported { .. }), "{err}");
+    // The rerun resumes from the bucket and ends as a local run does.
+    let out = run_with(&spec(true), &run, manual()).unwrap();
+    assert_eq!(describe(&out), "completed@32");
+    let local = tempfile::tempdir().unwrap();
+    run_with(&spec(true), local.path(), manual()).unwrap();
+    assert_identical(local.path(), &run);
 }

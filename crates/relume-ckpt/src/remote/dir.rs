@@ -111,6 +111,13 @@ impl RemoteDir {
         let dir = run_url.join(CHECKPOINTS_DIR);
         let objects = Objects::for_bucket(&dir.bucket)?;
         let storage = match storage {
+            Some(s) if !s.is_remote() => {
+                return Err(Error::RemoteUnsupported {
+                    url: run_url.url(),
+                    what: "the storage given for writing is a local one".into(),
+                    hint: "pass a `relume_ckpt::remote::RemoteStorage` (or a FaultyStorage wrapping one) for an s3:// run, or no storage".into(),
+                })
+            }
             Some(s) => s,
             None => Arc::new(RemoteStorage::from_objects(objects.clone())),
         };

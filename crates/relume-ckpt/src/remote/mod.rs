@@ -325,6 +325,28 @@ pub(crate) fn read_file_url(path: &Path, rel: &str) -> Result<Vec<u8>> {
     dir::RemoteDir::read_file_url(path, rel)
 }
 
+/// The environment variable naming the bucket of a test S3 server.
+pub const TEST_BUCKET_ENV: &str = "RELUME_S3_TEST_BUCKET";
+
+/// For test suites (relume's and yours): the bucket of the S3 server the tests may
+/// use, from [`TEST_BUCKET_ENV`] (with the `AWS_*` variables pointing at the
+/// server). Unset, it prints a loud SKIPPED line on stderr and returns `None`, except
+/// under CI (`CI` set), where a missing server is a failure: it panics.
+pub fn test_bucket() -> Option<String> {
+    match std::env::var(TEST_BUCKET_ENV) {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ if std::env::var_os("CI").is_some() => panic!(
+            "CI is set but {TEST_BUCKET_ENV} is not: the S3 tests must run against the local S3 server that .ci/run starts (.ci/s3-server.sh)"
+        ),
+        _ => {
+            eprintln!(
+                "\n*** SKIPPED the S3 part of this test: {TEST_BUCKET_ENV} is not set; run `eval \"$(.ci/s3-server.sh start)\"` first (CI does) ***\n"
+            );
+            None
+        }
+    }
+}
+
 /// True when `path` holds an `s3://` URL rather than a local path.
 pub fn is_remote(path: &Path) -> bool {
     crate::location::is_remote(path)

@@ -210,6 +210,10 @@ impl Storage for RemoteStorage {
         self.objects.delete(&url).map_err(io_from)
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn put_create(&self, path: &Path, bytes: &[u8]) -> io::Result<bool> {
         let url = self.url(path)?;
         match self.objects.put_create(&url, bytes.to_vec()).map_err(io_from)? {

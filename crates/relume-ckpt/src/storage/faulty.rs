@@ -166,6 +166,9 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.inner.remove_file(path)
     }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
     fn put_create(&self, path: &Path, bytes: &[u8]) -> io::Result<bool> {
         if self.budget.load(Ordering::SeqCst) == 0 {
             return Err(injected());

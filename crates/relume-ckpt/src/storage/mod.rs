@@ -68,6 +68,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// The underlying I/O error.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
 
+    /// True for a storage that writes to an object store (`s3://` paths); a remote
+    /// run directory refuses a storage that is not.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// Creates a file holding `bytes` only if none exists, durably; returns `false`
     /// (and writes nothing) when it exists. The remote protocol's commit marker
     /// (S3 `If-None-Match: *`); the default writes a new file, fsyncs it and its

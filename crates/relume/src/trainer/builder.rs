@@ -265,6 +265,11 @@ impl TrainerBuilder {
         self
     }
     /// The run directory (`checkpoints/` lives under it). Default `runs/default`.
+    ///
+    /// An `s3://bucket/prefix` URL keeps the checkpoints in that bucket (feature `s3`,
+    /// on by default): committed with a create-only marker, resumed and verified as
+    /// local ones (see `relume_ckpt::remote`). Loggers are given their own, local,
+    /// directories and stay local.
     pub fn default_root_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cfg.default_root_dir = dir.into();
         self
