@@ -15,7 +15,9 @@ use relume_ckpt::{load, verify, Checkpoint, CheckpointDir, StateDict, TensorData
 
 fn main() {
     let Ok(bucket) = std::env::var("RELUME_S3_TEST_BUCKET") else {
-        eprintln!("s3_save: no S3 server configured: run `eval \"$(.ci/s3-server.sh start)\"` first");
+        eprintln!(
+            "s3_save: no S3 server configured: run `eval \"$(.ci/s3-server.sh start)\"` first"
+        );
         return;
     };
     let mib: usize = std::env::var("RELUME_BENCH_MIB")
@@ -37,7 +39,10 @@ fn main() {
         let w: Vec<f32> = (0..n).map(|j| (j ^ i) as f32 * 1e-3).collect();
         let comp = if i % 2 == 0 { "model" } else { "optimizer" };
         if let Some(sd) = ckpt.components.get_mut(comp) {
-            sd.insert_tensor(format!("t{i:03}"), TensorData::from_f32(vec![n], &w).expect("tensor"));
+            sd.insert_tensor(
+                format!("t{i:03}"),
+                TensorData::from_f32(vec![n], &w).expect("tensor"),
+            );
         }
     }
     let total: u64 = ckpt
@@ -65,7 +70,9 @@ fn main() {
                 let up = store.put_multipart(&loc).await.expect("multipart");
                 let mut w = WriteMultipart::new_with_chunk_size(up, PART_BYTES);
                 for piece in b.chunks(32 << 20) {
-                    w.wait_for_capacity(MAX_PARTS_IN_FLIGHT).await.expect("capacity");
+                    w.wait_for_capacity(MAX_PARTS_IN_FLIGHT)
+                        .await
+                        .expect("capacity");
                     w.write(piece);
                 }
                 w.finish().await.expect("finish");

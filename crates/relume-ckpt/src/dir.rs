@@ -143,7 +143,11 @@ impl CheckpointDir {
     pub fn open_with_storage(run_dir: impl AsRef<Path>, storage: Arc<dyn Storage>) -> Result<Self> {
         if crate::location::is_remote(run_dir.as_ref()) {
             #[cfg(feature = "s3")]
-            return Self::open_remote(run_dir, Some(storage), crate::remote::RemoteOptions::default());
+            return Self::open_remote(
+                run_dir,
+                Some(storage),
+                crate::remote::RemoteOptions::default(),
+            );
             #[cfg(not(feature = "s3"))]
             return Err(crate::location::not_built(run_dir.as_ref()));
         }
@@ -600,7 +604,10 @@ impl CheckpointDir {
         if name_or_path == "latest" || name_or_path == "last" {
             return self.latest()?.ok_or_else(missing);
         }
-        if_remote!(self, |r| r.committed(name_or_path)?.map(|u| u.path()).ok_or_else(missing));
+        if_remote!(self, |r| r
+            .committed(name_or_path)?
+            .map(|u| u.path())
+            .ok_or_else(missing));
         let candidate = if check_name(name_or_path).is_ok() {
             self.dir.join(name_or_path)
         } else {

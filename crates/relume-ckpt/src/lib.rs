@@ -92,12 +92,14 @@ pub use commit::{write_checkpoint, write_latest};
 pub use dir::{is_committed, name_taken, CheckpointDir, CheckpointInfo, LOCK_WAIT};
 pub use dtype::DType;
 pub use error::{Error, Mismatch, Result};
-pub use location::is_remote;
 pub use fingerprint::{canonical_json, fingerprint, fingerprint_state_dict, FINGERPRINT_PREFIX};
+pub use location::is_remote;
 pub use manifest::{ComponentEntry, FileEntry, Manifest, FORMAT_VERSION};
 pub use migrate::{migrate_dir, migrate_in_place};
 pub use read::{
-    load, read_checkpoint_file, read_manifest, read_safetensors, verify, LoadedCheckpoint, VerifyReport};
+    load, read_checkpoint_file, read_manifest, read_safetensors, verify, LoadedCheckpoint,
+    VerifyReport,
+};
 pub use snapshot::{BufferPool, Snapshot};
 pub use state::{join_key, Leaf, StateDict, TensorData, KEY_SEPARATOR};
 pub use stateful::{AllowList, RestoreReport, Stateful};

@@ -217,7 +217,13 @@ fn check_file(dir: &Path, m: &Manifest, idx: usize) -> Result<Arc<Mmap>> {
 /// Checks the bytes of file `m.files[idx]` (at `path`, for messages), whose BLAKE3
 /// is `got` (not looked at when the size is already wrong): [`Error::FileSize`] or
 /// [`Error::ChecksumMismatch`], naming the damaged tensor where the CRC32s tell.
-pub(crate) fn check_bytes(path: &Path, m: &Manifest, idx: usize, map: &[u8], got: &str) -> Result<()> {
+pub(crate) fn check_bytes(
+    path: &Path,
+    m: &Manifest,
+    idx: usize,
+    map: &[u8],
+    got: &str,
+) -> Result<()> {
     let fe = &m.files[idx];
     let path = path.to_path_buf();
     let component = m

@@ -82,7 +82,9 @@ fn grace(secs: u64) -> RemoteOptions {
 fn big(step: u64, mib: usize) -> Checkpoint {
     let mut c = sample(step);
     let n = mib << 18;
-    let w: Vec<f32> = (0..n).map(|i| (i as f32).mul_add(1e-3, step as f32)).collect();
+    let w: Vec<f32> = (0..n)
+        .map(|i| (i as f32).mul_add(1e-3, step as f32))
+        .collect();
     let mut m = StateDict::new();
     m.insert_tensor("big.weight", TensorData::from_f32(vec![n], &w).unwrap());
     c.components.insert("big".into(), m);
@@ -118,16 +120,16 @@ fn round_trip_saves_lists_loads_and_verifies_like_a_local_run() {
             assert_eq!(remote.manifest.fingerprint, here.manifest.fingerprint);
         }
         assert_eq!(names(&dir), ["step=1", "step=2", "step=3"]);
-        assert_eq!(
-            dir.latest().unwrap(),
-            Some(run.join("checkpoints/step=3"))
-        );
+        assert_eq!(dir.latest().unwrap(), Some(run.join("checkpoints/step=3")));
         // A reader sees the same; it writes nothing.
         let before = keys(&run);
         let ro = CheckpointDir::open_read_only(&run).unwrap();
         assert_eq!(names(&ro), names(&dir));
         assert_eq!(ro.latest().unwrap(), dir.latest().unwrap());
-        assert!(matches!(ro.save("x", &sample(9)), Err(Error::ReadOnly { .. })));
+        assert!(matches!(
+            ro.save("x", &sample(9)),
+            Err(Error::ReadOnly { .. })
+        ));
         assert_eq!(keys(&run), before);
         // Exactly: per checkpoint one attempt (4 files + manifest) and a marker.
         let step2: Vec<_> = before.iter().filter(|k| k.contains("/step=2/")).collect();
@@ -247,15 +249,23 @@ fn an_object_altered_in_the_bucket_is_named_by_verify_and_refused_by_load() {
         let (store, _) = store_of(&run);
         let key = object_store::path::Path::from(attempt_key(&p, "model.safetensors"));
         let rt = rt();
-        let mut bytes = rt.block_on(async { store.get(&key).await?.bytes().await }).unwrap().to_vec();
+        let mut bytes = rt
+            .block_on(async { store.get(&key).await?.bytes().await })
+            .unwrap()
+            .to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
-        rt.block_on(store.put(&key, PutPayload::from(bytes.clone()))).unwrap();
+        rt.block_on(store.put(&key, PutPayload::from(bytes.clone())))
+            .unwrap();
         let report = verify(&p);
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
         match &report.problems[0] {
             Error::ChecksumMismatch { path, tensor, .. } => {
-                assert!(path.to_str().unwrap().ends_with("model.safetensors"), "{}", path.display());
+                assert!(
+                    path.to_str().unwrap().ends_with("model.safetensors"),
+                    "{}",
+                    path.display()
+                );
                 assert!(path.to_str().unwrap().starts_with("s3://"));
                 assert!(tensor.is_some(), "the damaged tensor is named");
             }
@@ -264,7 +274,8 @@ fn an_object_altered_in_the_bucket_is_named_by_verify_and_refused_by_load() {
         assert!(matches!(load(&p), Err(Error::ChecksumMismatch { .. })));
         // Truncated: the size is named.
         bytes.truncate(bytes.len() - 3);
-        rt.block_on(store.put(&key, PutPayload::from(bytes))).unwrap();
+        rt.block_on(store.put(&key, PutPayload::from(bytes)))
+            .unwrap();
         assert!(matches!(
             verify(&p).problems.first(),
             Some(Error::FileSize { .. })
@@ -272,7 +283,8 @@ fn an_object_altered_in_the_bucket_is_named_by_verify_and_refused_by_load() {
         assert!(matches!(load(&p), Err(Error::FileSize { .. })));
         // A manifest that no longer matches its marker.
         let mkey = object_store::path::Path::from(attempt_key(&p, "manifest.json"));
-        rt.block_on(store.put(&mkey, PutPayload::from_static(b"{}"))).unwrap();
+        rt.block_on(store.put(&mkey, PutPayload::from_static(b"{}")))
+            .unwrap();
         assert!(matches!(
             verify(&p).problems.first(),
             Some(Error::ManifestChecksum { .. })
@@ -360,8 +372,15 @@ fn delete_removes_the_marker_then_the_data_and_refuses_latest() {
             PutPayload::from_static(b"x"),
         ))
         .unwrap();
-        assert!(CheckpointDir::open_read_only(&run).unwrap().list().unwrap().is_empty());
-        assert!(CheckpointDir::open_read_only(&run).unwrap().clear_pending().unwrap());
+        assert!(CheckpointDir::open_read_only(&run)
+            .unwrap()
+            .list()
+            .unwrap()
+            .is_empty());
+        assert!(CheckpointDir::open_read_only(&run)
+            .unwrap()
+            .clear_pending()
+            .unwrap());
         let dir = CheckpointDir::open(&run).unwrap();
         assert!(!dir.clear_pending().unwrap());
         assert!(keys(&run).is_empty());
@@ -396,7 +415,10 @@ fn an_unreachable_endpoint_is_named_with_the_fix() {
 #[test]
 fn a_missing_bucket_is_named_with_the_fix() {
     let Some(_) = s3_bucket() else { return };
-    let url = format!("s3://relume-no-such-bucket-{}/run", uuid::Uuid::new_v4().simple());
+    let url = format!(
+        "s3://relume-no-such-bucket-{}/run",
+        uuid::Uuid::new_v4().simple()
+    );
     let err = CheckpointDir::open(&url).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&url), "{msg}");
@@ -407,7 +429,10 @@ fn a_missing_bucket_is_named_with_the_fix() {
 fn malformed_urls_are_refused() {
     for url in ["s3://", "s3:///run", "s3://b/a//c", "s3://b/../x"] {
         let err = CheckpointDir::open(url).unwrap_err();
-        assert!(matches!(err, Error::RemoteUnsupported { .. }), "{url}: {err}");
+        assert!(
+            matches!(err, Error::RemoteUnsupported { .. }),
+            "{url}: {err}"
+        );
         assert!(err.to_string().contains("s3://bucket/prefix"), "{err}");
     }
 }
@@ -424,7 +449,8 @@ fn crash_child() {
     };
     let dir = CheckpointDir::open(&run).unwrap();
     for step in 1..=STEPS {
-        dir.save(&format!("step={step:03}"), &big(step, 11)).unwrap();
+        dir.save(&format!("step={step:03}"), &big(step, 11))
+            .unwrap();
     }
 }
 
@@ -468,7 +494,12 @@ fn sigkill_during_multipart_uploads_twenty_trials_then_the_run_finishes() {
         }
         let latest = ro.latest().unwrap();
         if let (Some(prev), Some(now)) = (&prev_latest, &latest) {
-            assert!(now >= prev, "trial {trial}: latest went back from {} to {}", prev.display(), now.display());
+            assert!(
+                now >= prev,
+                "trial {trial}: latest went back from {} to {}",
+                prev.display(),
+                now.display()
+            );
         }
         if let Some(l) = &latest {
             assert!(load(l).is_ok(), "trial {trial}");
@@ -477,7 +508,11 @@ fn sigkill_during_multipart_uploads_twenty_trials_then_the_run_finishes() {
     }
     // The kills did land mid-save: attempts without markers were left behind
     // (kept by the writers that followed: younger than their grace period).
-    let orphans = CheckpointDir::open_read_only(&run).unwrap().temporaries().unwrap().len();
+    let orphans = CheckpointDir::open_read_only(&run)
+        .unwrap()
+        .temporaries()
+        .unwrap()
+        .len();
     assert!(orphans > 0, "no kill interrupted a save");
     // The rerun (past the grace period) removes what the kills left and finishes.
     let status = spawn("0").wait().unwrap();
@@ -487,7 +522,10 @@ fn sigkill_during_multipart_uploads_twenty_trials_then_the_run_finishes() {
     assert_eq!(ro.temporaries().unwrap(), Vec::<PathBuf>::new());
     for c in ro.list().unwrap() {
         assert!(verify(&c.path).is_ok(), "{}", c.name);
-        assert_eq!(load(&c.path).unwrap().components, big(c.step.unwrap(), 11).components);
+        assert_eq!(
+            load(&c.path).unwrap().components,
+            big(c.step.unwrap(), 11).components
+        );
     }
     eprintln!("crash test: 20 SIGKILLs ({finished_early} after the child had finished, {orphans} uncommitted attempts left), then the run finished");
 }

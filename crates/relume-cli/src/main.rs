@@ -72,7 +72,8 @@ enum LightningCommand {
 /// inspect, verify and diff take URLs), rather than treating it as a relative path.
 fn refuse_urls(command: &Command) -> anyhow::Result<()> {
     use cmd::local_only;
-    let copy = "copy the checkpoint to a local directory first (for example with `aws s3 cp --recursive`)";
+    let copy =
+        "copy the checkpoint to a local directory first (for example with `aws s3 cp --recursive`)";
     match command {
         Command::Migrate(a) => {
             local_only("migrate", &a.ckpt, "an object store only holds checkpoints in the current format; migrate a local copy")?;
@@ -89,7 +90,11 @@ fn refuse_urls(command: &Command) -> anyhow::Result<()> {
         }
         Command::Lightning(LightningCommand::Convert(a)) => {
             local_only("lightning convert", &a.ckpt, copy)?;
-            local_only("lightning convert", &a.out, "convert into a local run directory, then train with the s3:// run URL")?;
+            local_only(
+                "lightning convert",
+                &a.out,
+                "convert into a local run directory, then train with the s3:// run URL",
+            )?;
         }
         Command::Ls(_) | Command::Inspect(_) | Command::Verify(_) | Command::Diff(_) => {}
     }

@@ -30,8 +30,14 @@ fn text(o: &Output) -> (String, String) {
 fn ckpt(step: u64) -> Checkpoint {
     let mut model = StateDict::new();
     let w: Vec<f32> = (0..64).map(|i| i as f32 + step as f32).collect();
-    model.insert_tensor("layer.weight", TensorData::from_f32(vec![8, 8], &w).unwrap());
-    model.insert_tensor("layer.bias", TensorData::from_f32(vec![8], &[0.5; 8]).unwrap());
+    model.insert_tensor(
+        "layer.weight",
+        TensorData::from_f32(vec![8, 8], &w).unwrap(),
+    );
+    model.insert_tensor(
+        "layer.bias",
+        TensorData::from_f32(vec![8], &[0.5; 8]).unwrap(),
+    );
     let mut c = Checkpoint::default();
     c.components.insert("model".into(), model);
     c.progress = serde_json::json!({"step": step, "epoch": 0, "global_step": step});
@@ -59,7 +65,10 @@ fn ls_inspect_verify_and_diff_take_s3_urls() {
     let o = relume(&["ls", s(&run)], &[], &[]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
-    assert!(out.contains("step=000001") && out.contains("step=000002"), "{out}");
+    assert!(
+        out.contains("step=000001") && out.contains("step=000002"),
+        "{out}"
+    );
     assert!(out.contains("latest"), "{out}");
 
     let o = relume(&["verify", s(&run)], &[], &[]);
@@ -72,7 +81,10 @@ fn ls_inspect_verify_and_diff_take_s3_urls() {
     let o = relume(&["inspect", s(&run), "--json"], &[], &[]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
-    assert!(out.contains("s3://") && out.contains("step=000002"), "{out}");
+    assert!(
+        out.contains("s3://") && out.contains("step=000002"),
+        "{out}"
+    );
     assert!(out.contains("\"step\": 2"), "{out}");
 
     let a = run.join("checkpoints/step=000001");
@@ -82,7 +94,10 @@ fn ls_inspect_verify_and_diff_take_s3_urls() {
     assert!(out.contains("layer.weight"), "{out}{err}");
     // The same checkpoint locally and in the bucket: no difference.
     let local = tempfile::tempdir().unwrap();
-    let lp = CheckpointDir::open(local.path()).unwrap().save("step=000002", &ckpt(2)).unwrap();
+    let lp = CheckpointDir::open(local.path())
+        .unwrap()
+        .save("step=000002", &ckpt(2))
+        .unwrap();
     let o = relume(&["diff", s(&lp), s(&b)], &[], &[]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
@@ -93,7 +108,10 @@ fn verify_names_an_object_altered_in_the_bucket() {
     let Some(run) = remote_run() else { return };
     let u = RemoteUrl::from_path(&run).unwrap();
     let store = store_for(&u.bucket).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let key = rt.block_on(async {
         use futures_util::StreamExt;
         let prefix = object_store::path::Path::from(format!("{}/checkpoints/step=000001", u.key));
@@ -130,7 +148,10 @@ fn a_missing_bucket_is_named() {
     let o = relume(&["ls", &url], &[], &[]);
     let (out, err) = text(&o);
     assert_ne!(o.status.code(), Some(0), "{out}");
-    assert!(err.contains(&url) || err.contains("relume-missing"), "{err}");
+    assert!(
+        err.contains(&url) || err.contains("relume-missing"),
+        "{err}"
+    );
     assert!(err.contains("bucket does not exist"), "{err}");
 }
 

@@ -49,7 +49,12 @@ fn kill_preempt_resume(async_ckpt: bool) {
     };
     let local = tempfile::tempdir().unwrap();
     let base = spec(async_ckpt);
-    run_with(&base, local.path(), Arc::new(relume::preempt::Preemption::manual())).unwrap();
+    run_with(
+        &base,
+        local.path(),
+        Arc::new(relume::preempt::Preemption::manual()),
+    )
+    .unwrap();
 
     let (code, _) = spawn(
         &Spec {
@@ -110,7 +115,10 @@ fn a_run_in_an_in_memory_store_equals_a_local_run() {
     relume_ckpt::remote::register_store(&bucket, Arc::new(object_store::memory::InMemory::new()));
     let run = PathBuf::from(format!("s3://{bucket}/run"));
     let local = tempfile::tempdir().unwrap();
-    for (s, dir) in [(spec(true), local.path().to_path_buf()), (spec(true), run.clone())] {
+    for (s, dir) in [
+        (spec(true), local.path().to_path_buf()),
+        (spec(true), run.clone()),
+    ] {
         let out = run_with(&s, &dir, Arc::new(relume::preempt::Preemption::manual())).unwrap();
         assert_eq!(describe(&out), "completed@32");
     }
@@ -149,9 +157,13 @@ fn a_failed_async_upload_surfaces_and_the_rerun_finishes_equal_to_a_local_run() 
         assert!(relume_ckpt::verify(&c.path).is_ok());
     }
     // A local storage for an s3:// run is refused, not written to local paths.
-    let err = relume_ckpt::CheckpointDir::open_with_storage(&run, Arc::new(relume_ckpt::LocalStorage))
-        .unwrap_err();
-    assert!(matches!(err, relume_ckpt::Error::RemoteUnsupported { .. }), "{err}");
+    let err =
+        relume_ckpt::CheckpointDir::open_with_storage(&run, Arc::new(relume_ckpt::LocalStorage))
+            .unwrap_err();
+    assert!(
+        matches!(err, relume_ckpt::Error::RemoteUnsupported { .. }),
+        "{err}"
+    );
     // The rerun resumes from the bucket and ends as a local run does.
     let out = run_with(&spec(true), &run, manual()).unwrap();
     assert_eq!(describe(&out), "completed@32");

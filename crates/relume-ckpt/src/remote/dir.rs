@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -291,7 +290,10 @@ impl RemoteDir {
             removed += 1;
         }
         if removed > 0 {
-            tracing::info!("removed {removed} stale uncommitted attempts in {}", self.dir);
+            tracing::info!(
+                "removed {removed} stale uncommitted attempts in {}",
+                self.dir
+            );
         }
         Ok(())
     }
@@ -331,10 +333,7 @@ impl RemoteDir {
         } else {
             RemoteUrl::parse(name_or_url)?
         };
-        Ok(self
-            .objects
-            .exists(&url.join(COMMIT_FILE))?
-            .then_some(url))
+        Ok(self.objects.exists(&url.join(COMMIT_FILE))?.then_some(url))
     }
 
     /// Writes `ckpt` as an attempt of `name` and commits it with the marker.
@@ -381,14 +380,19 @@ impl RemoteDir {
             uuid::Uuid::new_v4().simple()
         );
         let attempt_url = url.join(&attempt);
-        let manifest_blake3 =
-            match write_contents(self.storage.as_ref(), &attempt_url.path(), ckpt, Some(seq), true) {
-                Ok(h) => h,
-                Err(e) => {
-                    self.remove_attempt(&attempt_url);
-                    return Err(e);
-                }
-            };
+        let manifest_blake3 = match write_contents(
+            self.storage.as_ref(),
+            &attempt_url.path(),
+            ckpt,
+            Some(seq),
+            true,
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                self.remove_attempt(&attempt_url);
+                return Err(e);
+            }
+        };
         let secs = now_ms() / 1000;
         let marker = Marker {
             format: MARKER_FORMAT.into(),
@@ -492,8 +496,10 @@ impl RemoteDir {
     pub(crate) fn clear(&self) -> Result<usize> {
         self.require_writer()?;
         let n = self.markers()?.len();
-        self.objects
-            .put(&self.dir.join(CLEARING_FILE), b"clear in progress\n".to_vec())?;
+        self.objects.put(
+            &self.dir.join(CLEARING_FILE),
+            b"clear in progress\n".to_vec(),
+        )?;
         self.finish_clear()?;
         tracing::info!("cleared {}: removed {n} checkpoints", self.dir);
         Ok(n)
@@ -547,8 +553,8 @@ impl RemoteDir {
             problems: Vec::new(),
             bytes_checked: 0,
         };
-        let objects = RemoteUrl::from_path(path)
-            .and_then(|url| Ok((Objects::for_bucket(&url.bucket)?, url)));
+        let objects =
+            RemoteUrl::from_path(path).and_then(|url| Ok((Objects::for_bucket(&url.bucket)?, url)));
         match objects {
             Ok((objects, url)) => verify(&objects, &url, &mut report),
             Err(e) => report.problems.push(e),
@@ -613,7 +619,12 @@ fn require_marker(objects: &Objects, url: &RemoteUrl) -> Result<Marker> {
 /// Downloads `url` into anonymous memory, hashing it; [`Error::FileSize`] when it is
 /// not `expected` bytes long.
 fn download(objects: &Objects, url: &RemoteUrl, expected: u64) -> Result<(memmap2::Mmap, String)> {
-    let mut map = MmapMut::map_anon(expected.max(1) as usize)
+    // Populated up front: one batch of page faults in the kernel, not one per page
+    // while the bytes arrive.
+    let mut map = memmap2::MmapOptions::new()
+        .len(expected.max(1) as usize)
+        .populate()
+        .map_anon()
         .map_err(crate::error::io_err("allocate memory for", &url.path()))?;
     let mut off = 0u64;
     let mut hasher = blake3::Hasher::new();
@@ -646,12 +657,17 @@ fn load(objects: &Objects, url: &RemoteUrl) -> Result<LoadedCheckpoint> {
     let marker = require_marker(objects, url)?;
     let (manifest, _) = read_manifest(objects, url, &marker)?;
     let attempt = url.join(&marker.attempt);
-    let mut maps = BTreeMap::new();
-    for (idx, fe) in manifest.files.iter().enumerate() {
+    // Every file at once: each download hashes on its own thread, so hashing hides
+    // behind the other files' transfers.
+    let downloads = each_file(&manifest, |idx, fe| {
         let furl = attempt.join(&fe.path);
         let (map, hash) = download(objects, &furl, fe.bytes)?;
         check_bytes(&furl.path(), &manifest, idx, &map, &hash)?;
-        maps.insert(fe.path.clone(), Arc::new(map));
+        Ok(map)
+    });
+    let mut maps = BTreeMap::new();
+    for (fe, map) in manifest.files.iter().zip(downloads) {
+        maps.insert(fe.path.clone(), Arc::new(map?));
     }
     let mut errors = Vec::new();
     let components = build_components(&attempt.path(), &manifest, &maps, &mut errors);
@@ -664,27 +680,6 @@ fn load(objects: &Objects, url: &RemoteUrl) -> Result<LoadedCheckpoint> {
         components,
         _lock: None,
     })
-}
-
-/// The safetensors header of `url`, range-read: its entries, or why not.
-fn remote_header(
-    objects: &Objects,
-    url: &RemoteUrl,
-    file_len: u64,
-) -> Result<Vec<crate::tensor_file::TensorEntry>> {
-    let path = url.path();
-    if file_len < 8 {
-        return parse_header(&path, &[], file_len);
-    }
-    let prefix = objects.get_range(url, 0..8)?;
-    let mut n8 = [0u8; 8];
-    n8.copy_from_slice(&prefix[..8]);
-    let n = u64::from_le_bytes(n8);
-    if n > MAX_HEADER_BYTES || 8 + n > file_len {
-        return parse_header(&path, &prefix, file_len);
-    }
-    let header = objects.get_range(url, 0..8 + n)?;
-    parse_header(&path, &header, file_len)
 }
 
 fn verify(objects: &Objects, url: &RemoteUrl, report: &mut VerifyReport) {
@@ -700,107 +695,24 @@ fn verify(objects: &Objects, url: &RemoteUrl, report: &mut VerifyReport) {
     };
     report.bytes_checked = mlen;
     let attempt = url.join(&marker.attempt);
+    let checked = each_file(&manifest, |_, fe| {
+        verify_file(objects, &manifest, &attempt, fe)
+    });
     let mut state: Option<Vec<u8>> = None;
-    for fe in &manifest.files {
-        let furl = attempt.join(&fe.path);
-        let fpath = furl.path();
-        let component = manifest
-            .components
-            .iter()
-            .find(|(_, c)| c.file.as_deref() == Some(fe.path.as_str()));
-        let entries = match component {
-            Some((name, c)) => match remote_header(objects, &furl, fe.bytes) {
-                Ok(entries) => {
-                    if entries.len() as u64 != c.tensors
-                        || entries.iter().any(|e| !c.tensor_crc32.contains_key(&e.key))
-                    {
-                        report.problems.push(Error::Inconsistent {
-                            path: fpath.clone(),
-                            reason: format!(
-                                "holds {} tensors but the manifest lists {} for component {name:?}",
-                                entries.len(),
-                                c.tensors
-                            ),
-                        });
-                    }
-                    entries
-                }
-                Err(Error::Remote { .. }) | Err(Error::MissingFile { .. })
-                    if !objects.exists(&furl).unwrap_or(true) =>
-                {
-                    report.problems.push(Error::MissingFile { path: fpath });
-                    continue;
-                }
-                Err(e) => {
-                    report.problems.push(e);
-                    Vec::new()
-                }
-            },
-            None => Vec::new(),
-        };
-        let mut hasher = blake3::Hasher::new();
-        let mut crcs: Vec<crc32fast::Hasher> = entries.iter().map(|_| crc32fast::Hasher::new()).collect();
-        let mut off = 0u64;
-        let keep = fe.path == STATE_FILE;
-        let mut kept = Vec::new();
-        let streamed = objects.stream(&furl, |piece| {
-            hasher.update(piece);
-            let end = off + piece.len() as u64;
-            for (e, crc) in entries.iter().zip(crcs.iter_mut()) {
-                let (s, t) = (e.start.max(off), e.end.min(end));
-                if s < t {
-                    crc.update(&piece[(s - off) as usize..(t - off) as usize]);
-                }
-            }
-            if keep && end <= MAX_MANIFEST_BYTES {
-                kept.extend_from_slice(piece);
-            }
-            off = end;
-        });
-        let got_len = match streamed {
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                report.problems.push(Error::MissingFile { path: fpath });
-                continue;
-            }
-            Err(e) => {
-                report.problems.push(e);
-                continue;
-            }
-        };
-        report.bytes_checked += got_len;
-        if got_len != fe.bytes {
-            report.problems.push(Error::FileSize {
-                path: fpath,
-                tensor: None,
-                expected: fe.bytes,
-                got: got_len,
-            });
-            continue;
-        }
-        let got = hasher.finalize().to_hex().to_string();
-        if got != fe.blake3 {
-            let tensor = component.and_then(|(_, c)| {
-                entries
-                    .iter()
-                    .zip(crcs)
-                    .find(|(e, crc)| c.tensor_crc32.get(&e.key) != Some(&crc.clone().finalize()))
-                    .map(|(e, _)| e.key.clone())
-            });
-            report.problems.push(Error::ChecksumMismatch {
-                path: fpath,
-                tensor,
-                expected: fe.blake3.clone(),
-                got,
-            });
-            continue;
-        }
-        if keep {
-            state = Some(kept);
+    for c in checked {
+        report.bytes_checked += c.bytes;
+        report.problems.extend(c.problems);
+        if c.state.is_some() {
+            state = c.state;
         }
     }
     if let Some(state) = state {
-        check_state_keys(&attempt.join(STATE_FILE).path(), &manifest, &state, &mut report.problems);
+        check_state_keys(
+            &attempt.join(STATE_FILE).path(),
+            &manifest,
+            &state,
+            &mut report.problems,
+        );
     }
     report.manifest = Some(manifest);
 }
@@ -833,4 +745,170 @@ fn check_state_keys(path: &Path, m: &Manifest, bytes: &[u8], problems: &mut Vec<
             });
         }
     }
+}
+
+/// What verifying one file found.
+#[derive(Default)]
+struct FileCheck {
+    bytes: u64,
+    problems: Vec<Error>,
+    state: Option<Vec<u8>>,
+}
+
+impl FileCheck {
+    fn with(mut self, problems: Vec<Error>) -> Self {
+        self.problems = problems;
+        self
+    }
+}
+
+/// Runs `f` on every file of `m` on its own thread; results in manifest order.
+fn each_file<T: Send>(
+    m: &Manifest,
+    f: impl Fn(usize, &crate::manifest::FileEntry) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = m
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, fe)| {
+                let f = &f;
+                s.spawn(move || f(i, fe))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(v) => v,
+                // A panic on a download thread is a bug; propagate it.
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
+}
+
+/// Streams file `fe` of `attempt`, checking its size and BLAKE3, and for a tensor
+/// file the safetensors header (the start of the stream) against the manifest.
+fn verify_file(
+    objects: &Objects,
+    manifest: &Manifest,
+    attempt: &RemoteUrl,
+    fe: &crate::manifest::FileEntry,
+) -> FileCheck {
+    let mut out = FileCheck::default();
+    let mut problems = Vec::new();
+    let furl = attempt.join(&fe.path);
+    let fpath = furl.path();
+    let component = manifest
+        .components
+        .iter()
+        .find(|(_, c)| c.file.as_deref() == Some(fe.path.as_str()));
+    let keep = fe.path == STATE_FILE;
+    let mut kept = Vec::new();
+    let mut head = Vec::new();
+    let mut hasher = blake3::Hasher::new();
+    let streamed = objects.stream(&furl, |piece| {
+        hasher.update(piece);
+        if component.is_some() {
+            fill_head(&mut head, piece);
+        }
+        if keep && (kept.len() + piece.len()) as u64 <= MAX_MANIFEST_BYTES {
+            kept.extend_from_slice(piece);
+        }
+    });
+    let got_len = match streamed {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            problems.push(Error::MissingFile { path: fpath });
+            return out.with(problems);
+        }
+        Err(e) => {
+            problems.push(e);
+            return out.with(problems);
+        }
+    };
+    out.bytes = got_len;
+    if got_len != fe.bytes {
+        problems.push(Error::FileSize {
+            path: fpath,
+            tensor: None,
+            expected: fe.bytes,
+            got: got_len,
+        });
+        return out.with(problems);
+    }
+    let entries = match component {
+        Some((name, c)) => match parse_header(&fpath, &head, fe.bytes) {
+            Ok(entries) => {
+                if entries.len() as u64 != c.tensors
+                    || entries.iter().any(|e| !c.tensor_crc32.contains_key(&e.key))
+                {
+                    problems.push(Error::Inconsistent {
+                        path: fpath.clone(),
+                        reason: format!(
+                            "holds {} tensors but the manifest lists {} for component {name:?}",
+                            entries.len(),
+                            c.tensors
+                        ),
+                    });
+                }
+                entries
+            }
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let got = hasher.finalize().to_hex().to_string();
+    if got != fe.blake3 {
+        let tensor = component.and_then(|(_, c)| damaged_tensor(objects, &furl, &entries, c));
+        problems.push(Error::ChecksumMismatch {
+            path: fpath,
+            tensor,
+            expected: fe.blake3.clone(),
+            got,
+        });
+        return out.with(problems);
+    }
+    if keep {
+        out.state = Some(kept);
+    }
+    out.with(problems)
+}
+
+/// Appends to `head` what `piece` holds of a safetensors header (the 8-byte length,
+/// then that many bytes, at most [`MAX_HEADER_BYTES`]).
+fn fill_head(head: &mut Vec<u8>, mut piece: &[u8]) {
+    loop {
+        let want = if head.len() < 8 {
+            8
+        } else {
+            let mut n8 = [0u8; 8];
+            n8.copy_from_slice(&head[..8]);
+            8 + u64::from_le_bytes(n8).min(MAX_HEADER_BYTES) as usize
+        };
+        if head.len() >= want || piece.is_empty() {
+            return;
+        }
+        let take = (want - head.len()).min(piece.len());
+        head.extend_from_slice(&piece[..take]);
+        piece = &piece[take..];
+    }
+}
+
+/// The first tensor of `url` whose CRC32 differs from the manifest's, range-reading
+/// each tensor's bytes (only for a file whose BLAKE3 did not match).
+fn damaged_tensor(
+    objects: &Objects,
+    url: &RemoteUrl,
+    entries: &[crate::tensor_file::TensorEntry],
+    c: &crate::manifest::ComponentEntry,
+) -> Option<String> {
+    entries.iter().find_map(|e| {
+        let bytes = objects.get_range(url, e.start..e.end).ok()?;
+        (c.tensor_crc32.get(&e.key) != Some(&crc32fast::hash(&bytes))).then(|| e.key.clone())
+    })
 }

@@ -56,7 +56,9 @@ use object_store::ObjectStore;
 use crate::error::{Error, Result};
 
 pub(crate) use dir::RemoteDir;
-pub use dir::{RemoteOptions, ATTEMPT_PREFIX, CLEARING_FILE, COMMIT_FILE, MARKER_FORMAT, STALE_AFTER_ENV};
+pub use dir::{
+    RemoteOptions, ATTEMPT_PREFIX, CLEARING_FILE, COMMIT_FILE, MARKER_FORMAT, STALE_AFTER_ENV,
+};
 pub(crate) use objects::Objects;
 pub use storage::{RemoteStorage, MAX_PARTS_IN_FLIGHT, PART_BYTES, PART_BYTES_ENV};
 
@@ -93,7 +95,11 @@ impl RemoteUrl {
             return Err(bad("the bucket name is empty"));
         }
         let key = key.trim_end_matches('/');
-        if !key.is_empty() && key.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        if !key.is_empty()
+            && key
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+        {
             return Err(bad("the prefix has an empty, `.` or `..` segment"));
         }
         Ok(RemoteUrl {

@@ -202,7 +202,10 @@ impl Storage for RemoteStorage {
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         let url = self.url(path)?;
-        self.objects.delete_prefix(&url).map(|_| ()).map_err(io_from)
+        self.objects
+            .delete_prefix(&url)
+            .map(|_| ())
+            .map_err(io_from)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -216,7 +219,11 @@ impl Storage for RemoteStorage {
 
     fn put_create(&self, path: &Path, bytes: &[u8]) -> io::Result<bool> {
         let url = self.url(path)?;
-        match self.objects.put_create(&url, bytes.to_vec()).map_err(io_from)? {
+        match self
+            .objects
+            .put_create(&url, bytes.to_vec())
+            .map_err(io_from)?
+        {
             Created::Created => Ok(true),
             Created::Exists => Ok(false),
         }

@@ -204,7 +204,8 @@ fn best_from(ckpt: &Path) -> Result<Option<Best>, String> {
 /// fields came from it a moment ago, and `verify` reports damage).
 pub(crate) fn manifest_bytes(ckpt: &Path) -> u64 {
     if relume_ckpt::is_remote(ckpt) {
-        return relume_ckpt::read_checkpoint_file(ckpt, MANIFEST_FILE).map_or(0, |b| b.len() as u64);
+        return relume_ckpt::read_checkpoint_file(ckpt, MANIFEST_FILE)
+            .map_or(0, |b| b.len() as u64);
     }
     std::fs::metadata(ckpt.join(MANIFEST_FILE)).map_or(0, |m| m.len())
 }
@@ -311,7 +312,9 @@ fn build(opts: &LsOpts) -> anyhow::Result<Listing> {
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
     let mut notes = Vec::new();
-    if let (Some(name), Ok(pointer)) = (&latest_name, dir.latest_pointer()) {
+    // A remote run has no pointer to be behind: `latest` is resolved from markers.
+    if let (Some(name), Ok(pointer), false) = (&latest_name, dir.latest_pointer(), dir.is_remote())
+    {
         if pointer.as_deref() != Some(name.as_str()) {
             notes.push(pointer_note(pointer.as_deref(), name));
         }

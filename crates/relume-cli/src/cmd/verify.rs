@@ -221,7 +221,7 @@ fn verify_run(run_dir: &Path) -> anyhow::Result<(Vec<Checked>, Vec<Problem>, Vec
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let pointer = dir.latest_pointer()?;
-            if pointer.as_deref() != Some(name.as_str()) {
+            if !dir.is_remote() && pointer.as_deref() != Some(name.as_str()) {
                 notes.push(super::ls::pointer_note(pointer.as_deref(), &name));
             }
         }
