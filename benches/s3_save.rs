@@ -81,14 +81,14 @@ fn main() {
         best[0] = best[0].min(t.elapsed().as_secs_f64());
         let t = Instant::now();
         rt.block_on(async {
-            for i in 0..blobs.len() {
+            for (i, blob) in blobs.iter().enumerate() {
                 let loc = object_store::path::Path::from(format!("bench-raw-{run_id}/{rep}/{i}"));
                 let mut s = store.get(&loc).await.expect("get").into_stream();
                 let mut n = 0usize;
                 while let Some(p) = s.next().await {
                     n += p.expect("piece").len();
                 }
-                assert_eq!(n, blobs[i].len());
+                assert_eq!(n, blob.len());
             }
         });
         best[1] = best[1].min(t.elapsed().as_secs_f64());

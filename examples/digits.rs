@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Tensor, D};
 use clap::Parser;
 use relume::callbacks::{LearningRateMonitor, Mode, ModelCheckpoint};
 use relume::data::{CsvDataset, DataLoader, Dataset, LoaderConfig, TensorCollate};
-use relume::dist::{Collective, SingleProcess};
+use relume::dist::{Launched, DEFAULT_TIMEOUT};
 use relume::loggers::{CsvLogger, TensorBoardLogger};
 use relume::nn::{cross_entropy, dropout, Linear};
 use relume::optim::{AdamConfig, AdamW};
@@ -89,32 +89,6 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     micro_batches: u64,
 }
-
-/// The process group: MPI when started by `mpirun` (with the `mpi` feature), one
-/// process otherwise; `None` for a plain single-process run.
-fn collective(args: &Args) -> Result<Option<Arc<dyn Collective>>> {
-    #[cfg(feature = "mpi")]
-    if relume::dist::launched_by_mpirun() {
-        let c = Arc::new(relume::dist::MpiCollective::init(
-            relume::dist::DEFAULT_TIMEOUT,
-        )?);
-        *MPI.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&c));
-        return Ok(Some(c));
-    }
-    #[cfg(not(feature = "mpi"))]
-    if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() {
-        anyhow::bail!(
-            "started by mpirun, but built without MPI: build with `--features relume/mpi`"
-        );
-    }
-    Ok((args.micro_batches > 1).then(|| Arc::new(SingleProcess) as Arc<dyn Collective>))
-}
-
-/// The MPI group, kept to abort every rank after an error, and dropped (MPI
-/// finalised) before a normal exit.
-#[cfg(feature = "mpi")]
-static MPI: std::sync::Mutex<Option<Arc<relume::dist::MpiCollective>>> =
-    std::sync::Mutex::new(None);
 
 /// The MLP.
 struct Mlp {
@@ -225,12 +199,20 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
-    match run(args) {
+    // MPI under mpirun (built with `--features relume/mpi`); the data-parallel
+    // path at world size 1 for --micro-batches N > 1; a plain run otherwise.
+    let launched = match Launched::detect(DEFAULT_TIMEOUT, args.micro_batches > 1) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    match run(args, launched.as_ref()) {
         Ok(code) => {
             // The trainer is gone: this is the last handle, and dropping it
             // finalises MPI (mpirun reports an exit without it as a failure).
-            #[cfg(feature = "mpi")]
-            drop(MPI.lock().unwrap_or_else(|p| p.into_inner()).take());
+            drop(launched);
             std::process::exit(code)
         }
         Err(e) => {
@@ -241,16 +223,15 @@ fn main() {
                 eprintln!("hint: to train this run longer, add --extend-schedule");
             }
             // Under mpirun: end every rank now rather than leave them waiting.
-            #[cfg(feature = "mpi")]
-            if let Some(c) = MPI.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                c.abort(1);
+            match launched {
+                Some(l) => l.abort(1),
+                None => std::process::exit(1),
             }
-            std::process::exit(1);
         }
     }
 }
 
-fn run(args: Args) -> Result<i32> {
+fn run(args: Args, dist: Option<&Launched>) -> Result<i32> {
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
     let logs = match &args.log_dir {
@@ -265,9 +246,8 @@ fn run(args: Args) -> Result<i32> {
         }
         None => args.run_dir.join("logs"),
     };
-    let dist = collective(&args)?;
-    let root = dist.as_ref().is_none_or(|c| c.rank() == 0);
-    let world = dist.as_ref().map_or(1, |c| c.world_size());
+    let root = dist.is_none_or(|c| c.rank() == 0);
+    let world = dist.map_or(1, Launched::world_size);
     if args.micro_batches == 0 || 32 % args.micro_batches != 0 {
         anyhow::bail!(
             "--micro-batches {}: must divide the batch of 32 (1, 2, 4, 8, 16 or 32)",
@@ -355,7 +335,7 @@ fn run(args: Args) -> Result<i32> {
             TensorBoardLogger::new(&logs).with_file_name("events.out.tfevents.digits")?,
         ));
     if let Some(c) = dist {
-        builder = builder.collective(c);
+        builder = builder.collective(c.collective());
     }
     let mut trainer = builder.build()?;
     let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;

@@ -16,6 +16,10 @@
 //! cargo run --release --example gpt                  # train (resumes if a checkpoint exists)
 //! cargo run --release --example gpt -- --sample      # generate from the latest checkpoint
 //! cargo run --release --example gpt -- --fresh       # delete the run's checkpoints, start over
+//! # data-parallel: 2 ranks, each computing 2 of the 4 micro-batches of every step;
+//! # byte-identical to the same command without mpirun
+//! cargo build --release --example gpt --features relume/mpi
+//! mpirun -np 2 target/release/examples/gpt --accumulate 4 --batch-size 8
 //! ```
 //!
 //! Ctrl-C (SIGINT), SIGTERM or SIGUSR1 saves a checkpoint at the next optimizer
@@ -29,6 +33,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use relume::callbacks::LearningRateMonitor;
 use relume::data::LoaderConfig;
+use relume::dist::{Launched, DEFAULT_TIMEOUT};
 use relume::loggers::{CsvLogger, TensorBoardLogger};
 use relume::preempt::{Preemption, PREEMPTED_EXIT_CODE};
 use relume::rng::Rng;
@@ -101,7 +106,9 @@ struct Args {
     /// Windows per micro-batch.
     #[arg(long, value_name = "N", default_value_t = 32)]
     batch_size: usize,
-    /// Micro-batches per optimizer step (gradient accumulation).
+    /// Micro-batches per optimizer step (gradient accumulation). Under `mpirun -np W`
+    /// each rank computes N/W of them (W must divide N), and the run is
+    /// byte-identical to one process accumulating N.
     #[arg(long, value_name = "N", default_value_t = 1)]
     accumulate: u64,
     /// Peak learning rate.
@@ -138,16 +145,33 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+    // MPI under mpirun (built with `--features relume/mpi`), else one process.
+    // With --accumulate N > 1 the data-parallel path runs at world size 1 too, so a
+    // run under mpirun and one without it are byte-identical (and resume each other).
+    let launched = match Launched::detect(DEFAULT_TIMEOUT, args.accumulate > 1 && !args.sample) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    // The cores are shared by the ranks on this machine.
+    let ranks = launched.as_ref().map_or(1, Launched::world_size);
     relume::set_cpu_threads(
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        (std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) / ranks)
+            .max(1),
     );
     let result = if args.sample {
         sample(&args)
     } else {
-        train(&args)
+        train(&args, launched.as_ref())
     };
     match result {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => {
+            // Finalises MPI before the exit (mpirun reports an exit without it).
+            drop(launched);
+            std::process::exit(code)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<relume::Error>()
@@ -155,14 +179,31 @@ fn main() {
             {
                 eprintln!("hint: to train this run longer, add --extend-schedule");
             }
-            std::process::exit(1);
+            // Under mpirun: end every rank now rather than leave them waiting.
+            match launched {
+                Some(l) => l.abort(1),
+                None => std::process::exit(1),
+            }
         }
     }
 }
 
-fn train(args: &Args) -> Result<i32> {
+fn train(args: &Args, dist: Option<&Launched>) -> Result<i32> {
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
+    let root = dist.is_none_or(|d| d.rank() == 0);
+    let world = dist.map_or(1, Launched::world_size) as u64;
+    if args.accumulate % world != 0 {
+        anyhow::bail!(
+            "--accumulate {}: under mpirun -np {world} it must be a multiple of {world} (each rank computes an equal share of every step's micro-batches)",
+            args.accumulate
+        );
+    }
+    if args.fresh && world > 1 {
+        anyhow::bail!(
+            "--fresh under mpirun: clear the run once without mpirun, then start the ranks"
+        );
+    }
     if args.fresh {
         let dir = CheckpointDir::open(&args.run_dir)
             .with_context(|| format!("--fresh: cannot clear {}", ckpt_dir.display()))?;
@@ -198,7 +239,8 @@ fn train(args: &Args) -> Result<i32> {
         },
     };
     let baseline = corpus.val_unigram_entropy();
-    println!(
+    if root {
+        println!(
         "gpt: {} train / {} val characters (vocabulary {}), {} windows of {b} per epoch, batch {} x {}; {} parameters; {} steps; unigram baseline {baseline:.4} nats/char; checkpoints in {}",
         corpus.train.len(),
         corpus.val.len(),
@@ -210,6 +252,14 @@ fn train(args: &Args) -> Result<i32> {
         args.max_steps,
         ckpt_dir.display()
     );
+    }
+    if world > 1 && root {
+        println!(
+            "data-parallel: {world} ranks, {} of the {} micro-batches of every step each",
+            args.accumulate / world,
+            args.accumulate
+        );
+    }
     let cadence = Cadence {
         max_steps: args.max_steps,
         accumulate: args.accumulate,
@@ -219,7 +269,7 @@ fn train(args: &Args) -> Result<i32> {
         keep: 2,
     };
     let logs = args.run_dir.join("logs");
-    let mut trainer = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), args.seed)
+    let mut builder = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), args.seed)
         .default_root_dir(&args.run_dir)
         .callback(Box::new(LearningRateMonitor::new()))
         .resume(ResumePolicy::IfExists(Source::Last))
@@ -228,14 +278,24 @@ fn train(args: &Args) -> Result<i32> {
         .logger(Box::new(CsvLogger::new(&logs)))
         .logger(Box::new(
             TensorBoardLogger::new(&logs).with_file_name("events.out.tfevents.gpt")?,
-        ))
-        .build()?;
+        ));
+    if let Some(d) = dist {
+        builder = builder.collective(d.collective());
+    }
+    let mut trainer = builder.build()?;
     let outcome = trainer.fit(&mut module, &mut train, Some(&val))?;
     let s = outcome.summary();
     let last = s.last_checkpoint.as_ref().map_or_else(
         || "(none written by this run)".to_string(),
         |p| p.display().to_string(),
     );
+    if !root {
+        // Rank 0 reports; the others end with the same outcome.
+        return Ok(match &outcome {
+            FitOutcome::Interrupted(_) => PREEMPTED_EXIT_CODE,
+            _ => 0,
+        });
+    }
     if let FitOutcome::Interrupted(_) = &outcome {
         println!(
             "interrupted at step {}; checkpoint saved: {last}\nrun the same command to resume (exit code {PREEMPTED_EXIT_CODE})",

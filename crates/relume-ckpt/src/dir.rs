@@ -88,6 +88,23 @@ pub struct CheckpointInfo {
     pub group: Vec<String>,
 }
 
+impl CheckpointInfo {
+    /// The listing entry of checkpoint `name` at `path`, from its manifest.
+    pub fn from_manifest(name: String, path: PathBuf, m: Manifest) -> Self {
+        CheckpointInfo {
+            name,
+            path,
+            step: m.step(),
+            bytes: m.total_bytes(),
+            progress: m.progress,
+            metrics: m.metrics,
+            created_at: m.created_at,
+            commit_seq: m.commit_seq,
+            group: m.group,
+        }
+    }
+}
+
 /// A run directory's checkpoints: save, list, resolve, delete.
 #[derive(Debug)]
 pub struct CheckpointDir {
@@ -457,17 +474,7 @@ impl CheckpointDir {
                 Err(err) => return Err(io_err("read", &mpath)(err)),
             };
             match Manifest::parse(&mpath, &bytes) {
-                Ok(m) => out.push(CheckpointInfo {
-                    name,
-                    path: e.path(),
-                    step: m.step(),
-                    bytes: m.total_bytes(),
-                    progress: m.progress,
-                    metrics: m.metrics,
-                    created_at: m.created_at,
-                    commit_seq: m.commit_seq,
-                    group: m.group,
-                }),
+                Ok(m) => out.push(CheckpointInfo::from_manifest(name, e.path(), m)),
                 Err(err) => tracing::warn!("skipping {}: {err}", e.path().display()),
             }
         }

@@ -291,6 +291,45 @@ fn check_all(dir: &Path, m: &Manifest) -> Vec<Result<Arc<Mmap>>> {
         .collect()
 }
 
+/// [`Error::Inconsistent`] when the tensors of component `name`'s file (`path`) are
+/// not the ones its manifest entry lists.
+pub(crate) fn header_disagrees(
+    path: &Path,
+    name: &str,
+    c: &crate::manifest::ComponentEntry,
+    entries: &[crate::tensor_file::TensorEntry],
+) -> Option<Error> {
+    (entries.len() as u64 != c.tensors
+        || entries.iter().any(|e| !c.tensor_crc32.contains_key(&e.key)))
+    .then(|| Error::Inconsistent {
+        path: path.to_path_buf(),
+        reason: format!(
+            "holds {} tensors but the manifest lists {} for component {name:?}",
+            entries.len(),
+            c.tensors
+        ),
+    })
+}
+
+/// [`Error::Inconsistent`] when component `name`'s JSON keys in `state.json`
+/// (`path`) are not the ones its manifest entry lists.
+pub(crate) fn json_keys_disagree(
+    path: &Path,
+    name: &str,
+    c: &crate::manifest::ComponentEntry,
+    keys: &[&String],
+) -> Option<Error> {
+    (keys.len() != c.json_keys.len() || keys.iter().zip(&c.json_keys).any(|(a, b)| *a != b)).then(
+        || Error::Inconsistent {
+            path: path.to_path_buf(),
+            reason: format!(
+                "component {name:?}: JSON keys {keys:?} differ from the manifest's {:?}",
+                c.json_keys
+            ),
+        },
+    )
+}
+
 /// Builds the components from verified maps; pushes every inconsistency to `errors`.
 pub(crate) fn build_components(
     dir: &Path,
@@ -328,17 +367,8 @@ pub(crate) fn build_components(
             let Some(map) = maps.get(file) else { continue };
             match parse_header(&path, map, map.len() as u64) {
                 Ok(entries) => {
-                    if entries.len() as u64 != c.tensors
-                        || entries.iter().any(|e| !c.tensor_crc32.contains_key(&e.key))
-                    {
-                        errors.push(Error::Inconsistent {
-                            path: path.clone(),
-                            reason: format!(
-                                "holds {} tensors but the manifest lists {} for component {name:?}",
-                                entries.len(),
-                                c.tensors
-                            ),
-                        });
+                    if let Some(e) = header_disagrees(&path, name, c, &entries) {
+                        errors.push(e);
                         continue;
                     }
                     for e in entries {
@@ -367,16 +397,8 @@ pub(crate) fn build_components(
         if let Some(state) = &state {
             let leaves = state.get(name).and_then(Value::as_object);
             let keys: Vec<&String> = leaves.map(|l| l.keys().collect()).unwrap_or_default();
-            if keys.len() != c.json_keys.len()
-                || keys.iter().zip(&c.json_keys).any(|(a, b)| *a != b)
-            {
-                errors.push(Error::Inconsistent {
-                    path: state_path.clone(),
-                    reason: format!(
-                        "component {name:?}: JSON keys {keys:?} differ from the manifest's {:?}",
-                        c.json_keys
-                    ),
-                });
+            if let Some(e) = json_keys_disagree(&state_path, name, c, &keys) {
+                errors.push(e);
             } else if let Some(l) = leaves {
                 for (k, v) in l {
                     sd.insert_json(k.clone(), v.clone());

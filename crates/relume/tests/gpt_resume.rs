@@ -57,6 +57,16 @@ struct Spec {
 /// and 11), so the run ends in its third epoch; a checkpoint every 4 steps,
 /// validation on 2 batches every 5.
 fn run(spec: &Spec, run_dir: &Path) -> relume::Result<FitOutcome> {
+    run_in(spec, run_dir, None)
+}
+
+/// [`run`], data-parallel over `group` when given (each rank computes its share of
+/// the 2 micro-batches of every step).
+fn run_in(
+    spec: &Spec,
+    run_dir: &Path,
+    group: Option<Arc<dyn relume::dist::Collective>>,
+) -> relume::Result<FitOutcome> {
     let corpus = corpus();
     let mut train = gpt_model::loader(
         corpus.train.clone(),
@@ -74,7 +84,7 @@ fn run(spec: &Spec, run_dir: &Path) -> relume::Result<FitOutcome> {
         keep: 2,
     };
     let flag = Arc::new(AtomicBool::new(false));
-    let mut trainer = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), 11)
+    let mut builder = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), 11)
         .default_root_dir(run_dir)
         .enable_progress_bar(false)
         .interrupt_flag(flag.clone())
@@ -86,8 +96,11 @@ fn run(spec: &Spec, run_dir: &Path) -> relume::Result<FitOutcome> {
             ResumePolicy::IfExists(Source::Last)
         } else {
             ResumePolicy::Never
-        })
-        .build()?;
+        });
+    if let Some(g) = group {
+        builder = builder.collective(g);
+    }
+    let mut trainer = builder.build()?;
     let mut module = GptModule {
         model: Gpt::new(config(corpus.vocab.len()), 7)?,
         opt: OptConfig {
@@ -214,4 +227,65 @@ fn the_split_is_fixed_and_sampling_is_seeded() {
     assert_ne!(draw(4), draw(5));
     assert_eq!(draw(4).len(), prompt.len() + 20);
     assert!(c.encode("§").is_err());
+}
+
+/// `spec` at world size `world` (threads of this process as ranks); every rank's
+/// outcome.
+fn run_at(world: usize, spec: &Spec, dir: &Path) -> Vec<String> {
+    if world == 1 {
+        let c: Arc<dyn relume::dist::Collective> = Arc::new(relume::dist::SingleProcess);
+        return vec![describe(&run_in(spec, dir, Some(c)).unwrap())];
+    }
+    let (spec, dir) = (spec.clone(), dir.to_path_buf());
+    relume::dist::run_threads(world, std::time::Duration::from_secs(120), move |g| {
+        run_in(&spec, &dir, Some(Arc::new(g))).map(|o| describe(&o))
+    })
+    .unwrap()
+}
+
+/// The final checkpoint's state files, byte for byte.
+fn final_files(run_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let (p, _) = latest(run_dir);
+    ["model.safetensors", "optimizer.0.safetensors", "state.json"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(p.join(f)).unwrap()))
+        .collect()
+}
+
+#[test]
+fn data_parallel_at_two_ranks_equals_one_and_resumes_at_another_world_size() {
+    let clean = Spec {
+        interrupt_after_batches: None,
+        resume: false,
+    };
+    let one = tempfile::tempdir().unwrap();
+    assert_eq!(run_at(1, &clean, one.path()), ["completed@14"]);
+    let two = tempfile::tempdir().unwrap();
+    assert_eq!(
+        run_at(2, &clean, two.path()),
+        ["completed@14", "completed@14"]
+    );
+    assert!(
+        final_files(one.path()) == final_files(two.path()),
+        "2 ranks differ from 1"
+    );
+    // Interrupted at world size 2 inside epoch 1, resumed at world size 1.
+    let moved = tempfile::tempdir().unwrap();
+    let stop = Spec {
+        interrupt_after_batches: Some(16),
+        resume: true,
+    };
+    assert_eq!(
+        run_at(2, &stop, moved.path()),
+        ["interrupted@9", "interrupted@9"]
+    );
+    let resume = Spec {
+        interrupt_after_batches: None,
+        resume: true,
+    };
+    assert_eq!(run_at(1, &resume, moved.path()), ["completed@14"]);
+    assert!(
+        final_files(one.path()) == final_files(moved.path()),
+        "resume at another world size differs"
+    );
 }

@@ -18,7 +18,10 @@ use crate::dir::{CheckpointInfo, CHECKPOINTS_DIR};
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::manifest::{rfc3339, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES, STATE_FILE};
-use crate::read::{build_components, check_bytes, LoadedCheckpoint, VerifyReport};
+use crate::read::{
+    build_components, check_bytes, header_disagrees, json_keys_disagree, LoadedCheckpoint,
+    VerifyReport,
+};
 use crate::storage::Storage;
 use crate::tensor_file::{parse_header, MAX_HEADER_BYTES};
 
@@ -216,17 +219,7 @@ impl RemoteDir {
         for (name, marker) in self.markers()? {
             let ckpt = self.dir.join(&name);
             match read_manifest(&self.objects, &ckpt, &marker) {
-                Ok((m, _)) => out.push(CheckpointInfo {
-                    name,
-                    path: ckpt.path(),
-                    step: m.step(),
-                    bytes: m.total_bytes(),
-                    progress: m.progress,
-                    metrics: m.metrics,
-                    created_at: m.created_at,
-                    commit_seq: m.commit_seq,
-                    group: m.group,
-                }),
+                Ok((m, _)) => out.push(CheckpointInfo::from_manifest(name, ckpt.path(), m)),
                 Err(e) => tracing::warn!("skipping {ckpt}: {e}"),
             }
         }
@@ -735,15 +728,7 @@ fn check_state_keys(path: &Path, m: &Manifest, bytes: &[u8], problems: &mut Vec<
             .and_then(Value::as_object)
             .map(|l| l.keys().collect())
             .unwrap_or_default();
-        if keys.len() != c.json_keys.len() || keys.iter().zip(&c.json_keys).any(|(a, b)| *a != b) {
-            problems.push(Error::Inconsistent {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "component {name:?}: JSON keys {keys:?} differ from the manifest's {:?}",
-                    c.json_keys
-                ),
-            });
-        }
+        problems.extend(json_keys_disagree(path, name, c, &keys));
     }
 }
 
@@ -841,18 +826,7 @@ fn verify_file(
     let entries = match component {
         Some((name, c)) => match parse_header(&fpath, &head, fe.bytes) {
             Ok(entries) => {
-                if entries.len() as u64 != c.tensors
-                    || entries.iter().any(|e| !c.tensor_crc32.contains_key(&e.key))
-                {
-                    problems.push(Error::Inconsistent {
-                        path: fpath.clone(),
-                        reason: format!(
-                            "holds {} tensors but the manifest lists {} for component {name:?}",
-                            entries.len(),
-                            c.tensors
-                        ),
-                    });
-                }
+                problems.extend(header_disagrees(&fpath, name, c, &entries));
                 entries
             }
             Err(e) => {

@@ -36,8 +36,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+mod launch;
 #[cfg(feature = "mpi")]
 mod mpi_impl;
+pub use launch::{started_by_mpirun, Launched};
 #[cfg(feature = "mpi")]
 pub use mpi_impl::{launched_by_mpirun, MpiCollective};
 

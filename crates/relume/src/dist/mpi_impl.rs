@@ -54,9 +54,7 @@ impl std::fmt::Debug for MpiCollective {
 
 /// True when this process was started by `mpirun`/`mpiexec` (OpenMPI or MPICH).
 pub fn launched_by_mpirun() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
+    super::started_by_mpirun()
 }
 
 fn encode_all(all: &[Vec<u8>]) -> Vec<u8> {
