@@ -9,6 +9,7 @@
 #![cfg(feature = "s3")]
 
 mod cb_common;
+mod support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -170,4 +171,55 @@ fn a_failed_async_upload_surfaces_and_the_rerun_finishes_equal_to_a_local_run() 
     let local = tempfile::tempdir().unwrap();
     run_with(&spec(true), local.path(), manual()).unwrap();
     assert_identical(local.path(), &run);
+}
+
+/// The digits job as a user runs it, with `--run-dir s3://...`: killed three times
+/// (SIGKILL) and rerun, it ends with the final checkpoint of a local uninterrupted
+/// run, and the same checkpoints kept.
+#[test]
+fn the_digits_job_killed_and_rerun_on_a_bucket_ends_as_a_local_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let _serial = serial();
+    let Some(run) = s3_run("digits") else {
+        return;
+    };
+    let local = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let digits = |dir: &std::path::Path, log: &str| {
+        let mut c = std::process::Command::new(support::digits_example());
+        c.args(["--max-epochs", "12", "--run-dir"])
+            .arg(dir)
+            .arg("--log-dir")
+            .arg(logs.path().join(log))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let out = digits(local.path(), "local").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut killed = 0;
+    for ms in [400, 900, 1600] {
+        let mut child = digits(&run, "s3").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        if status.signal() == Some(libc::SIGKILL) {
+            killed += 1;
+        }
+    }
+    assert!(killed > 0, "no kill landed before the job finished");
+    let out = digits(&run, "s3").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("s3://"), "{text}");
+    assert_identical(local.path(), &run);
+    assert_eq!(checkpoint_names(&run), checkpoint_names(local.path()));
 }

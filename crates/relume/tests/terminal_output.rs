@@ -6,15 +6,11 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+mod support;
+
 /// `target/debug/examples/digits`, built by `cargo test` beside this test.
 fn digits() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    dir.join("examples")
-        .join(format!("digits{}", std::env::consts::EXE_SUFFIX))
+    support::digits_example()
 }
 
 fn text(out: &Output) -> String {

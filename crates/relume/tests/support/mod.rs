@@ -13,6 +13,17 @@ use relume::trainer::FitOutcome;
 use relume::{Error, Result};
 use relume_ckpt::{RestoreReport, StateDict};
 
+/// `target/<profile>/examples/digits`, built by `cargo test` beside the tests.
+pub fn digits_example() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    dir.join("examples")
+        .join(format!("digits{}", std::env::consts::EXE_SUFFIX))
+}
+
 /// Raises its rank's interrupt flag after `at` training batches (only on `rank`);
 /// fails after `fail` of them (only on that rank).
 pub struct Interrupter {
