@@ -274,6 +274,19 @@ fn build_from_env(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
         })
 }
 
+/// The unsigned integer in environment variable `name`; unset is `None`, and so is
+/// a value that is not a number, with a warning naming it (the default applies).
+pub(crate) fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse::<u64>() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!("ignoring {name}={v:?}: {e}; the default is used");
+            None
+        }
+    }
+}
+
 /// `e` and its sources, joined with `: `.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

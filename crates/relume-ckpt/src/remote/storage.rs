@@ -27,10 +27,7 @@ pub const PART_BYTES_ENV: &str = "RELUME_S3_PART_BYTES";
 
 /// The part size: [`PART_BYTES`] or [`PART_BYTES_ENV`] (not below 5 MiB).
 fn part_bytes() -> usize {
-    std::env::var(PART_BYTES_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(PART_BYTES, |n| n.max(5 << 20))
+    super::env_number(PART_BYTES_ENV).map_or(PART_BYTES, |n| (n as usize).max(5 << 20))
 }
 /// Parts of one file uploading at once.
 pub const MAX_PARTS_IN_FLIGHT: usize = 4;
