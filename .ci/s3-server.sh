@@ -40,6 +40,17 @@ SERIALIZE="${RELUME_MOTO_SERIALIZE:-1}"
 PY="${RELUME_MOTO_PYTHON:-python3}"
 
 log() { printf 's3-server: %s\n' "$*" >&2; }
+
+# wait_gone PID TENTHS: true once PID has exited, false if it still runs after
+# TENTHS tenths of a second.
+wait_gone() {
+    local i
+    for ((i = 0; i < $2; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    ! kill -0 "$1" 2>/dev/null
+}
 die() { log "error: $*"; exit 1; }
 
 # Moto's WSGI app behind one global lock: each request (body read, checks, store,
@@ -95,17 +106,10 @@ stop_server() {
     fi
     log "stopping moto server (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
+    if ! wait_gone "$pid" 100; then
         log "pid $pid ignored SIGTERM for 10 s; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
+        wait_gone "$pid" 50 || true
     fi
     rm -f "$PID_FILE" "$ENV_FILE"
 }

@@ -41,7 +41,7 @@ pub struct LoadedCheckpoint {
     pub components: BTreeMap<String, StateDict>,
     /// Shared lock on `manifest.json`, held while the maps are alive (none for a
     /// remote checkpoint, whose bytes live in anonymous memory).
-    pub(crate) _lock: Option<File>,
+    _lock: Option<File>,
 }
 
 /// The outcome of [`verify`]: every problem found, and how much was checked.
@@ -330,6 +330,28 @@ pub(crate) fn json_keys_disagree(
     )
 }
 
+/// The loaded checkpoint `path` from its verified manifest and file maps (`dir`
+/// names the files in errors), or the first inconsistency between them.
+pub(crate) fn assemble(
+    dir: &Path,
+    path: PathBuf,
+    manifest: Manifest,
+    maps: &BTreeMap<String, Arc<Mmap>>,
+    lock: Option<File>,
+) -> Result<LoadedCheckpoint> {
+    let mut errors = Vec::new();
+    let components = build_components(dir, &manifest, maps, &mut errors);
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    Ok(LoadedCheckpoint {
+        path,
+        manifest,
+        components,
+        _lock: lock,
+    })
+}
+
 /// Builds the components from verified maps; pushes every inconsistency to `errors`.
 pub(crate) fn build_components(
     dir: &Path,
@@ -444,17 +466,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedCheckpoint> {
     for (fe, r) in manifest.files.iter().zip(check_all(dir, &manifest)) {
         maps.insert(fe.path.clone(), r?);
     }
-    let mut errors = Vec::new();
-    let components = build_components(dir, &manifest, &maps, &mut errors);
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e);
-    }
-    Ok(LoadedCheckpoint {
-        path: dir.to_path_buf(),
-        manifest,
-        components,
-        _lock: Some(lock),
-    })
+    assemble(dir, dir.to_path_buf(), manifest, &maps, Some(lock))
 }
 
 /// Reads and validates the manifest of the checkpoint at `path` (a local directory

@@ -19,8 +19,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::manifest::{rfc3339, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES, STATE_FILE};
 use crate::read::{
-    build_components, check_bytes, header_disagrees, json_keys_disagree, LoadedCheckpoint,
-    VerifyReport,
+    assemble, check_bytes, header_disagrees, json_keys_disagree, LoadedCheckpoint, VerifyReport,
 };
 use crate::storage::Storage;
 use crate::tensor_file::{parse_header, MAX_HEADER_BYTES};
@@ -654,17 +653,7 @@ fn load(objects: &Objects, url: &RemoteUrl) -> Result<LoadedCheckpoint> {
     for (fe, map) in manifest.files.iter().zip(downloads) {
         maps.insert(fe.path.clone(), Arc::new(map?));
     }
-    let mut errors = Vec::new();
-    let components = build_components(&attempt.path(), &manifest, &maps, &mut errors);
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e);
-    }
-    Ok(LoadedCheckpoint {
-        path: url.path(),
-        manifest,
-        components,
-        _lock: None,
-    })
+    assemble(&attempt.path(), url.path(), manifest, &maps, None)
 }
 
 fn verify(objects: &Objects, url: &RemoteUrl, report: &mut VerifyReport) {
