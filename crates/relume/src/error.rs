@@ -364,6 +364,18 @@ pub enum Error {
         /// The difference (the first differing setting, the two fingerprints, ...).
         detail: String,
     },
+    /// The GPU collective library (NCCL) or the CUDA driver failed on this rank.
+    #[error("rank {rank}: {library} failed at {what}: {detail}; check that the rank's GPU is visible (CUDA_VISIBLE_DEVICES), that libcuda and libnccl load, and the NCCL_DEBUG=WARN output")]
+    DeviceCollective {
+        /// The rank reporting.
+        rank: usize,
+        /// `"NCCL"` or `"CUDA"`.
+        library: &'static str,
+        /// The operation (`"gradients of step 12"`).
+        what: String,
+        /// The library's error code.
+        detail: String,
+    },
     /// A rank thread of a [`crate::dist::ThreadGroup`] panicked.
     #[error("data-parallel rank {rank} panicked (its message is above)")]
     RankPanicked {

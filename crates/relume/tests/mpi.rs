@@ -4,7 +4,7 @@
 //!
 //! Needs the `mpi` feature and OpenMPI (`apt-get install libopenmpi-dev
 //! openmpi-bin libclang-dev`):
-//! `cargo test --workspace --features relume/mpi --test mpi`. As root, set
+//! `cargo test -p relume --features mpi,nccl --lib --test mpi --test data_parallel`. As root, set
 //! `OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1` (`.ci/run` does).
 #![cfg(feature = "mpi")]
 

@@ -28,7 +28,9 @@
 //!
 //! Implementations: [`SingleProcess`] (world size 1, the default), [`ThreadGroup`]
 //! (N ranks as threads of one process, for tests and for a quick look), and
-//! `MpiCollective` behind the cargo feature `mpi` (OpenMPI through the `mpi` crate).
+//! `MpiCollective` behind the cargo feature `mpi` (OpenMPI through the `mpi` crate),
+//! and `NcclCollective` behind `nccl` (NCCL on NVIDIA GPUs through cudarc,
+//! bootstrapped over MPI; it builds without CUDA and is untested without a GPU).
 
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex};
@@ -39,9 +41,13 @@ use crate::error::{Error, Result};
 mod launch;
 #[cfg(feature = "mpi")]
 mod mpi_impl;
+#[cfg(feature = "nccl")]
+mod nccl_impl;
 pub use launch::{started_by_mpirun, Launched};
 #[cfg(feature = "mpi")]
 pub use mpi_impl::{launched_by_mpirun, MpiCollective};
+#[cfg(feature = "nccl")]
+pub use nccl_impl::NcclCollective;
 
 /// The default time a rank waits for the others at a collective operation.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
