@@ -28,6 +28,9 @@ struct Job {
     timeout_ms: u64,
     /// This rank sleeps instead of training (a rank that never arrives).
     stall_rank: Option<usize>,
+    /// Every rank only reports how it sees its stdout, then ends.
+    #[serde(default)]
+    report_terminal: bool,
 }
 
 /// The MPI rank entry point: does nothing unless started by `mpirun` below.
@@ -39,6 +42,16 @@ fn child() {
     let job: Job = serde_json::from_str(&arg).unwrap();
     let c = Arc::new(MpiCollective::init(Duration::from_millis(job.timeout_ms)).unwrap());
     let rank = c.rank();
+    if job.report_terminal {
+        use std::io::IsTerminal;
+        println!(
+            "TERMINAL=rank{rank}:pty={}:relume={}:colour={}",
+            std::io::stdout().is_terminal(),
+            relume::progress::stdout_is_terminal(),
+            relume::progress::use_color()
+        );
+        return;
+    }
     if job.stall_rank == Some(rank) {
         std::thread::sleep(Duration::from_secs(600));
     }
@@ -97,6 +110,7 @@ fn job(spec: &Spec, dir: &Path) -> Job {
         dir: dir.to_path_buf(),
         timeout_ms: 60_000,
         stall_rank: None,
+        report_terminal: false,
     }
 }
 
@@ -248,4 +262,30 @@ fn three_mpi_ranks_match_one_process() {
     let want: Vec<String> = (0..3).map(|r| format!("rank{r}:{}", alone[0])).collect();
     assert_eq!(ran.outcomes, want, "{}", ran.all);
     assert_same_state(r.path(), dir.path());
+}
+
+#[test]
+fn ranks_print_plain_lines_though_mpirun_gives_them_a_terminal() {
+    // OpenMPI hands each rank a pseudo-terminal even when mpirun's own output is a
+    // pipe (as here) or a file: a bar and colour codes would land in the log.
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = job(&SPEC, dir.path());
+    j.report_terminal = true;
+    let ran = mpirun(2, &j);
+    assert!(ran.ok, "{}", ran.all);
+    let mut seen: Vec<&str> = ran
+        .all
+        .lines()
+        .filter_map(|l| l.split_once("TERMINAL=").map(|(_, r)| r.trim()))
+        .collect();
+    seen.sort();
+    assert_eq!(seen.len(), 2, "{}", ran.all);
+    for (rank, line) in seen.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("rank{rank}:"))
+                && line.ends_with(":relume=false:colour=false"),
+            "rank {rank} would draw a bar or colour: {line}"
+        );
+    }
+    assert!(!ran.all.contains('\x1b'), "escape codes: {}", ran.all);
 }

@@ -97,11 +97,28 @@ impl Drop for LogWriter {
     }
 }
 
-/// Whether log output on stdout should be coloured: only when stdout is a
-/// terminal and `NO_COLOR` is unset or empty (<https://no-color.org>).
+/// Whether stdout is a terminal a person watches: a terminal, and not a rank
+/// started by `mpirun`. mpirun gives every rank a pseudo-terminal even when its own
+/// output goes to a file or a pipe, and interleaves the ranks' lines, so a bar
+/// redrawn with `\r` and colour codes would land in the log; under an MPI launcher
+/// relume prints plain lines.
+pub fn stdout_is_terminal() -> bool {
+    terminal_wanted(
+        std::io::stdout().is_terminal(),
+        crate::dist::started_by_mpirun(),
+    )
+}
+
+/// The rule of [`stdout_is_terminal`], apart from the environment.
+pub(crate) fn terminal_wanted(is_terminal: bool, under_mpirun: bool) -> bool {
+    is_terminal && !under_mpirun
+}
+
+/// Whether log output on stdout should be coloured: only when
+/// [`stdout_is_terminal`] and `NO_COLOR` is unset or empty (<https://no-color.org>).
 pub fn use_color() -> bool {
     color_wanted(
-        std::io::stdout().is_terminal(),
+        stdout_is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     )
 }
@@ -165,5 +182,12 @@ mod tests {
         assert!(!color_wanted(true, Some(OsStr::new("1"))));
         assert!(!color_wanted(true, Some(OsStr::new("0"))));
         assert!(!color_wanted(false, None));
+    }
+
+    #[test]
+    fn a_rank_under_mpirun_is_not_a_terminal_even_on_a_pty() {
+        assert!(terminal_wanted(true, false));
+        assert!(!terminal_wanted(true, true));
+        assert!(!terminal_wanted(false, false));
     }
 }

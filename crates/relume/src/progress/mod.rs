@@ -34,14 +34,15 @@ use indicatif::{MultiProgress, ProgressDrawTarget, ProgressStyle};
 mod format;
 mod log;
 
-pub use log::{init_logging, log_writer, use_color, LogWriter};
+pub use log::{init_logging, log_writer, stdout_is_terminal, use_color, LogWriter};
 
 use format::{duration, join, TrainLine};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ProgressMode {
-    /// Bars when stdout is a terminal, plain lines otherwise.
+    /// Bars when stdout is a terminal ([`stdout_is_terminal`]: not under `mpirun`),
+    /// plain lines otherwise.
     #[default]
     Auto,
     /// Always bars (drawn on stdout).
@@ -209,7 +210,7 @@ impl ProgressBar {
             ProgressMode::Disabled => return ProgressBar::with_output(config, Output::Disabled),
             ProgressMode::Bar => true,
             ProgressMode::Plain => false,
-            ProgressMode::Auto => std::io::stdout().is_terminal(),
+            ProgressMode::Auto => stdout_is_terminal(),
         };
         if bars {
             ProgressBar::with_target(config, ProgressDrawTarget::stdout())
