@@ -26,7 +26,7 @@
 //! output with one warning instead of stopping training.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressDrawTarget, ProgressStyle};
