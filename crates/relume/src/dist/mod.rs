@@ -147,6 +147,41 @@ pub trait Collective: Send + Sync + fmt::Debug {
     }
 }
 
+/// The time a collective has spent in its exchanges
+/// ([`Collective::time_in_exchanges`]).
+#[derive(Debug, Default)]
+pub(crate) struct ExchangeClock(std::sync::atomic::AtomicU64);
+
+impl ExchangeClock {
+    /// Runs `f`, adding its duration to the total.
+    pub(crate) fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        self.0.fetch_add(
+            started.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        out
+    }
+
+    /// The total so far.
+    pub(crate) fn total(&self) -> Duration {
+        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Sleeps a little longer each round of a polling wait: a step's exchange stays
+/// fast, a long wait does not spin a core.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn back_off(round: &mut u32) {
+    *round += 1;
+    if *round < 2_000 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 /// World size 1: every operation returns at once.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SingleProcess;
@@ -188,7 +223,7 @@ pub struct ThreadGroup {
     world: usize,
     timeout: Duration,
     shared: Arc<Shared>,
-    spent_ns: Arc<std::sync::atomic::AtomicU64>,
+    clock: Arc<ExchangeClock>,
 }
 
 impl ThreadGroup {
@@ -208,7 +243,7 @@ impl ThreadGroup {
                 world: world_size,
                 timeout,
                 shared: Arc::clone(&shared),
-                spent_ns: Arc::default(),
+                clock: Arc::default(),
             })
             .collect()
     }
@@ -225,16 +260,10 @@ impl Collective for ThreadGroup {
         self.timeout
     }
     fn time_in_exchanges(&self) -> Duration {
-        Duration::from_nanos(self.spent_ns.load(std::sync::atomic::Ordering::Relaxed))
+        self.clock.total()
     }
     fn all_gather_bytes(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let started = Instant::now();
-        let out = self.gather(what, mine);
-        self.spent_ns.fetch_add(
-            started.elapsed().as_nanos() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        out
+        self.clock.time(|| self.gather(what, mine))
     }
 }
 

@@ -11,7 +11,7 @@
 //! program should print it and call [`MpiCollective::abort`], which ends every
 //! rank at once instead of leaving them waiting.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
 
-use super::Collective;
+use super::{back_off, Collective, ExchangeClock};
 use crate::error::{Error, Result};
 
 /// The MPI process group of `mpirun -np N`.
@@ -31,7 +31,7 @@ pub struct MpiCollective {
     world: usize,
     timeout: Duration,
     tag: AtomicI32,
-    spent_ns: AtomicU64,
+    clock: ExchangeClock,
 }
 
 struct Inner {
@@ -89,17 +89,6 @@ fn decode_all(b: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
-/// Sleeps a little longer each round: a step's exchange stays fast, a long wait
-/// does not spin a core.
-fn back_off(round: &mut u32) {
-    *round += 1;
-    if *round < 2_000 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
 impl MpiCollective {
     /// Initialises MPI (once per process) with `timeout` for every operation.
     ///
@@ -134,7 +123,7 @@ impl MpiCollective {
             world: size,
             timeout,
             tag: AtomicI32::new(0),
-            spent_ns: AtomicU64::new(0),
+            clock: ExchangeClock::default(),
         })
     }
 
@@ -164,15 +153,10 @@ impl Collective for MpiCollective {
     }
 
     fn time_in_exchanges(&self) -> Duration {
-        Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed))
+        self.clock.total()
     }
-
     fn all_gather_bytes(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let started = Instant::now();
-        let out = self.exchange(what, mine);
-        self.spent_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
+        self.clock.time(|| self.exchange(what, mine))
     }
 }
 

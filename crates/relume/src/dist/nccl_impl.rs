@@ -37,14 +37,13 @@
 //! # }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::safe::{Comm, Id};
 
-use super::Collective;
+use super::{back_off, Collective, ExchangeClock};
 use crate::error::{Error, Result};
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`).
@@ -56,7 +55,7 @@ pub struct NcclCollective {
     bootstrap: Arc<dyn Collective>,
     rank: usize,
     world: usize,
-    spent_ns: AtomicU64,
+    clock: ExchangeClock,
 }
 
 struct Inner {
@@ -179,7 +178,7 @@ impl NcclCollective {
             bootstrap,
             rank,
             world,
-            spent_ns: AtomicU64::new(0),
+            clock: ExchangeClock::default(),
         })
     }
 
@@ -222,12 +221,7 @@ impl NcclCollective {
                     ),
                 });
             }
-            round += 1;
-            if round < 2_000 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+            back_off(&mut round);
         }
         let all = inner.stream.clone_dtoh(&recv).map_err(cuda)?;
         Ok(split_padded(&all, &lens, padded))
@@ -245,14 +239,10 @@ impl Collective for NcclCollective {
         self.bootstrap.timeout()
     }
     fn time_in_exchanges(&self) -> Duration {
-        Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed))
+        self.clock.total()
     }
     fn all_gather_bytes(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let started = Instant::now();
-        let out = self.exchange(what, mine);
-        self.spent_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
+        self.clock.time(|| self.exchange(what, mine))
     }
     fn barrier(&self, what: &str) -> Result<()> {
         // No bytes to move: the bootstrap's meeting is the barrier.
