@@ -29,8 +29,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Optimizer as _, VarBuilder, VarMap};
-use gpt_model::{linear, Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
+use gpt_model::{linear_params, Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
 use relume::data::LoaderConfig;
+use relume::dist::{run_threads, Collective, DEFAULT_TIMEOUT};
+use std::sync::Arc;
 
 const BLOCK: usize = 64;
 const BATCH: usize = 32;
@@ -68,13 +70,20 @@ fn lr_at(step: u64, warmup: u64, total: u64) -> f64 {
     }
 }
 
-/// relume: `Trainer::fit` over `steps` optimizer steps; returns the seconds.
-fn relume_run(corpus: &Corpus, steps: u64) -> anyhow::Result<f64> {
+/// relume: `Trainer::fit` over `steps` optimizer steps of `BATCH` windows, in
+/// micro-batches of `BATCH / accumulate`, at the collective's rank (one process
+/// when `None`); returns the seconds.
+fn relume_run(
+    corpus: &Corpus,
+    steps: u64,
+    accumulate: u64,
+    collective: Option<Arc<dyn Collective>>,
+) -> anyhow::Result<f64> {
     let mut train = gpt_model::loader(
         corpus.train.clone(),
         BLOCK,
         BLOCK,
-        LoaderConfig::new(BATCH).shuffle(true),
+        LoaderConfig::new(BATCH / accumulate as usize).shuffle(true),
     )?;
     let mut module = GptModule {
         model: Gpt::new(config(corpus.vocab.len()), 0)?,
@@ -87,21 +96,42 @@ fn relume_run(corpus: &Corpus, steps: u64) -> anyhow::Result<f64> {
     };
     let cadence = Cadence {
         max_steps: steps,
-        accumulate: 1,
+        accumulate,
         val_every: steps,
         val_batches: 0,
         checkpoint_every: steps,
         keep: 0,
     };
     let dir = tempfile::tempdir()?;
-    let mut trainer = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), 0)
+    let mut builder = gpt_model::trainer_builder(&cadence, train.batches_per_epoch(), 0)
         .default_root_dir(dir.path())
         .enable_checkpointing(false)
-        .enable_progress_bar(false)
-        .build()?;
+        .enable_progress_bar(false);
+    if let Some(c) = collective {
+        builder = builder.collective(c);
+    }
+    let mut trainer = builder.build()?;
     let t = Instant::now();
     trainer.fit(&mut module, &mut train, None)?;
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// relume data-parallel over `ranks` threads of this process (`ThreadGroup`),
+/// every rank computing `1 / ranks` of each step's windows; returns the slowest
+/// rank's seconds.
+fn relume_threads_run(corpus: &Corpus, steps: u64, ranks: usize) -> anyhow::Result<f64> {
+    let corpus = Arc::new(corpus.clone());
+    let secs = run_threads(ranks, DEFAULT_TIMEOUT, move |g| {
+        let rank = g.rank();
+        relume_run(&corpus, steps, ranks as u64, Some(Arc::new(g))).map_err(|e| {
+            relume::Error::InvalidSetting {
+                setting: "gpt bench".into(),
+                value: format!("rank {rank}"),
+                rule: format!("{e:#}"),
+            }
+        })
+    })?;
+    Ok(secs.into_iter().fold(0.0, f64::max))
 }
 
 /// LayerNorm from candle ops (candle-nn's own has no backward).
@@ -163,13 +193,17 @@ impl CandleGpt {
         let blocks = (0..cfg.layers)
             .map(|i| {
                 let vb = vb.pp(format!("h.{i}"));
+                let linear = |inp, out, std, name: &str| {
+                    let (w, b) = linear_params(inp, out, std, vb.pp(name))?;
+                    candle_core::Result::Ok(candle_nn::Linear::new(w, Some(b)))
+                };
                 Ok(CandleBlock {
                     ln1: Norm::new(d, vb.pp("ln1"))?,
-                    qkv: linear(d, 3 * d, 0.02, vb.pp("attn.qkv"))?,
-                    proj: linear(d, d, resid, vb.pp("attn.proj"))?,
+                    qkv: linear(d, 3 * d, 0.02, "attn.qkv")?,
+                    proj: linear(d, d, resid, "attn.proj")?,
                     ln2: Norm::new(d, vb.pp("ln2"))?,
-                    fc: linear(d, 4 * d, 0.02, vb.pp("mlp.fc"))?,
-                    out: linear(4 * d, d, resid, vb.pp("mlp.proj"))?,
+                    fc: linear(d, 4 * d, 0.02, "mlp.fc")?,
+                    out: linear(4 * d, d, resid, "mlp.proj")?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -275,34 +309,82 @@ fn candle_run(corpus: &Corpus, steps: u64) -> anyhow::Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
+/// The thread-rank part, run in a child process of the bench (candle's and relume's
+/// kernels read their thread count once per process): prints the seconds of
+/// `steps` steps at `ranks` ranks of `threads / ranks` kernel threads each.
+fn threads_part(corpus: &Corpus, steps: u64, threads: usize, ranks: usize) -> anyhow::Result<()> {
+    relume::set_cpu_threads(threads / ranks);
+    relume_threads_run(corpus, 2, ranks)?;
+    println!("seconds {}", relume_threads_run(corpus, steps, ranks)?);
+    Ok(())
+}
+
+/// Runs [`threads_part`] in a child process and returns its seconds.
+fn threads_child(steps: u64, threads: usize, ranks: usize) -> anyhow::Result<f64> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .env("BENCH_PART", "threads")
+        .env("BENCH_STEPS", steps.to_string())
+        .env("BENCH_THREADS", threads.to_string())
+        .env("BENCH_RANKS", ranks.to_string())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "the thread-rank run failed ({}): {}{}",
+        out.status,
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("seconds ")?.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the thread-rank run printed no seconds: {text}"))
+}
+
 fn main() -> anyhow::Result<()> {
     let threads = env(
         "BENCH_THREADS",
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
     );
-    relume::set_cpu_threads(threads);
     let steps = env("BENCH_STEPS", 20) as u64;
+    let ranks = env("BENCH_RANKS", threads).clamp(1, threads.max(1));
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/kjv.txt");
     let corpus = Corpus::from_path(std::path::Path::new(path), BLOCK)?;
+    if std::env::var("BENCH_PART").as_deref() == Ok("threads") {
+        return threads_part(&corpus, steps, threads, ranks);
+    }
+    relume::set_cpu_threads(threads);
     let tokens = (steps as usize * BATCH * BLOCK) as f64;
     println!(
         "gpt bench: block {BLOCK}, d_model 128, 4 layers, 4 heads, batch {BATCH}, vocab {}, {steps} steps, {threads} threads",
         corpus.vocab.len()
     );
     // Warm both up (allocator, thread pools), untimed.
-    relume_run(&corpus, 2)?;
+    relume_run(&corpus, 2, 1, None)?;
     candle_run(&corpus, 2)?;
-    let r = relume_run(&corpus, steps)?;
+    let r = relume_run(&corpus, steps, 1, None)?;
     let c = candle_run(&corpus, steps)?;
     let (rt, ct) = (tokens / r, tokens / c);
-    println!(
-        "relume    {rt:>9.0} tokens/s ({:.1} ms/step)",
-        r * 1e3 / steps as f64
-    );
-    println!(
-        "candle-nn {ct:>9.0} tokens/s ({:.1} ms/step)",
-        c * 1e3 / steps as f64
-    );
+    let row = |name: &str, secs: f64| {
+        println!(
+            "{name:<34} {:>9.0} tokens/s ({:.1} ms/step)",
+            tokens / secs,
+            secs * 1e3 / steps as f64
+        )
+    };
+    row("relume, 1 process", r);
+    row("candle-nn", c);
     println!("ratio relume / candle-nn: {:.2}x (target >= 1.5x)", rt / ct);
+    if ranks > 1 {
+        let d = threads_child(steps, threads, ranks)?;
+        row(
+            &format!("relume, {ranks} thread ranks x {} thread", threads / ranks),
+            d,
+        );
+        println!(
+            "ratio relume {ranks} thread ranks / candle-nn: {:.2}x; / relume 1 process: {:.2}x",
+            tokens / d / ct,
+            r / d
+        );
+    }
     Ok(())
 }

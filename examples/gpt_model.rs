@@ -26,10 +26,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use relume::callbacks::ModelCheckpoint;
 use relume::data::{DataLoader, Dataset, FnCollate, LoaderConfig};
-use relume::nn::{causal_attention, cross_entropy, dropout, gelu, layer_norm, LayerNorm};
+use relume::nn::{
+    causal_self_attention, cross_entropy, dropout, gelu, layer_norm, LayerNorm, Linear,
+};
 use relume::optim::{AdamConfig, AdamW};
 use relume::params::ParamStore;
 use relume::rng::Rng;
@@ -238,9 +240,15 @@ pub struct GptConfig {
     pub tied: bool,
 }
 
-/// A `Linear` of candle-nn whose weight is drawn N(0, std²) and bias zero, both
-/// from the VarBuilder (GPT-2's initialisation, not candle-nn's kaiming default).
-pub fn linear(inp: usize, out: usize, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
+/// The weight `[out, in]`, drawn N(0, std²), and the zero bias `[out]` of a linear
+/// layer, both from the VarBuilder (GPT-2's initialisation, not candle-nn's kaiming
+/// default).
+pub fn linear_params(
+    inp: usize,
+    out: usize,
+    std: f64,
+    vb: VarBuilder,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let w = vb.get_with_hints(
         (out, inp),
         "weight",
@@ -250,7 +258,14 @@ pub fn linear(inp: usize, out: usize, std: f64, vb: VarBuilder) -> candle_core::
         },
     )?;
     let b = vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(Linear::new(w, Some(b)))
+    Ok((w, b))
+}
+
+/// relume's fused `Linear` over [`linear_params`] (the same names and values as a
+/// candle-nn `Linear` would have; one fused op forward and backward).
+pub fn linear(inp: usize, out: usize, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let (w, b) = linear_params(inp, out, std, vb)?;
+    Ok(Linear::from_tensors(w, b))
 }
 
 /// One pre-LayerNorm transformer block.
@@ -286,19 +301,11 @@ impl Block {
         mut drop: Option<(f32, &mut Rng)>,
     ) -> relume::Result<Tensor> {
         let d = x.dim(1)?;
-        let hd = d / h;
         let qkv = self
             .qkv
             .forward(&self.ln1.forward(x)?)?
             .reshape((b, t, 3 * d))?;
-        let head = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, i * d, d)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let y = causal_attention(&head(0)?, &head(1)?, &head(2)?)?;
-        let y = y.transpose(1, 2)?.reshape((b * t, d))?;
+        let y = causal_self_attention(&qkv, h)?.reshape((b * t, d))?;
         let y = drop_out(&self.proj.forward(&y)?, &mut drop)?;
         let x = (x + y)?;
         let m = gelu(&self.fc.forward(&self.ln2.forward(&x)?)?)?;

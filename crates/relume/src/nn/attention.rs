@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::attention_kernel::Attention;
+use super::attention_kernel::{Attention, PackedAttention};
 
 use crate::error::Result;
 
@@ -66,6 +66,66 @@ pub fn composite(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let e = scores.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     Ok(p.matmul(&v.contiguous()?)?)
+}
+
+/// Causal multi-head self-attention on a packed projection: `qkv` is
+/// `[batch, time, 3 · width]` (queries, keys, values side by side, as one
+/// `Linear(width, 3 · width)` produces them), split into `heads` heads of
+/// `width / heads`; the result is `[batch, time, width]` with the heads side by
+/// side, ready for the output projection.
+///
+/// It equals splitting the heads, [`causal_attention`], and merging them (bit for
+/// bit on f32 CPU tensors, where the same fused kernel runs), but without the
+/// split's and merge's copies or their backward passes (candle's backward of
+/// `narrow` pads each gradient with zeros to the full width). Other dtypes and
+/// devices use [`composite_self_attention`].
+///
+/// # Errors
+/// `qkv` not rank 3, or its last dimension not `3 × heads × head_dim`; candle errors.
+///
+/// # Example
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let qkv = Tensor::ones((2, 5, 3 * 8), candle_core::DType::F32, &Device::Cpu)?;
+/// let y = relume::nn::causal_self_attention(&qkv, 2)?;
+/// assert_eq!(y.dims(), &[2, 5, 8]);
+/// # Ok::<(), relume::Error>(())
+/// ```
+pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    if !qkv.device().is_cpu() || qkv.dtype() != DType::F32 {
+        return composite_self_attention(qkv, heads);
+    }
+    let op = PackedAttention {
+        heads,
+        save: qkv.track_op(),
+        probs: std::sync::OnceLock::new(),
+    };
+    Ok(qkv.contiguous()?.apply_op1(op)?)
+}
+
+/// [`causal_self_attention`] from candle ops: split the heads, [`composite`],
+/// merge the heads.
+///
+/// # Errors
+/// As [`causal_self_attention`].
+pub fn composite_self_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c3) = qkv.dims3()?;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "causal_self_attention: the last dimension {c3} is not 3 × a multiple of {heads} heads"
+        ))
+        .into());
+    }
+    let c = c3 / 3;
+    let head = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(2, i * c, c)?
+            .reshape((b, t, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let y = composite(&head(0)?, &head(1)?, &head(2)?)?;
+    Ok(y.transpose(1, 2)?.reshape((b, t, c))?)
 }
 
 #[cfg(test)]
@@ -135,6 +195,78 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("k shape"), "{e}");
+    }
+
+    #[test]
+    fn packed_self_attention_matches_split_heads_and_composite() {
+        let mut r = Rng::new(21, "packed");
+        for (b, t, heads, hd) in [(1, 1, 1, 4), (2, 5, 3, 2), (3, 33, 4, 8), (2, 64, 2, 16)] {
+            let x = r
+                .uniform_tensor((b, t, 3 * heads * hd), -2.0, 2.0, &Device::Cpu)
+                .unwrap();
+            check_grads(
+                std::slice::from_ref(&x),
+                |t| causal_self_attention(&t[0], heads).unwrap(),
+                |t| composite_self_attention(&t[0], heads).unwrap(),
+                2e-5,
+            );
+            // Bit for bit the split-heads fused op, forward and backward.
+            let split = |t: &[Tensor]| {
+                let c = heads * hd;
+                let head = |i: usize| {
+                    t[0].narrow(2, i * c, c)
+                        .unwrap()
+                        .reshape((b, t[0].dim(1).unwrap(), heads, hd))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                };
+                causal_attention(&head(0), &head(1), &head(2))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, t[0].dim(1).unwrap(), c))
+                    .unwrap()
+            };
+            let bits = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+                let v = candle_core::Var::from_tensor(&x).unwrap();
+                let y = f(&[v.as_tensor().clone()]);
+                let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+                let g = g.get(v.as_tensor()).unwrap().clone();
+                [y, g].map(|t| {
+                    t.flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>()
+                })
+            };
+            assert_eq!(
+                bits(&|t| causal_self_attention(&t[0], heads).unwrap()),
+                bits(&split),
+                "{b}x{t}, {heads} heads of {hd}"
+            );
+        }
+        let x = Tensor::ones((2, 3, 10), DType::F32, &Device::Cpu).unwrap();
+        for e in [
+            causal_self_attention(&x, 3).unwrap_err(),
+            composite_self_attention(&x, 3).unwrap_err(),
+            causal_self_attention(&x.flatten_all().unwrap(), 1).unwrap_err(),
+        ] {
+            assert!(
+                e.to_string().contains("causal_self_attention") || e.to_string().contains("rank"),
+                "{e}"
+            );
+        }
+        // Other dtypes take the composite path.
+        let y = causal_self_attention(
+            &Tensor::ones((1, 2, 6), DType::F64, &Device::Cpu).unwrap(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(y.dims(), &[1, 2, 2]);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::kernels::{exp, f32_slice, gemm_into, parallel, Mat};
 
@@ -353,5 +353,211 @@ impl CustomOp3 for AttentionGrad<'_> {
             return Err(e);
         }
         Ok((CpuStorage::F32(out), Shape::from(3 * n)))
+    }
+}
+
+/// `(batch, time, width, head_dim)` of a packed `[B, T, 3·width]` input split into
+/// `heads` heads.
+fn packed_dims(l: &Layout, heads: usize) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let &[b, t, c3] = l.dims() else {
+        bail!(
+            "causal_self_attention: qkv must be [batch, time, 3 * width], got {:?}",
+            l.dims()
+        );
+    };
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        bail!(
+            "causal_self_attention: the last dimension {c3} is not 3 × a multiple of {heads} heads"
+        );
+    }
+    Ok((b, t, c3 / 3, c3 / 3 / heads))
+}
+
+/// Copies the `cols`-wide column block at `col` of `t` rows (row stride `ld`) of
+/// `src` into the contiguous `dst`.
+fn gather(src: &[f32], ld: usize, col: usize, cols: usize, dst: &mut [f32]) {
+    for (i, row) in dst.chunks_exact_mut(cols).enumerate() {
+        row.copy_from_slice(&src[i * ld + col..i * ld + col + cols]);
+    }
+}
+
+/// The inverse of [`gather`]: writes the contiguous `src` into the column block.
+fn scatter(src: &[f32], ld: usize, col: usize, cols: usize, dst: &mut [f32]) {
+    for (i, row) in src.chunks_exact(cols).enumerate() {
+        dst[i * ld + col..i * ld + col + cols].copy_from_slice(row);
+    }
+}
+
+/// Runs `f(batch, a_chunk, b_chunk)` over matching chunks of two buffers, across
+/// threads when `par`.
+fn for_batches<F>(a: &mut [f32], b: &mut [f32], (ca, cb): (usize, usize), par: bool, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let (ca, cb) = (ca.max(1), cb.max(1));
+    if par {
+        a.par_chunks_mut(ca)
+            .zip(b.par_chunks_mut(cb))
+            .enumerate()
+            .for_each(|(i, (a, b))| f(i, a, b));
+    } else {
+        a.chunks_mut(ca)
+            .zip(b.chunks_mut(cb))
+            .enumerate()
+            .for_each(|(i, (a, b))| f(i, a, b));
+    }
+}
+
+/// The forward op of [`super::causal_self_attention`]: packed `qkv`
+/// `[B, T, 3·C]` → `[B, T, C]`. Each (batch, head) is gathered into contiguous
+/// buffers and run through the same [`head_forward`] as [`Attention`], so the
+/// values are those of splitting the heads first, bit for bit, without the split's
+/// and merge's copies and their backward passes.
+pub(super) struct PackedAttention {
+    /// Heads the width is split into.
+    pub heads: usize,
+    /// Keep the probabilities for a backward pass.
+    pub save: bool,
+    /// The probabilities `[B·H, T, T]`, zero above the diagonal.
+    pub probs: OnceLock<Vec<f32>>,
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "relume-causal-self-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, c, hd) = packed_dims(l, self.heads)?;
+        let x = f32_slice(s, l, "causal_self_attention qkv")?;
+        let h = self.heads;
+        let mut out = vec![0.0f32; b * t * c];
+        let mut probs = vec![0.0f32; b * h * t * t];
+        let failed = std::sync::Mutex::new(None);
+        let par = b > 1 && parallel(b * h * t * t * hd);
+        for_batches(
+            &mut out,
+            &mut probs,
+            (t * c, h * t * t),
+            par,
+            |bi, out, probs| {
+                let src = &x[bi * t * 3 * c..(bi + 1) * t * 3 * c];
+                let mut buf = vec![0.0f32; 4 * t * hd];
+                let (q, rest) = buf.split_at_mut(t * hd);
+                let (k, rest) = rest.split_at_mut(t * hd);
+                let (v, o) = rest.split_at_mut(t * hd);
+                for (head, p) in probs.chunks_mut((t * t).max(1)).enumerate() {
+                    gather(src, 3 * c, head * hd, hd, q);
+                    gather(src, 3 * c, c + head * hd, hd, k);
+                    gather(src, 3 * c, 2 * c + head * hd, hd, v);
+                    if let Err(e) = head_forward(q, k, v, p, o, t, hd) {
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        return;
+                    }
+                    scatter(o, c, head * hd, hd, out);
+                }
+            },
+        );
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        if self.save {
+            // The op runs forward once; a second run would compute the same values.
+            let _ = self.probs.set(probs);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, t, c))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(probs) = self.probs.get() else {
+            bail!("causal_self_attention: backward through a run without gradients");
+        };
+        let grad = grad.contiguous()?;
+        let (guard, layout) = grad.storage_and_layout();
+        let Storage::Cpu(s) = &*guard else {
+            bail!("causal_self_attention: output gradient is not on the CPU");
+        };
+        let g = f32_slice(s, layout, "causal_self_attention output gradient")?;
+        let d = qkv.dims();
+        if layout.dims().len() != 3 || layout.dims()[..2] != d[..2] || 3 * layout.dims()[2] != d[2]
+        {
+            bail!(
+                "causal_self_attention: output gradient shape {:?}, qkv shape {d:?}",
+                layout.dims()
+            );
+        }
+        let op = PackedAttentionGrad {
+            heads: self.heads,
+            probs,
+            grad: g,
+        };
+        let dqkv = qkv.apply_op1_no_bwd(&op)?;
+        drop(guard);
+        Ok(Some(dqkv))
+    }
+}
+
+/// The backward op of [`PackedAttention`]: `qkv` with the saved probabilities and
+/// the output gradient → `dqkv`, packed like `qkv`.
+struct PackedAttentionGrad<'a> {
+    heads: usize,
+    probs: &'a [f32],
+    grad: &'a [f32],
+}
+
+impl CustomOp1 for PackedAttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "relume-causal-self-attention-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, c, hd) = packed_dims(l, self.heads)?;
+        let x = f32_slice(s, l, "causal_self_attention qkv")?;
+        let h = self.heads;
+        if self.probs.len() != b * h * t * t || self.grad.len() != b * t * c {
+            bail!("causal_self_attention backward: saved state does not match the inputs");
+        }
+        let mut out = vec![0.0f32; b * t * 3 * c];
+        // `for_batches` wants two buffers; the second is an empty stand-in.
+        let mut none = vec![0.0f32; b];
+        let failed = std::sync::Mutex::new(None);
+        let par = b > 1 && parallel(b * h * t * t * hd);
+        for_batches(&mut out, &mut none, (t * 3 * c, 1), par, |bi, dst, _| {
+            let src = &x[bi * t * 3 * c..(bi + 1) * t * 3 * c];
+            let g_all = &self.grad[bi * t * c..(bi + 1) * t * c];
+            let mut buf = vec![0.0f32; 7 * t * hd];
+            let (q, rest) = buf.split_at_mut(t * hd);
+            let (k, rest) = rest.split_at_mut(t * hd);
+            let (v, rest) = rest.split_at_mut(t * hd);
+            let (g, rest) = rest.split_at_mut(t * hd);
+            let (dq, rest) = rest.split_at_mut(t * hd);
+            let (dk, dv) = rest.split_at_mut(t * hd);
+            for head in 0..h {
+                let cols = [head * hd, c + head * hd, 2 * c + head * hd];
+                gather(src, 3 * c, cols[0], hd, q);
+                gather(src, 3 * c, cols[1], hd, k);
+                gather(src, 3 * c, cols[2], hd, v);
+                gather(g_all, c, head * hd, hd, g);
+                let p = &self.probs[(bi * h + head) * t * t..(bi * h + head + 1) * t * t];
+                let res = head_backward((q, k, v), p, g, (dq, dk, dv), t, hd);
+                if let Err(e) = res {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    return;
+                }
+                scatter(dq, 3 * c, cols[0], hd, dst);
+                scatter(dk, 3 * c, cols[1], hd, dst);
+                scatter(dv, 3 * c, cols[2], hd, dst);
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -8,7 +8,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::kernels::{exp, f32_slice, for_chunks, parallel};
+use super::kernels::{exp, f32_slice, for_chunks, parallel, widest};
 use crate::error::Result;
 
 /// √(2/π), as candle writes it.
@@ -74,11 +74,16 @@ impl CustomOp1 for Gelu {
         let mut y = vec![0.0f32; x.len()];
         for_chunks(&mut y, CHUNK, parallel(x.len()), |i, out| {
             let xs = &x[i * CHUNK..i * CHUNK + out.len()];
-            for (o, &v) in out.iter_mut().zip(xs) {
-                let (two_u, _) = arg(v);
-                // x·σ(2u); e^(−2u) = inf gives −0 for very negative x, as it should.
-                *o = v / (1.0 + exp(-two_u));
-            }
+            widest(
+                #[inline(always)]
+                || {
+                    for (o, &v) in out.iter_mut().zip(xs) {
+                        let (two_u, _) = arg(v);
+                        // x·σ(2u); e^(−2u) = inf gives −0 for very negative x, as it should.
+                        *o = v / (1.0 + exp(-two_u));
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -115,12 +120,17 @@ impl CustomOp2 for GeluGrad {
         let mut out = vec![0.0f32; x.len()];
         for_chunks(&mut out, CHUNK, parallel(x.len()), |i, out| {
             let r = i * CHUNK..i * CHUNK + out.len();
-            for ((o, &v), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
-                let (two_u, d) = arg(v);
-                let s = 1.0 / (1.0 + exp(-two_u));
-                // d/dx x·σ(2u) = σ + x·σ(1 − σ)·d(2u)/dx
-                *o = g * (s + v * s * (1.0 - s) * d);
-            }
+            widest(
+                #[inline(always)]
+                || {
+                    for ((o, &v), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
+                        let (two_u, d) = arg(v);
+                        let s = 1.0 / (1.0 + exp(-two_u));
+                        // d/dx x·σ(2u) = σ + x·σ(1 − σ)·d(2u)/dx
+                        *o = g * (s + v * s * (1.0 - s) * d);
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

@@ -191,6 +191,38 @@ where
     }
 }
 
+/// Runs `f` compiled for the widest vectors this CPU has (AVX-512, else AVX2,
+/// else the portable build), for element-wise loops that the compiler vectorises.
+/// IEEE element-wise arithmetic rounds the same at every vector width (and no FMA
+/// contraction is done), so the results are bit-identical on every path.
+#[inline(always)]
+pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { with_avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// `e^x` in f32 within 2 ulp of `f32::exp` over the finite range, written so the
 /// compiler vectorises loops over it (no calls, no branches). Inputs below −87.3
 /// give 0 (not subnormals), above 88.37 give +inf (`f32::exp` overflows at 88.72); NaN gives NaN.
@@ -202,7 +234,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     // Round-to-nearest by the 1.5·2^23 trick, which vectorises on plain SSE2.
     const ROUND: f32 = 12_582_912.0;
     let c = x.clamp(-87.336_55, 88.376_26);
-    let n = (c * LOG2E + ROUND) - ROUND;
+    // `t`'s low mantissa bits hold the rounded exponent: t = 1.5·2^23 + n exactly.
+    let t = c * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
     // Cephes' expf polynomial for e^r on |r| ≤ ln2/2.
     let p = 1.987_569_1e-4_f32;
@@ -212,7 +246,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from t's bits, with no float-to-int conversion (whose saturating form
+    // does not vectorise): |n| <= 127 here, so the subtraction is exact.
+    let scale = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
     let y = e * scale;
     let y = if x > 88.376_26 { f32::INFINITY } else { y };
     let y = if x < -87.336_55 { 0.0 } else { y };
@@ -245,6 +281,24 @@ pub(crate) fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_widest_path_is_bit_identical_to_the_portable_one() {
+        let xs: Vec<f32> = (0..10_000).map(|i| (i as f32 - 5000.0) * 0.021).collect();
+        let body = |out: &mut [f32]| {
+            for (o, &x) in out.iter_mut().zip(&xs) {
+                *o = x / (1.0 + exp(-x)) + x * x * 0.5;
+            }
+        };
+        let (mut wide, mut portable) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        widest(
+            #[inline(always)]
+            || body(&mut wide),
+        );
+        body(&mut portable);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide), bits(&portable));
+    }
 
     fn naive(a: Mat<'_>, b: Mat<'_>) -> Vec<f32> {
         let mut out = vec![0.0; a.rows * b.cols];

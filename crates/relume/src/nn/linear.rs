@@ -10,8 +10,9 @@
 //! with the same results up to float rounding.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor,
 };
+use candle_nn::VarBuilder;
 
 use super::kernels::{dims2, f32_slice, matmul_into, Mat};
 use crate::error::Result;
@@ -55,6 +56,13 @@ impl Linear {
             rng,
         )?;
         Ok(Linear { weight, bias })
+    }
+
+    /// A layer over given `weight` `[out, in]` and `bias` `[out]` tensors, for
+    /// example variables from a `VarBuilder` or weights loaded from a file. Shapes
+    /// are checked at the first forward pass.
+    pub fn from_tensors(weight: Tensor, bias: Tensor) -> Self {
+        Linear { weight, bias }
     }
 
     /// The weight, `[out, in]`.
@@ -116,6 +124,52 @@ impl Linear {
         let last = out.len() - 1;
         out[last] = y.dim(1)?;
         Ok(y.reshape(out)?)
+    }
+}
+
+/// A drop-in for `candle_nn::linear`: `{vb}.weight` `[out, in]` and `{vb}.bias`
+/// `[out]` from the VarBuilder, initialised as `candle_nn::linear` does (weight
+/// kaiming-normal over the fan-in, bias uniform ±1/sqrt(in)), computed by
+/// relume's fused op. Same names, so weights saved from either load into the other.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use relume::params::ParamStore;
+/// let store = ParamStore::new(Device::Cpu);
+/// let fc = relume::nn::linear(4, 3, store.var_builder(0).pp("fc"))?;
+/// let y = fc.forward(&Tensor::ones((2, 4), candle_core::DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[2, 3]);
+/// assert!(store.get("fc.bias").is_some());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// A shape or dtype clash with an existing variable of the same name.
+pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get_with_hints(
+        (out, inp),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let bound = 1.0 / (inp.max(1) as f64).sqrt();
+    let bias = vb.get_with_hints(
+        out,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Linear { weight, bias })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.apply(x, false) {
+            Ok(y) => Ok(y),
+            Err(crate::Error::Candle(e)) => Err(e),
+            Err(e) => Err(candle_core::Error::wrap(e)),
+        }
     }
 }
 
@@ -404,6 +458,38 @@ mod tests {
         let x = Tensor::ones((2, 5), DType::F32, &Device::Cpu).unwrap();
         let e = l.forward(&x).unwrap_err().to_string();
         assert!(e.contains("5 features"), "{e}");
+    }
+
+    #[test]
+    fn from_a_var_builder_it_matches_candle_nn_linear() {
+        let store = ParamStore::new(Device::Cpu);
+        let l = linear(4, 7, store.var_builder(5).pp("fc")).unwrap();
+        assert_eq!(store.get("fc.weight").unwrap().dims(), &[7, 4]);
+        let reference = candle_nn::Linear::new(l.weight().clone(), Some(l.bias().clone()));
+        let x = Var::from_tensor(
+            &Rng::new(4, "x")
+                .uniform_tensor((3, 2, 4), -1.0, 1.0, &Device::Cpu)
+                .unwrap(),
+        )
+        .unwrap();
+        let fused = Module::forward(&l, x.as_tensor()).unwrap();
+        let composite = Module::forward(&reference, x.as_tensor()).unwrap();
+        close(&fused, &composite, 1e-5);
+        let gf = fused.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = composite
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), l.weight(), l.bias()] {
+            close(gf.get(t).unwrap(), gc.get(t).unwrap(), 1e-5);
+        }
+        // A clash with an existing name is candle-nn's error, through the Module too.
+        assert!(linear(5, 7, store.var_builder(5).pp("fc")).is_err());
+        let e = Module::forward(&l, &Tensor::ones((2, 5), DType::F32, &Device::Cpu).unwrap());
+        assert!(e.unwrap_err().to_string().contains("5 features"));
     }
 
     #[test]

@@ -47,9 +47,9 @@ mod norm;
 #[cfg(test)]
 mod test_util;
 
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_self_attention};
 pub use gelu::gelu;
-pub use linear::Linear;
+pub use linear::{linear, Linear};
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, LayerNorm};
 
@@ -58,6 +58,7 @@ pub use norm::{layer_norm, LayerNorm};
 /// that benchmarks and downstream tests can compare against them.
 pub mod composite {
     pub use super::attention::composite as causal_attention;
+    pub use super::attention::composite_self_attention as causal_self_attention;
     pub use super::gelu::composite as gelu;
     pub use super::norm::composite as layer_norm;
 }
