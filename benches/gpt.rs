@@ -341,6 +341,7 @@ fn threads_child(steps: u64, threads: usize, ranks: usize) -> anyhow::Result<f64
 }
 
 fn main() -> anyhow::Result<()> {
+    gpt_model::keep_freed_memory();
     let threads = env(
         "BENCH_THREADS",
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),

@@ -140,6 +140,7 @@ impl Args {
 }
 
 fn main() {
+    gpt_model::keep_freed_memory();
     let args = Args::parse();
     if let Err(e) = relume::progress::init_logging("info") {
         eprintln!("error: {e}");

@@ -5,7 +5,7 @@
 //! touching memory, and reports a candle error (never a panic) otherwise.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result};
+use candle_core::{bail, CpuStorage, Layout, Result, Shape};
 
 /// Below this many multiply-adds a product runs on the calling thread. Small
 /// products (every layer of the digits MLP) lose more to waking a thread pool than
@@ -271,6 +271,24 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
 }
 
 /// The `[rows, cols]` of a rank-2 layout, or an error naming `what`.
+/// `(rows, columns)` of a tensor of rank >= 1 seen as a matrix: the last
+/// dimension is the columns, all the others together the rows.
+pub(crate) fn rows_cols(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.dims() {
+        [] => bail!("{what} must have at least one dimension, got a scalar"),
+        [lead @ .., c] => Ok((lead.iter().product(), *c)),
+    }
+}
+
+/// `dims` with the last dimension replaced by `last`.
+pub(crate) fn with_last(dims: &[usize], last: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = last;
+    }
+    Shape::from(d)
+}
+
 pub(crate) fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
     match l.dims() {
         [r, c] => Ok((*r, *c)),

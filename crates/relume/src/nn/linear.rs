@@ -14,7 +14,7 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
-use super::kernels::{dims2, f32_slice, matmul_into, Mat};
+use super::kernels::{dims2, f32_slice, matmul_into, rows_cols, with_last, Mat};
 use crate::error::Result;
 use crate::params::{Init, ParamStore};
 use crate::rng::Rng;
@@ -104,26 +104,13 @@ impl Linear {
             )?;
             return Ok(if relu { y.relu()? } else { y });
         }
-        let dims = x.dims();
-        let inp = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = if dims.len() == 2 {
-            x.contiguous()?
-        } else {
-            x.reshape((rows, inp))?
-        };
-        let y = x2.apply_op3(
+        // Any leading dimensions are rows: the op reads the contiguous storage as
+        // `[rows, in]` and keeps them in its output, so no reshape enters the graph.
+        Ok(x.contiguous()?.apply_op3(
             &self.weight.contiguous()?,
             &self.bias.contiguous()?,
             LinearOp { relu },
-        )?;
-        if dims.len() == 2 {
-            return Ok(y);
-        }
-        let mut out = dims.to_vec();
-        let last = out.len() - 1;
-        out[last] = y.dim(1)?;
-        Ok(y.reshape(out)?)
+        )?)
     }
 }
 
@@ -137,8 +124,10 @@ impl Linear {
 /// use relume::params::ParamStore;
 /// let store = ParamStore::new(Device::Cpu);
 /// let fc = relume::nn::linear(4, 3, store.var_builder(0).pp("fc"))?;
-/// let y = fc.forward(&Tensor::ones((2, 4), candle_core::DType::F32, &Device::Cpu)?)?;
-/// assert_eq!(y.dims(), &[2, 3]);
+/// let x = Tensor::ones((2, 5, 4), candle_core::DType::F32, &Device::Cpu)?;
+/// // Where a candle `Module` is expected, it is one.
+/// let y = Module::forward(&fc, &x)?;
+/// assert_eq!(y.dims(), &[2, 5, 3]);
 /// assert!(store.get("fc.bias").is_some());
 /// # Ok::<(), candle_core::Error>(())
 /// ```
@@ -173,7 +162,7 @@ impl Module for Linear {
     }
 }
 
-/// The fused forward op: `x [M, K]`, `w [N, K]`, `b [N]` → `[M, N]`.
+/// The fused forward op: `x [..., K]` (M rows), `w [N, K]`, `b [N]` → `[..., N]`.
 struct LinearOp {
     relu: bool,
 }
@@ -196,7 +185,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = dims2(l1, "linear input")?;
+        let (m, k) = rows_cols(l1, "linear input")?;
         let (n, kw) = dims2(l2, "linear weight")?;
         if kw != k {
             bail!("linear: input has {k} features, the weight [{n}, {kw}] expects {kw}");
@@ -224,7 +213,7 @@ impl CustomOp3 for LinearOp {
                 *v = if *v < 0.0 { 0.0 } else { *v };
             }
         }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), with_last(l1.dims(), n)))
     }
 
     fn bwd(
@@ -287,11 +276,11 @@ impl CustomOp2 for Backward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n) = dims2(l1, "linear output gradient")?;
+        let (m, n) = rows_cols(l1, "linear output gradient")?;
         let g = f32_slice(s1, l1, "linear output gradient")?;
         match self {
             Backward::ReluMask => {
-                if l2.dims() != [m, n] {
+                if l2.dims() != l1.dims() {
                     bail!("linear relu backward: output shape {:?}", l2.dims());
                 }
                 let y = f32_slice(s2, l2, "linear output")?;
@@ -300,7 +289,7 @@ impl CustomOp2 for Backward {
                     .zip(y)
                     .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
                     .collect();
-                Ok((CpuStorage::F32(out), Shape::from((m, n))))
+                Ok((CpuStorage::F32(out), l1.shape().clone()))
             }
             Backward::Input => {
                 let (nw, k) = dims2(l2, "linear weight")?;
@@ -308,10 +297,11 @@ impl CustomOp2 for Backward {
                 if nw != n {
                     bail!("linear backward: gradient has {n} columns, weight has {nw} rows");
                 }
-                product(Mat::row_major(g, m, n), Mat::row_major(w, n, k))
+                let (out, _) = product(Mat::row_major(g, m, n), Mat::row_major(w, n, k))?;
+                Ok((out, with_last(l1.dims(), k)))
             }
             Backward::Weight => {
-                let (mx, k) = dims2(l2, "linear input")?;
+                let (mx, k) = rows_cols(l2, "linear input")?;
                 let x = f32_slice(s2, l2, "linear input")?;
                 if mx != m {
                     bail!("linear backward: gradient has {m} rows, input has {mx}");
@@ -338,7 +328,7 @@ impl CustomOp1 for ColumnSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n) = dims2(l, "linear output gradient")?;
+        let (m, n) = rows_cols(l, "linear output gradient")?;
         let g = f32_slice(s, l, "linear output gradient")?;
         let mut out = vec![0.0f32; n];
         for row in g.chunks_exact(n.max(1)).take(m) {

@@ -1,7 +1,9 @@
 //! Layers built on relume's parameter store and RNG, with fused CPU kernels.
 //!
-//! [`Linear`] (optionally with its ReLU), [`cross_entropy`], [`LayerNorm`],
-//! [`gelu`] and [`causal_attention`] are single candle custom ops with hand-written
+//! [`Linear`] (optionally with its ReLU; [`linear`] builds one from a candle-nn
+//! `VarBuilder`, as a drop-in for `candle_nn::linear`), [`cross_entropy`],
+//! [`LayerNorm`], [`gelu`], [`causal_attention`] and [`causal_self_attention`] (on
+//! the packed `[B, T, 3·C]` projection) are single candle custom ops with hand-written
 //! backward passes on f32 CPU tensors (non-contiguous inputs are copied first), and
 //! fall back to candle's composite ops ([`composite`]) on other dtypes and devices.
 //! Where candle's per-op bookkeeping outweighs the arithmetic, that makes a training
