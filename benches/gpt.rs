@@ -13,11 +13,19 @@
 //!   `softmax_last_dim` have no backward), `candle_nn::loss::cross_entropy`,
 //!   `candle_nn::AdamW`, the same schedule and global-norm clipping by hand.
 //!
+//! - **relume, thread ranks**: the same job data-parallel over `BENCH_RANKS`
+//!   threads of one process (`relume::dist::run_threads`), each rank computing
+//!   its share of every step's 32 windows with `threads / ranks` kernel threads;
+//!   the same global batch and optimizer, the contract of `relume::dist`. It runs
+//!   in a child process of the bench, since kernel thread counts are set per
+//!   process.
+//!
 //! Both use the same thread count (`relume::set_cpu_threads`, default: the
-//! available cores). Prints tokens/s for both and the ratio relume / candle-nn.
+//! available cores). Prints tokens/s for each and the ratios to candle-nn.
 //!
 //! `cargo bench -p relume --bench gpt` (env: `BENCH_STEPS` timed optimizer steps,
-//! default 20, after 2 untimed; `BENCH_THREADS`). The dimensions are the example's
+//! default 20, after 2 untimed; `BENCH_THREADS`; `BENCH_RANKS`, default the
+//! threads, 1 to skip the thread-rank row). The dimensions are the example's
 //! defaults: block 64, d_model 128, 4 layers, 4 heads, batch 32, no dropout.
 //! `scripts/torch_gpt.py` is the same model in PyTorch.
 
