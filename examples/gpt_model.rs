@@ -29,9 +29,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use relume::callbacks::ModelCheckpoint;
 use relume::data::{DataLoader, Dataset, FnCollate, LoaderConfig};
-use relume::nn::{
-    causal_self_attention, cross_entropy, dropout, gelu, layer_norm, LayerNorm, Linear,
-};
+use relume::nn::{causal_self_attention, cross_entropy, dropout, layer_norm, LayerNorm, Linear};
 use relume::optim::{AdamConfig, AdamW};
 use relume::params::ParamStore;
 use relume::rng::Rng;
@@ -322,7 +320,7 @@ impl Block {
         let y = causal_self_attention(&qkv, heads)?;
         let y = drop_out(&self.proj.forward(&y)?, &mut drop)?;
         let x = (x + y)?;
-        let m = gelu(&self.fc.forward(&self.ln2.forward(&x)?)?)?;
+        let m = self.fc.forward_gelu(&self.ln2.forward(&x)?)?;
         let m = drop_out(&self.out.forward(&m)?, &mut drop)?;
         Ok((x + m)?)
     }

@@ -61,6 +61,41 @@ fn arg(x: f32) -> (f32, f32) {
     (two_u, d)
 }
 
+/// `y = gelu(x)`, elementwise (`y.len() == x.len()`), across threads for large inputs.
+pub(super) fn gelu_into(x: &[f32], y: &mut [f32]) {
+    for_chunks(y, CHUNK, parallel(x.len()), |i, out| {
+        let xs = &x[i * CHUNK..i * CHUNK + out.len()];
+        widest(
+            #[inline(always)]
+            || {
+                for (o, &v) in out.iter_mut().zip(xs) {
+                    let (two_u, _) = arg(v);
+                    // x·σ(2u); e^(−2u) = inf gives −0 for very negative x, as it should.
+                    *o = v / (1.0 + exp(-two_u));
+                }
+            },
+        )
+    });
+}
+
+/// `out = g · gelu'(x)`, elementwise, across threads for large inputs.
+pub(super) fn gelu_grad_into(x: &[f32], g: &[f32], out: &mut [f32]) {
+    for_chunks(out, CHUNK, parallel(x.len()), |i, out| {
+        let r = i * CHUNK..i * CHUNK + out.len();
+        widest(
+            #[inline(always)]
+            || {
+                for ((o, &v), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
+                    let (two_u, d) = arg(v);
+                    let s = 1.0 / (1.0 + exp(-two_u));
+                    // d/dx x·σ(2u) = σ + x·σ(1 − σ)·d(2u)/dx
+                    *o = g * (s + v * s * (1.0 - s) * d);
+                }
+            },
+        )
+    });
+}
+
 /// The forward op: `x` → `gelu(x)`, any shape.
 struct Gelu;
 
@@ -72,19 +107,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu input")?;
         let mut y = vec![0.0f32; x.len()];
-        for_chunks(&mut y, CHUNK, parallel(x.len()), |i, out| {
-            let xs = &x[i * CHUNK..i * CHUNK + out.len()];
-            widest(
-                #[inline(always)]
-                || {
-                    for (o, &v) in out.iter_mut().zip(xs) {
-                        let (two_u, _) = arg(v);
-                        // x·σ(2u); e^(−2u) = inf gives −0 for very negative x, as it should.
-                        *o = v / (1.0 + exp(-two_u));
-                    }
-                },
-            )
-        });
+        gelu_into(x, &mut y);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -118,20 +141,7 @@ impl CustomOp2 for GeluGrad {
             );
         }
         let mut out = vec![0.0f32; x.len()];
-        for_chunks(&mut out, CHUNK, parallel(x.len()), |i, out| {
-            let r = i * CHUNK..i * CHUNK + out.len();
-            widest(
-                #[inline(always)]
-                || {
-                    for ((o, &v), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
-                        let (two_u, d) = arg(v);
-                        let s = 1.0 / (1.0 + exp(-two_u));
-                        // d/dx x·σ(2u) = σ + x·σ(1 − σ)·d(2u)/dx
-                        *o = g * (s + v * s * (1.0 - s) * d);
-                    }
-                },
-            )
-        });
+        gelu_grad_into(x, g, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -14,6 +14,9 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
+use std::sync::OnceLock;
+
+use super::gelu::{gelu_grad_into, gelu_into};
 use super::kernels::{dims2, f32_slice, matmul_into, rows_cols, with_last, Mat};
 use crate::error::Result;
 use crate::params::{Init, ParamStore};
@@ -80,7 +83,7 @@ impl Linear {
     /// # Errors
     /// A last dimension other than `in`; candle errors.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false)
+        self.apply(x, Act::Identity)
     }
 
     /// `relu(x·Wᵀ + b)` as one fused op; equal to `forward(x)?.relu()`.
@@ -88,10 +91,21 @@ impl Linear {
     /// # Errors
     /// As [`Linear::forward`].
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, true)
+        self.apply(x, Act::Relu)
     }
 
-    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+    /// `gelu(x·Wᵀ + b)` (the tanh approximation of [`crate::nn::gelu`]) as one
+    /// fused op, forward and backward: equal bit for bit to
+    /// `gelu(&self.forward(x)?)`, with one tensor, one graph node and one gradient
+    /// accumulation fewer (the MLP of a transformer block).
+    ///
+    /// # Errors
+    /// As [`Linear::forward`].
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, Act::Gelu)
+    }
+
+    fn apply(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let fused = x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
@@ -102,14 +116,23 @@ impl Linear {
                 &candle_nn::Linear::new(self.weight.clone(), Some(self.bias.clone())),
                 x,
             )?;
-            return Ok(if relu { y.relu()? } else { y });
+            return match act {
+                Act::Identity => Ok(y),
+                Act::Relu => Ok(y.relu()?),
+                Act::Gelu => super::gelu(&y),
+            };
         }
         // Any leading dimensions are rows: the op reads the contiguous storage as
         // `[rows, in]` and keeps them in its output, so no reshape enters the graph.
         Ok(x.contiguous()?.apply_op3(
             &self.weight.contiguous()?,
             &self.bias.contiguous()?,
-            LinearOp { relu },
+            LinearOp {
+                act,
+                save: act == Act::Gelu
+                    && (x.track_op() || self.weight.track_op() || self.bias.track_op()),
+                pre: OnceLock::new(),
+            },
         )?)
     }
 }
@@ -154,7 +177,7 @@ pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Lin
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.apply(x, false) {
+        match self.apply(x, Act::Identity) {
             Ok(y) => Ok(y),
             Err(crate::Error::Candle(e)) => Err(e),
             Err(e) => Err(candle_core::Error::wrap(e)),
@@ -164,15 +187,28 @@ impl Module for Linear {
 
 /// The fused forward op: `x [..., K]` (M rows), `w [N, K]`, `b [N]` → `[..., N]`.
 struct LinearOp {
-    relu: bool,
+    act: Act,
+    /// Keep the pre-activation for the backward pass (GELU, when a gradient is
+    /// needed).
+    save: bool,
+    /// `x·Wᵀ + b`, kept for GELU's backward.
+    pre: OnceLock<Vec<f32>>,
+}
+
+/// The activation fused after the product.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Act {
+    Identity,
+    Relu,
+    Gelu,
 }
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        if self.relu {
-            "relume-linear-relu"
-        } else {
-            "relume-linear"
+        match self.act {
+            Act::Identity => "relume-linear",
+            Act::Relu => "relume-linear-relu",
+            Act::Gelu => "relume-linear-gelu",
         }
     }
 
@@ -206,11 +242,23 @@ impl CustomOp3 for LinearOp {
             Mat::row_major(w, n, k).t(),
             true,
         )?;
-        if self.relu {
-            for v in &mut y {
-                // `< 0` keeps NaN, so a diverging run stays visible; a select, not a
-                // branch, so the loop vectorises.
-                *v = if *v < 0.0 { 0.0 } else { *v };
+        match self.act {
+            Act::Identity => {}
+            Act::Relu => {
+                for v in &mut y {
+                    // `< 0` keeps NaN, so a diverging run stays visible; a select, not
+                    // a branch, so the loop vectorises.
+                    *v = if *v < 0.0 { 0.0 } else { *v };
+                }
+            }
+            Act::Gelu => {
+                let mut out = vec![0.0f32; y.len()];
+                gelu_into(&y, &mut out);
+                if self.save {
+                    // The op runs forward once; a second run would compute the same values.
+                    let _ = self.pre.set(y);
+                }
+                y = out;
             }
         }
         Ok((CpuStorage::F32(y), with_last(l1.dims(), n)))
@@ -224,11 +272,17 @@ impl CustomOp3 for LinearOp {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = if self.relu {
-            grad.contiguous()?
-                .apply_op2_no_bwd(y, &Backward::ReluMask)?
-        } else {
-            grad.contiguous()?
+        let g = match self.act {
+            Act::Identity => grad.contiguous()?,
+            Act::Relu => grad
+                .contiguous()?
+                .apply_op2_no_bwd(y, &Backward::ReluMask)?,
+            Act::Gelu => {
+                let Some(pre) = self.pre.get() else {
+                    bail!("linear gelu: backward through a run without gradients");
+                };
+                grad.contiguous()?.apply_op1_no_bwd(&GeluBackward { pre })?
+            }
         };
         let gx = if x.track_op() {
             Some(g.apply_op2_no_bwd(w, &Backward::Input)?)
@@ -246,6 +300,31 @@ impl CustomOp3 for LinearOp {
             None
         };
         Ok((gx, gw, gb))
+    }
+}
+
+/// GELU's backward inside the fused op: `g` → `g · gelu'(pre)`.
+struct GeluBackward<'a> {
+    pre: &'a [f32],
+}
+
+impl CustomOp1 for GeluBackward<'_> {
+    fn name(&self) -> &'static str {
+        "relume-linear-gelu-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "linear gelu output gradient")?;
+        if g.len() != self.pre.len() {
+            bail!(
+                "linear gelu backward: gradient of {} values, the forward pass had {}",
+                g.len(),
+                self.pre.len()
+            );
+        }
+        let mut out = vec![0.0f32; g.len()];
+        gelu_grad_into(self.pre, g, &mut out);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
@@ -480,6 +559,56 @@ mod tests {
         assert!(linear(5, 7, store.var_builder(5).pp("fc")).is_err());
         let e = Module::forward(&l, &Tensor::ones((2, 5), DType::F32, &Device::Cpu).unwrap());
         assert!(e.unwrap_err().to_string().contains("5 features"));
+    }
+
+    #[test]
+    fn fused_gelu_is_bit_identical_to_linear_then_gelu() {
+        let (_s, l) = layer(6, 9);
+        let x = Rng::new(8, "x")
+            .uniform_tensor((2, 5, 6), -2.0, 2.0, &Device::Cpu)
+            .unwrap();
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if fused {
+                l.forward_gelu(xv.as_tensor()).unwrap()
+            } else {
+                crate::nn::gelu(&l.forward(xv.as_tensor()).unwrap()).unwrap()
+            };
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y,
+                g.get(xv.as_tensor()).unwrap().clone(),
+                g.get(l.weight()).unwrap().clone(),
+                g.get(l.bias()).unwrap().clone(),
+            ]
+            .map(|t| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(run(true), run(false));
+        // Without gradients nothing is kept, and the values are the same.
+        let y = l.forward_gelu(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 5, 9]);
+        // Other dtypes fall back to candle's ops and candle's gelu.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let l64 = Linear::from_tensors(
+            l.weight().to_dtype(DType::F64).unwrap(),
+            l.bias().to_dtype(DType::F64).unwrap(),
+        );
+        close(
+            &l64.forward_gelu(&x64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+            &y,
+            1e-5,
+        );
     }
 
     #[test]
