@@ -20,6 +20,8 @@
 //! # byte-identical to the same command without mpirun
 //! cargo build --release --example gpt --features relume/mpi
 //! mpirun -np 2 target/release/examples/gpt --accumulate 4 --batch-size 8
+//! # the same with 2 ranks as threads of one process (no MPI needed)
+//! cargo run --release --example gpt -- --ranks 2 --accumulate 4 --batch-size 8
 //! ```
 //!
 //! Ctrl-C (SIGINT), SIGTERM or SIGUSR1 saves a checkpoint at the next optimizer
@@ -33,7 +35,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use relume::callbacks::LearningRateMonitor;
 use relume::data::LoaderConfig;
-use relume::dist::{Launched, DEFAULT_TIMEOUT};
+use relume::dist::{Launched, ThreadGroup, DEFAULT_TIMEOUT};
 use relume::loggers::{CsvLogger, TensorBoardLogger};
 use relume::preempt::{Preemption, PREEMPTED_EXIT_CODE};
 use relume::rng::Rng;
@@ -49,7 +51,7 @@ use gpt_model::{Cadence, Corpus, Gpt, GptConfig, GptModule, OptConfig};
 
 /// Trains a character-level GPT; resumes from the run's latest checkpoint when
 /// there is one.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "gpt",
     override_usage = "gpt [--data FILE] [--run-dir DIR] [--fresh] [--max-steps N [--extend-schedule]] [--seed N] [model flags]\n       gpt --sample [--chars N] [--prompt TEXT] [--temperature T]"
@@ -111,6 +113,14 @@ struct Args {
     /// byte-identical to one process accumulating N.
     #[arg(long, value_name = "N", default_value_t = 1)]
     accumulate: u64,
+    /// Data-parallel ranks as threads of this process, each computing
+    /// --accumulate / N of every step's micro-batches with cores / N kernel
+    /// threads: byte-identical to --ranks 1 with the same --batch-size and
+    /// --accumulate, and faster on a multi-core CPU, whose small products gain
+    /// little from a second thread.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    ranks: usize,
     /// Peak learning rate.
     #[arg(long, value_name = "LR", default_value_t = 3e-3)]
     lr: f64,
@@ -156,6 +166,14 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if args.ranks > 1 {
+        std::process::exit(
+            match train_in_threads(&args, relume::dist::started_by_mpirun()) {
+                Ok(code) => code,
+                Err(e) => report(&e),
+            },
+        );
+    }
     // The cores are shared by the ranks on this machine.
     let ranks = launched.as_ref().map_or(1, Launched::world_size);
     relume::set_cpu_threads(
@@ -174,12 +192,7 @@ fn main() {
             std::process::exit(code)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.downcast_ref::<relume::Error>()
-                .is_some_and(relume::Error::config_change_is_schedule)
-            {
-                eprintln!("hint: to train this run longer, add --extend-schedule");
-            }
+            report(&e);
             // Under mpirun: end every rank now rather than leave them waiting.
             match launched {
                 Some(l) => l.abort(1),
@@ -189,6 +202,89 @@ fn main() {
     }
 }
 
+/// Prints a failed run's error, with a hint where one applies; returns exit code 1.
+fn report(e: &anyhow::Error) -> i32 {
+    eprintln!("error: {e:#}");
+    if e.downcast_ref::<relume::Error>()
+        .is_some_and(relume::Error::config_change_is_schedule)
+    {
+        eprintln!("hint: to train this run longer, add --extend-schedule");
+    }
+    1
+}
+
+/// `--ranks N`: trains with N data-parallel ranks as threads of this process (one
+/// `ThreadGroup` handle each) and returns rank 0's exit code, or the first
+/// error in rank order.
+fn train_in_threads(args: &Args, under_mpirun: bool) -> Result<i32> {
+    let ranks = args.ranks;
+    if args.sample {
+        anyhow::bail!("--ranks {ranks} trains; --sample runs in one thread, drop --ranks");
+    }
+    if under_mpirun {
+        anyhow::bail!(
+            "--ranks {ranks} under mpirun: choose one, mpirun -np N for ranks as processes or --ranks N for ranks as threads"
+        );
+    }
+    if args.accumulate % ranks as u64 != 0 {
+        anyhow::bail!(
+            "--ranks {ranks} needs --accumulate a multiple of {ranks}, each rank computing an equal share of every step's micro-batches (for the default global batch of 32: --accumulate {ranks} --batch-size {})",
+            (32 / ranks).max(1)
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    relume::set_cpu_threads((cores / ranks).max(1));
+    if args.fresh {
+        // Once, before the ranks start.
+        clear_run(args)?;
+    }
+    let args = Args {
+        fresh: false,
+        ..args.clone()
+    };
+    let results: Vec<Result<i32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(ranks, DEFAULT_TIMEOUT)
+            .into_iter()
+            .map(|g| {
+                let args = &args;
+                s.spawn(move || train(args, Some(&Launched::from_collective(Arc::new(g)))))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("rank {rank} of {ranks} panicked")))
+            })
+            .collect()
+    });
+    let mut code = 0;
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Err(e) => return Err(e.context(format!("rank {rank} of {ranks}"))),
+            Ok(c) if rank == 0 => code = c,
+            Ok(_) => {}
+        }
+    }
+    Ok(code)
+}
+
+/// `--fresh`: deletes the run's checkpoints.
+fn clear_run(args: &Args) -> Result<()> {
+    let ckpt_dir = args.run_dir.join("checkpoints");
+    let dir = CheckpointDir::open(&args.run_dir)
+        .with_context(|| format!("--fresh: cannot clear {}", ckpt_dir.display()))?;
+    let n = dir
+        .clear()
+        .with_context(|| format!("--fresh: clearing {}", ckpt_dir.display()))?;
+    println!(
+        "--fresh: removed {n} checkpoints from {}",
+        ckpt_dir.display()
+    );
+    Ok(())
+}
+
 fn train(args: &Args, dist: Option<&Launched>) -> Result<i32> {
     let started = std::time::Instant::now();
     let ckpt_dir = args.run_dir.join("checkpoints");
@@ -196,7 +292,7 @@ fn train(args: &Args, dist: Option<&Launched>) -> Result<i32> {
     let world = dist.map_or(1, Launched::world_size) as u64;
     if args.accumulate % world != 0 {
         anyhow::bail!(
-            "--accumulate {}: under mpirun -np {world} it must be a multiple of {world} (each rank computes an equal share of every step's micro-batches)",
+            "--accumulate {}: with {world} ranks it must be a multiple of {world} (each rank computes an equal share of every step's micro-batches); for the same global batch, divide --batch-size by what you multiply --accumulate by",
             args.accumulate
         );
     }
@@ -206,15 +302,7 @@ fn train(args: &Args, dist: Option<&Launched>) -> Result<i32> {
         );
     }
     if args.fresh {
-        let dir = CheckpointDir::open(&args.run_dir)
-            .with_context(|| format!("--fresh: cannot clear {}", ckpt_dir.display()))?;
-        let n = dir
-            .clear()
-            .with_context(|| format!("--fresh: clearing {}", ckpt_dir.display()))?;
-        println!(
-            "--fresh: removed {n} checkpoints from {}",
-            ckpt_dir.display()
-        );
+        clear_run(args)?;
     }
     let preemption = Arc::new(Preemption::builder().sigint(true).install()?);
 

@@ -13,6 +13,7 @@ mod gpt_model;
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -288,4 +289,87 @@ fn data_parallel_at_two_ranks_equals_one_and_resumes_at_another_world_size() {
         final_files(one.path()) == final_files(moved.path()),
         "resume at another world size differs"
     );
+}
+
+/// The GPT example's `--ranks 2` (data-parallel ranks as threads of one process),
+/// run as a user runs it, ends with the same checkpoint as one process with the
+/// same batch and accumulation; a window that does not split over the ranks is
+/// refused before training, naming the flags to pass.
+#[test]
+fn the_example_with_ranks_as_threads_ends_as_one_process_does() {
+    let exe = support::example("gpt");
+    if !exe.exists() {
+        panic!(
+            "{} is missing: run `cargo test --workspace` (which builds the examples)",
+            exe.display()
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let text =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data/kjv.txt"))
+            .unwrap();
+    let data = tmp.path().join("corpus.txt");
+    std::fs::write(&data, &text[..6000]).unwrap();
+    let run = |dir: &str, extra: &[&str]| {
+        let out = Command::new(&exe)
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--run-dir",
+                tmp.path().join(dir).to_str().unwrap(),
+            ])
+            .args([
+                "--d-model",
+                "16",
+                "--layers",
+                "1",
+                "--heads",
+                "2",
+                "--block",
+                "16",
+                "--max-steps",
+                "12",
+                "--batch-size",
+                "4",
+                "--checkpoint-every",
+                "5",
+                "--val-every",
+                "5",
+                "--val-batches",
+                "1",
+                "--dropout",
+                "0.1",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stdout, stderr) = run("threads", &["--ranks", "2", "--accumulate", "2"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("data-parallel: 2 ranks"), "{stdout}");
+    // Rank 0 alone reports, on stdout and in the log.
+    assert_eq!(stdout.matches("done: step 12").count(), 1, "{stdout}");
+    assert_eq!(
+        stdout
+            .matches("ModelCheckpoint without monitor keeps")
+            .count(),
+        1,
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = run("one", &["--accumulate", "2"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    support::assert_identical(&tmp.path().join("threads"), &tmp.path().join("one"));
+
+    let (code, _, stderr) = run("refused", &["--ranks", "2"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--ranks 2 needs --accumulate a multiple of 2"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("refused").join("checkpoints").exists());
 }

@@ -108,6 +108,7 @@ pub struct HookCtx<'a> {
     requests: &'a mut Vec<Request>,
     lrs: Vec<(String, Vec<f64>)>,
     has_validation: bool,
+    global_zero: bool,
 }
 
 impl<'a> HookCtx<'a> {
@@ -127,6 +128,7 @@ impl<'a> HookCtx<'a> {
             requests,
             lrs: Vec::new(),
             has_validation: true,
+            global_zero: true,
         }
     }
 
@@ -142,6 +144,20 @@ impl<'a> HookCtx<'a> {
     pub fn with_validation(mut self, on: bool) -> Self {
         self.has_validation = on;
         self
+    }
+
+    /// Says whether this process is rank 0 of a data-parallel run (default `true`),
+    /// as seen by [`HookCtx::is_global_zero`].
+    pub fn with_global_zero(mut self, zero: bool) -> Self {
+        self.global_zero = zero;
+        self
+    }
+
+    /// Whether this is rank 0 (or the only rank): Lightning's
+    /// `trainer.is_global_zero`. Every rank runs every hook; a hook that only
+    /// reports (a log line, a file of its own) should do so on rank 0 alone.
+    pub fn is_global_zero(&self) -> bool {
+        self.global_zero
     }
 
     /// Whether this fit has a validation loop: without one, a metric that is not

@@ -223,7 +223,7 @@ impl ModelCheckpoint {
         self.time_base + self.started.map_or(0.0, |s| s.elapsed().as_secs_f64())
     }
 
-    fn check_settings(&self) -> Result<()> {
+    fn check_settings(&self, report: bool) -> Result<()> {
         if self.save_top_k < -1 {
             return Err(Error::InvalidSetting {
                 setting: "ModelCheckpoint save_top_k".into(),
@@ -231,7 +231,7 @@ impl ModelCheckpoint {
                 rule: "must be -1 (all), 0 (none) or a positive count".into(),
             });
         }
-        if self.monitor.is_none() && self.save_top_k > 1 {
+        if report && self.monitor.is_none() && self.save_top_k > 1 {
             tracing::info!(
                 "ModelCheckpoint without monitor keeps the {} most recent checkpoints",
                 self.save_top_k
@@ -448,8 +448,8 @@ impl Callback for ModelCheckpoint {
         best_of(&best_k, mode).map(|(n, _)| PathBuf::from(n))
     }
 
-    fn on_fit_start(&mut self, _ctx: &mut HookCtx<'_>) -> Result<()> {
-        self.check_settings()?;
+    fn on_fit_start(&mut self, ctx: &mut HookCtx<'_>) -> Result<()> {
+        self.check_settings(ctx.is_global_zero())?;
         self.started = Some(Instant::now());
         Ok(())
     }

@@ -80,6 +80,17 @@ impl Launched {
         }))
     }
 
+    /// The group of any collective: for example one [`super::ThreadGroup`] handle
+    /// per rank thread, to run a job's ranks inside one process.
+    /// [`Launched::abort`] then ends this process.
+    pub fn from_collective(collective: Arc<dyn Collective>) -> Launched {
+        Launched {
+            collective,
+            #[cfg(feature = "mpi")]
+            mpi: None,
+        }
+    }
+
     /// The collective to give [`crate::trainer::TrainerBuilder::collective`].
     pub fn collective(&self) -> Arc<dyn Collective> {
         Arc::clone(&self.collective)

@@ -312,6 +312,7 @@ macro_rules! hook {
         let run_dir = $run.cfg.default_root_dir.clone();
         let resumed = $run.resumed_from.clone();
         let has_val = $run.val.is_some();
+        let global_zero = $run.is_root();
         let lrs: Vec<(String, Vec<f64>)> = $run
             .optimizers
             .iter()
@@ -326,7 +327,8 @@ macro_rules! hook {
                 &mut $run.requests,
             )
             .with_lrs(lrs.clone())
-            .with_validation(has_val);
+            .with_validation(has_val)
+            .with_global_zero(global_zero);
             $body?;
         }
     }};

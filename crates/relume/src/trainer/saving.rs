@@ -156,21 +156,23 @@ where
             self.print_checkpoint(saved_before.as_deref());
         }
         if let Some(reason) = stop {
-            tracing::info!("stopping at step {}: {reason}", self.state.global_step);
+            if self.is_root() {
+                tracing::info!("stopping at step {}: {reason}", self.state.global_step);
+            }
             return Ok(Some(FitOutcome::Stopped {
                 summary: self.summary(),
                 reason,
             }));
         }
         if interrupted {
-            tracing::info!(
-                "interrupted: saved at step {} to {}",
-                self.state.global_step,
-                self.last_checkpoint
-                    .as_ref()
-                    .map_or("<nothing>".into(), |p| p.display().to_string())
-            );
             if self.is_root() {
+                tracing::info!(
+                    "interrupted: saved at step {} to {}",
+                    self.state.global_step,
+                    self.last_checkpoint
+                        .as_ref()
+                        .map_or("<nothing>".into(), |p| p.display().to_string())
+                );
                 for l in self.loggers.iter_mut() {
                     l.flush()?;
                 }

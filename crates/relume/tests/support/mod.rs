@@ -15,13 +15,18 @@ use relume_ckpt::{RestoreReport, StateDict};
 
 /// `target/<profile>/examples/digits`, built by `cargo test` beside the tests.
 pub fn digits_example() -> std::path::PathBuf {
+    example("digits")
+}
+
+/// `target/<profile>/examples/<name>`, built by `cargo test` beside the tests.
+pub fn example(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
     dir.join("examples")
-        .join(format!("digits{}", std::env::consts::EXE_SUFFIX))
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// Raises its rank's interrupt flag after `at` training batches (only on `rank`);
