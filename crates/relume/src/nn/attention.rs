@@ -233,15 +233,7 @@ mod tests {
                 let y = f(&[v.as_tensor().clone()]);
                 let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
                 let g = g.get(v.as_tensor()).unwrap().clone();
-                [y, g].map(|t| {
-                    t.flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>()
-                })
+                [y, g].map(|t| crate::nn::test_util::bits(&t))
             };
             assert_eq!(
                 bits(&|t| causal_self_attention(&t[0], heads).unwrap()),

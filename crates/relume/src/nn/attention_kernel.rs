@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
 
-use super::kernels::{exp, f32_slice, gemm_into, parallel, widest, Mat};
+use super::kernels::{exp, f32_slice, for_chunks, gemm_into, parallel, widest, Mat};
 
 /// Query positions per tile.
 const TILE: usize = 32;
@@ -530,11 +530,9 @@ impl CustomOp1 for PackedAttentionGrad<'_> {
             bail!("causal_self_attention backward: saved state does not match the inputs");
         }
         let mut out = vec![0.0f32; b * t * 3 * c];
-        // `for_batches` wants two buffers; the second is an empty stand-in.
-        let mut none = vec![0.0f32; b];
         let failed = std::sync::Mutex::new(None);
         let par = b > 1 && parallel(b * h * t * t * hd);
-        for_batches(&mut out, &mut none, (t * 3 * c, 1), par, |bi, dst, _| {
+        for_chunks(&mut out, t * 3 * c, par, |bi, dst| {
             let src = &x[bi * t * 3 * c..(bi + 1) * t * 3 * c];
             let g_all = &self.grad[bi * t * c..(bi + 1) * t * c];
             let mut buf = vec![0.0f32; 7 * t * hd];

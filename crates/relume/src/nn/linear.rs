@@ -581,15 +581,7 @@ mod tests {
                 g.get(l.weight()).unwrap().clone(),
                 g.get(l.bias()).unwrap().clone(),
             ]
-            .map(|t| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            })
+            .map(|t| crate::nn::test_util::bits(&t))
         };
         assert_eq!(run(true), run(false));
         // Without gradients nothing is kept, and the values are the same.

@@ -4,6 +4,17 @@ use candle_core::{Tensor, Var};
 
 use crate::rng::Rng;
 
+/// The bit patterns of every element of `t`, for exact comparisons.
+pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// Every element of `a` within `tol · (1 + |b|)` of `b`, and the same shape.
 pub(crate) fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
