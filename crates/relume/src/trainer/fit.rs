@@ -490,6 +490,23 @@ where
         self.state.loggers = self.loggers.iter().map(|l| l.name().to_string()).collect();
         let path = restored.path;
         hook!(self, |cb, ctx| cb.on_load_checkpoint(&mut ctx, &path));
+        // Deletions that the resumed checkpoint's save requested and a kill
+        // interrupted (`ModelCheckpoint`'s pending deletions, re-requested on load)
+        // are due now, not at the next save: the next checkpoint's state does not
+        // list them, so a run killed again before its deletions would leave them
+        // behind for good.
+        let (deletes, rest): (Vec<Request>, Vec<Request>) = std::mem::take(&mut self.requests)
+            .into_iter()
+            .partition(|r| matches!(r, Request::Delete { .. }));
+        self.requests = rest;
+        if self.is_root() {
+            for r in deletes {
+                if let Request::Delete { name } = r {
+                    let keep = self.resumed_from.clone();
+                    self.connector.delete(&name, keep.as_deref())?;
+                }
+            }
+        }
         Ok(true)
     }
 
@@ -506,14 +523,7 @@ where
                 self.cfg.max_steps,
             );
             tracing::info!("{msg}");
-            // Deletions the final save requested and a kill interrupted
-            // (`ModelCheckpoint`'s pending deletions, re-requested on load).
-            for r in std::mem::take(&mut self.requests) {
-                if let Request::Delete { name } = r {
-                    let keep = self.resumed_from.clone();
-                    self.connector.delete(&name, keep.as_deref())?;
-                }
-            }
+            // The final save's interrupted deletions were carried out on resume.
             return Ok(FitOutcome::AlreadyFinished(self.summary()));
         }
         if !resumed {
