@@ -494,3 +494,78 @@ fn clearing_a_run_another_process_is_training_in_is_refused() {
         vec!["step=000008-epoch=1", "step=000016-epoch=2"]
     );
 }
+
+// ---- an eviction interrupted twice is still carried out ----
+
+/// Copies the directory `from` (files and subdirectories) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A run killed between a save's commit and the deletion of the checkpoint that
+/// save evicted, resumed, and killed again before its next save: the evicted
+/// checkpoint must still go. The resume carries the interrupted deletion out at
+/// once; before, it waited for the next save, whose state no longer listed it, so
+/// the second kill left it behind for good.
+#[test]
+fn an_eviction_interrupted_twice_is_still_carried_out() {
+    let _serial = serial();
+    let spec = |max_epochs| Spec {
+        top_k: Some(1),
+        max_epochs,
+        ..Spec::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let per_epoch = step_of(&run(&spec(1), dir.path()).unwrap());
+    let names = checkpoint_names(dir.path());
+    let first = names
+        .iter()
+        .find(|n| n.starts_with("epoch=0-"))
+        .unwrap_or_else(|| panic!("no top-k save of epoch 0: {names:?}"))
+        .clone();
+    let evicted = dir.path().join("checkpoints").join(&first);
+    let kept_aside = tempfile::tempdir().unwrap();
+    copy_dir(&evicted, kept_aside.path());
+    // The second epoch's better checkpoint evicts the first.
+    run(&spec(2), dir.path()).unwrap();
+    assert!(
+        !evicted.exists(),
+        "the second epoch did not evict {first}: {:?}",
+        checkpoint_names(dir.path())
+    );
+    // As if killed after the second save committed, before its deletion.
+    copy_dir(kept_aside.path(), &evicted);
+    assert!(relume_ckpt::is_committed(&evicted).unwrap());
+    // Resumed, then killed before its next save.
+    let (code, _) = spawn(
+        &Spec {
+            kill_at: Some(2 * per_epoch + 1),
+            ..spec(3)
+        },
+        dir.path(),
+    );
+    assert_eq!(code, -libc::SIGKILL, "the kill did not land");
+    assert!(
+        !evicted.exists(),
+        "{first} is still there after the resume: {:?}",
+        checkpoint_names(dir.path())
+    );
+    // And the rerun finishes.
+    run(&spec(3), dir.path()).unwrap();
+    assert!(!evicted.exists());
+    let names = checkpoint_names(dir.path());
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("epoch=")).count(),
+        1,
+        "top-k 1 keeps one: {names:?}"
+    );
+}
