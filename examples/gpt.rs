@@ -170,7 +170,10 @@ fn main() {
         std::process::exit(
             match train_in_threads(&args, relume::dist::started_by_mpirun()) {
                 Ok(code) => code,
-                Err(e) => report(&e),
+                Err(e) => {
+                    report(&e);
+                    1
+                }
             },
         );
     }
@@ -202,15 +205,14 @@ fn main() {
     }
 }
 
-/// Prints a failed run's error, with a hint where one applies; returns exit code 1.
-fn report(e: &anyhow::Error) -> i32 {
+/// Prints a failed run's error, with a hint where one applies.
+fn report(e: &anyhow::Error) {
     eprintln!("error: {e:#}");
     if e.downcast_ref::<relume::Error>()
         .is_some_and(relume::Error::config_change_is_schedule)
     {
         eprintln!("hint: to train this run longer, add --extend-schedule");
     }
-    1
 }
 
 /// `--ranks N`: trains with N data-parallel ranks as threads of this process (one

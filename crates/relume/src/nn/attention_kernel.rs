@@ -105,26 +105,27 @@ fn head_forward(
             scale,
             false,
         )?;
-        for i in r0..r1 {
-            let row = &mut p[i * t..i * t + r1];
-            let (seen, masked) = row.split_at_mut(i + 1);
-            masked.fill(0.0);
-            let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            // The exponentials in a loop of their own, which vectorises; the sum
-            // then runs in index order (the same values as one fused loop).
-            widest(
-                #[inline(always)]
-                || {
+        // One dispatch per tile of rows, not per row.
+        widest(
+            #[inline(always)]
+            || {
+                for i in r0..r1 {
+                    let row = &mut p[i * t..i * t + r1];
+                    let (seen, masked) = row.split_at_mut(i + 1);
+                    masked.fill(0.0);
+                    let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    // The exponentials in a loop of their own, which vectorises; the
+                    // sum then runs in index order (the same values as one fused loop).
                     for s in seen.iter_mut() {
                         *s = exp(*s - m);
                     }
-                },
-            );
-            let sum: f32 = seen.iter().fold(0.0, |acc, &v| acc + v);
-            for s in seen.iter_mut() {
-                *s /= sum;
-            }
-        }
+                    let sum: f32 = seen.iter().fold(0.0, |acc, &v| acc + v);
+                    for s in seen.iter_mut() {
+                        *s /= sum;
+                    }
+                }
+            },
+        );
         gemm_into(
             &mut o[r0 * d..],
             d,

@@ -155,17 +155,18 @@ impl CustomOp3 for Norm {
         let mut y = vec![0.0f32; x.len()];
         super::kernels::for_chunks(&mut y, BLOCK * c, parallel(x.len()), |i, out| {
             let xs = &x[i * BLOCK * c..i * BLOCK * c + out.len()];
-            for (yr, xr) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                let (mean, rstd) = stats(xr, self.eps);
-                widest(
-                    #[inline(always)]
-                    || {
+            // One dispatch per block of rows, not per row.
+            widest(
+                #[inline(always)]
+                || {
+                    for (yr, xr) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                        let (mean, rstd) = stats(xr, self.eps);
                         for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                             *o = (v - mean) * rstd * w + b;
                         }
-                    },
-                );
-            }
+                    }
+                },
+            );
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -228,42 +229,39 @@ impl CustomOp3 for NormGrad {
             let r = i * BLOCK * c..i * BLOCK * c + dx.len();
             let (pw, pb) = part.split_at_mut(c);
             let mut dxhat = vec![0.0f32; c];
-            for ((dr, xr), gr) in dx
-                .chunks_exact_mut(c)
-                .zip(x[r.clone()].chunks_exact(c))
-                .zip(g[r].chunks_exact(c))
-            {
-                let (mean, rstd) = stats(xr, self.eps);
-                // The sums run in index order; the element-wise passes are separate
-                // loops, so they vectorise (the same values as one fused loop).
-                widest(
-                    #[inline(always)]
-                    || {
+            // One dispatch per block of rows, not per row.
+            widest(
+                #[inline(always)]
+                || {
+                    for ((dr, xr), gr) in dx
+                        .chunks_exact_mut(c)
+                        .zip(x[r.clone()].chunks_exact(c))
+                        .zip(g[r].chunks_exact(c))
+                    {
+                        let (mean, rstd) = stats(xr, self.eps);
+                        // The sums run in index order; the element-wise passes are
+                        // separate loops, so they vectorise (the same values as one
+                        // fused loop).
                         for j in 0..c {
                             let xhat = (xr[j] - mean) * rstd;
                             dxhat[j] = gr[j] * w[j];
                             pw[j] += gr[j] * xhat;
                             pb[j] += gr[j];
                         }
-                    },
-                );
-                let (mut sum, mut dot) = (0.0f32, 0.0f32);
-                for j in 0..c {
-                    let xhat = (xr[j] - mean) * rstd;
-                    sum += dxhat[j];
-                    dot += dxhat[j] * xhat;
-                }
-                let (sum, dot) = (sum / c as f32, dot / c as f32);
-                widest(
-                    #[inline(always)]
-                    || {
+                        let (mut sum, mut dot) = (0.0f32, 0.0f32);
+                        for j in 0..c {
+                            let xhat = (xr[j] - mean) * rstd;
+                            sum += dxhat[j];
+                            dot += dxhat[j] * xhat;
+                        }
+                        let (sum, dot) = (sum / c as f32, dot / c as f32);
                         for j in 0..c {
                             let xhat = (xr[j] - mean) * rstd;
                             dr[j] = rstd * (dxhat[j] - sum - xhat * dot);
                         }
-                    },
-                );
-            }
+                    }
+                },
+            );
         };
         if parallel(x.len()) {
             use rayon::prelude::*;
