@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
 
-use super::kernels::{exp, f32_slice, for_chunks, gemm_into, parallel, widest, Mat};
+use super::kernels::{
+    exp, f32_slice, for_chunks, gemm_into, max_of, parallel, sum_by, sum_of, widest, Mat,
+};
 
 /// Query positions per tile.
 const TILE: usize = 32;
@@ -113,13 +115,13 @@ fn head_forward(
                     let row = &mut p[i * t..i * t + r1];
                     let (seen, masked) = row.split_at_mut(i + 1);
                     masked.fill(0.0);
-                    let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let m = max_of(seen);
                     // The exponentials in a loop of their own, which vectorises; the
-                    // sum then runs in index order (the same values as one fused loop).
+                    // sum then runs in sum_of's fixed lane order.
                     for s in seen.iter_mut() {
                         *s = exp(*s - m);
                     }
-                    let sum: f32 = seen.iter().fold(0.0, |acc, &v| acc + v);
+                    let sum = sum_of(seen, |v| v);
                     for s in seen.iter_mut() {
                         *s /= sum;
                     }
@@ -259,16 +261,22 @@ fn head_backward(
             1.0,
             false,
         )?;
-        for i in r0..r1 {
-            let pr = &p[i * t..i * t + i + 1];
-            let row = &mut ds[i * t..i * t + r1];
-            let (seen, masked) = row.split_at_mut(i + 1);
-            masked.fill(0.0);
-            let dot: f32 = pr.iter().zip(seen.iter()).map(|(a, b)| a * b).sum();
-            for (s, &pv) in seen.iter_mut().zip(pr) {
-                *s = pv * (*s - dot) * scale;
-            }
-        }
+        // One dispatch per tile of rows, as forward.
+        widest(
+            #[inline(always)]
+            || {
+                for i in r0..r1 {
+                    let pr = &p[i * t..i * t + i + 1];
+                    let row = &mut ds[i * t..i * t + r1];
+                    let (seen, masked) = row.split_at_mut(i + 1);
+                    masked.fill(0.0);
+                    let dot = sum_by(pr, seen, |a, b| a * b);
+                    for (s, &pv) in seen.iter_mut().zip(pr) {
+                        *s = pv * (*s - dot) * scale;
+                    }
+                }
+            },
+        );
         gemm_into(
             &mut dq[r0 * d..],
             d,

@@ -129,37 +129,94 @@ pub(crate) fn gemm_into(
         }
         return Ok(());
     }
+    // SAFETY: the m×n block with row stride `dst_rs` (≥ n) was checked to lie inside
+    // `dst`; both views were checked to lie inside their slices; the slices outlive
+    // the call and `dst` does not alias them (it is a unique borrow).
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, a, b, accumulate, scale, parallel) };
+    Ok(())
+}
+
+/// A new row-major `a · b` (`a.rows × b.cols`), written by the product alone: no
+/// zero fill first, which cost as much as a pass over the result.
+pub(crate) fn matmul_new(a: Mat<'_>, b: Mat<'_>) -> Result<Vec<f32>> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        bail!(
+            "relume matmul: inner dimensions differ ({m}x{k} · {}x{n})",
+            b.rows
+        );
+    }
+    if !a.in_bounds() || !b.in_bounds() {
+        bail!("relume matmul: a strided view reaches past the end of its storage");
+    }
+    let Some(len) = m.checked_mul(n) else {
+        bail!("relume matmul: a {m}x{n} result does not fit in memory");
+    };
+    if len == 0 || k == 0 {
+        return Ok(vec![0.0; len]);
+    }
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: with `accumulate` false and k > 0, gemm writes every element of the
+    // m×n destination (row stride n) through the pointer and reads none of them, so
+    // all `len` elements of the capacity are initialised before `set_len`; both
+    // views were checked to lie inside their slices, which `out` does not alias.
+    unsafe {
+        gemm_raw(
+            out.as_mut_ptr(),
+            n,
+            a,
+            b,
+            false,
+            1.0,
+            m * n * k >= PARALLEL_MIN_MACS,
+        );
+        out.set_len(len);
+    }
+    Ok(out)
+}
+
+/// `gemm::gemm` on checked views: `dst = scale · a · b`, or `dst += …` when
+/// `accumulate`, with `dst` row-major at row stride `dst_rs`.
+///
+/// # Safety
+/// `a` and `b` lie inside their slices (`Mat::in_bounds`), `b.rows == a.cols`,
+/// and `dst` points to an `a.rows × b.cols` block at row stride `dst_rs ≥ b.cols`
+/// that the caller may write, which aliases neither view, and which is
+/// initialised when `accumulate`.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
     let parallelism = match threads() {
         t if parallel && t > 1 => gemm::Parallelism::Rayon(t),
         _ => gemm::Parallelism::None,
     };
-    // SAFETY: the m×n block with row stride `dst_rs` (≥ n) was checked to lie inside
-    // `dst`; both views were checked to lie inside their slices; the slices outlive
-    // the call and `dst` does not alias them (it is a unique borrow).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 /// Below this many elements of work an element- or row-wise kernel runs on the
@@ -221,6 +278,63 @@ unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
 #[target_feature(enable = "avx2")]
 unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
+}
+
+/// Lanes of the fixed-order sums ([`sum_by`]): one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// `Σ f(xs[i], ys[i])` over `i < xs.len()` (`ys` at least as long), in a fixed
+/// order that vectorises: element `i` goes to partial sum `i % 16`, each partial
+/// sum runs in index order, and the 16 are then added pairwise (lane `l` + lane
+/// `l + 8`, then `+ 4`, `+ 2`, `+ 1`). A plain left-to-right sum is one chain of
+/// dependent additions (4 cycles each), which is what made the row statistics of
+/// LayerNorm and softmax slow; this order is as exact and the same on every CPU
+/// and vector width, since Rust never reassociates float arithmetic.
+#[inline(always)]
+pub(crate) fn sum_by(xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let ys = &ys[..xs.len()];
+    let (xc, yc) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (x, y) in xc.zip(yc) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    for ((a, &x), &y) in acc.iter_mut().zip(xr).zip(yr) {
+        *a += f(x, y);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// `Σ f(xs[i])` in the order of [`sum_by`].
+#[inline(always)]
+pub(crate) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    sum_by(xs, xs, |x, _| f(x))
+}
+
+/// The largest element (−inf for none; NaN is skipped, as `f32::max` does), in
+/// 16 lanes like [`sum_by`]: the maximum does not depend on the order.
+#[inline(always)]
+pub(crate) fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = a.max(x);
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// `e^x` in f32 within 2 ulp of `f32::exp` over the finite range, written so the
@@ -316,6 +430,43 @@ mod tests {
         body(&mut portable);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&wide), bits(&portable));
+    }
+
+    #[test]
+    fn lane_sums_follow_their_documented_order_on_every_path() {
+        let xs: Vec<f32> = (0..131)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1.3e-3)
+            .collect();
+        let ys: Vec<f32> = (0..131).map(|i| (i as f32 * 0.7).sin()).collect();
+        // The order spelled out: partial sum i % 16 in index order, then pairwise.
+        let reference = |n: usize| {
+            let mut acc = [0.0f32; 16];
+            for i in 0..n {
+                acc[i % 16] += xs[i] * ys[i];
+            }
+            for w in [8, 4, 2, 1] {
+                for l in 0..w {
+                    acc[l] += acc[l + w];
+                }
+            }
+            acc[0]
+        };
+        for n in [0, 1, 15, 16, 17, 64, 128, 131] {
+            let (x, y) = (&xs[..n], &ys[..n]);
+            let portable = sum_by(x, y, |a, b| a * b);
+            let wide = widest(
+                #[inline(always)]
+                || sum_by(x, y, |a, b| a * b),
+            );
+            assert_eq!(portable.to_bits(), reference(n).to_bits(), "n = {n}");
+            assert_eq!(wide.to_bits(), portable.to_bits(), "n = {n}");
+            let plain: f32 = x.iter().sum();
+            assert!((sum_of(x, |v| v) - plain).abs() <= 1e-6, "n = {n}");
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(x).to_bits(), m.to_bits(), "n = {n}");
+        }
+        assert!(sum_of(&[1.0, f32::NAN, 2.0], |v| v).is_nan());
+        assert_eq!(max_of(&[1.0, f32::NAN, 2.0]), 2.0);
     }
 
     fn naive(a: Mat<'_>, b: Mat<'_>) -> Vec<f32> {

@@ -17,7 +17,9 @@ use candle_nn::VarBuilder;
 use std::sync::OnceLock;
 
 use super::gelu::{gelu_grad_into, gelu_into};
-use super::kernels::{dims2, f32_slice, matmul_into, rows_cols, with_last, Mat};
+use super::kernels::{
+    dims2, f32_slice, matmul_into, matmul_new, rows_cols, widest, with_last, Mat,
+};
 use crate::error::Result;
 use crate::params::{Init, ParamStore};
 use crate::rng::Rng;
@@ -393,8 +395,7 @@ impl CustomOp2 for Backward {
 
 /// A new `a · b` as storage and shape.
 fn product(a: Mat<'_>, b: Mat<'_>) -> candle_core::Result<(CpuStorage, Shape)> {
-    let mut out = vec![0.0; a.rows * b.cols];
-    matmul_into(&mut out, a, b, false)?;
+    let out = matmul_new(a, b)?;
     Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))
 }
 
@@ -410,11 +411,16 @@ impl CustomOp1 for ColumnSum {
         let (m, n) = rows_cols(l, "linear output gradient")?;
         let g = f32_slice(s, l, "linear output gradient")?;
         let mut out = vec![0.0f32; n];
-        for row in g.chunks_exact(n.max(1)).take(m) {
-            for (o, v) in out.iter_mut().zip(row) {
-                *o += v;
-            }
-        }
+        widest(
+            #[inline(always)]
+            || {
+                for row in g.chunks_exact(n.max(1)).take(m) {
+                    for (o, v) in out.iter_mut().zip(row) {
+                        *o += v;
+                    }
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 }

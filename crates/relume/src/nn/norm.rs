@@ -16,7 +16,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::kernels::{f32_slice, parallel, widest};
+use super::kernels::{f32_slice, parallel, sum_by, sum_of, widest};
 
 /// Layer normalisation over the last dimension, with learned scale and shift.
 #[derive(Clone, Debug)]
@@ -107,12 +107,13 @@ pub fn composite(
 /// the order of every sum is the same whatever the thread count.
 const BLOCK: usize = 32;
 
-/// A row's mean and `1/√(var + eps)`, in f32 like the composite.
-#[inline]
+/// A row's mean and `1/√(var + eps)`, in f32 like the composite, with the sums
+/// in the fixed lane order of [`sum_of`].
+#[inline(always)]
 fn stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum_of(row, |v| v) / n;
+    let var = sum_of(row, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -222,7 +223,10 @@ impl CustomOp3 for NormGrad {
         let w = f32_slice(s2, l2, "layer_norm weight")?;
         let g = f32_slice(s3, l3, "layer_norm output gradient")?;
         let blocks = rows.div_ceil(BLOCK);
-        let mut dx = vec![0.0f32; x.len()];
+        // Room for the weight and bias gradients appended below, so they do not
+        // copy the whole input gradient into a larger buffer.
+        let mut dx = Vec::with_capacity(x.len() + 2 * c);
+        dx.resize(x.len(), 0.0f32);
         // Per block: the weight gradient's partial sum, then the bias gradient's.
         let mut partial = vec![0.0f32; blocks * 2 * c];
         let block = |i: usize, dx: &mut [f32], part: &mut [f32]| {
@@ -239,25 +243,26 @@ impl CustomOp3 for NormGrad {
                         .zip(g[r].chunks_exact(c))
                     {
                         let (mean, rstd) = stats(xr, self.eps);
-                        // The sums run in index order; the element-wise passes are
-                        // separate loops, so they vectorise (the same values as one
-                        // fused loop).
-                        for j in 0..c {
-                            let xhat = (xr[j] - mean) * rstd;
-                            dxhat[j] = gr[j] * w[j];
-                            pw[j] += gr[j] * xhat;
-                            pb[j] += gr[j];
+                        // The element-wise passes are separate zipped loops (no
+                        // bounds checks), so they vectorise; the row sums run in
+                        // sum_by's fixed lane order.
+                        for ((((d, &g), &w), &v), (pw, pb)) in dxhat
+                            .iter_mut()
+                            .zip(gr)
+                            .zip(w)
+                            .zip(xr)
+                            .zip(pw.iter_mut().zip(pb.iter_mut()))
+                        {
+                            let xhat = (v - mean) * rstd;
+                            *d = g * w;
+                            *pw += g * xhat;
+                            *pb += g;
                         }
-                        let (mut sum, mut dot) = (0.0f32, 0.0f32);
-                        for j in 0..c {
-                            let xhat = (xr[j] - mean) * rstd;
-                            sum += dxhat[j];
-                            dot += dxhat[j] * xhat;
-                        }
-                        let (sum, dot) = (sum / c as f32, dot / c as f32);
-                        for j in 0..c {
-                            let xhat = (xr[j] - mean) * rstd;
-                            dr[j] = rstd * (dxhat[j] - sum - xhat * dot);
+                        let sum = sum_of(&dxhat, |d| d) / c as f32;
+                        let dot = sum_by(&dxhat, xr, |d, v| d * ((v - mean) * rstd)) / c as f32;
+                        for ((o, &d), &v) in dr.iter_mut().zip(&dxhat).zip(xr) {
+                            let xhat = (v - mean) * rstd;
+                            *o = rstd * (d - sum - xhat * dot);
                         }
                     }
                 },

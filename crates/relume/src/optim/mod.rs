@@ -43,7 +43,13 @@ impl Grads {
     /// # Errors
     /// A gradient that is not f32 ([`Error::InvalidSetting`]); candle errors.
     pub(crate) fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
+        // Sized up front: the message is one allocation, never regrown.
+        let len = 8 + self
+            .grads
+            .iter()
+            .map(|(name, g)| 8 + name.len() + 8 * (1 + g.rank()) + 4 * g.elem_count())
+            .sum::<usize>();
+        let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&(self.grads.len() as u64).to_le_bytes());
         for (name, g) in &self.grads {
             if g.dtype() != candle_core::DType::F32 {
@@ -61,8 +67,25 @@ impl Grads {
             for d in g.dims() {
                 out.extend_from_slice(&(*d as u64).to_le_bytes());
             }
-            let v = g.flatten_all()?.to_vec1::<f32>()?;
-            out.extend_from_slice(bytemuck::cast_slice(&v));
+            // A contiguous CPU gradient is copied straight from its storage.
+            let (storage, layout) = g.storage_and_layout();
+            let direct = match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(cpu), Some((a, b)))
+                    if cfg!(target_endian = "little") =>
+                {
+                    cpu.as_slice::<f32>()?.get(a..b)
+                }
+                _ => None,
+            };
+            match direct {
+                Some(v) => out.extend_from_slice(bytemuck::cast_slice(v)),
+                None => {
+                    drop(storage);
+                    for v in g.flatten_all()?.to_vec1::<f32>()? {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
         }
         Ok(out)
     }

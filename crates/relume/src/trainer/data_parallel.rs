@@ -34,44 +34,59 @@ struct Entry {
     calls: Vec<LogCall>,
 }
 
+/// An entry of another rank's message, its gradient bytes borrowed from it.
+struct Received<'a> {
+    position: u64,
+    grads: &'a [u8],
+    calls: Vec<LogCall>,
+}
+
 impl Window {
-    /// `count | per entry: position, grads length, grads, calls length, calls JSON`
-    /// (u64 little-endian lengths).
-    fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
+    /// `head | count | per entry: position, grads length, grads, calls length, calls
+    /// JSON` (u64 little-endian lengths), in one allocation of the exact size.
+    fn encode(&self, head: u8) -> Result<Vec<u8>> {
+        let calls = self
+            .entries
+            .iter()
+            .map(|e| {
+                serde_json::to_vec(&e.calls).map_err(|err| Error::InvalidSetting {
+                    setting: "a logged metric".into(),
+                    value: err.to_string(),
+                    rule: "must serialize".into(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let len = 9 + self
+            .entries
+            .iter()
+            .zip(&calls)
+            .map(|(e, c)| 24 + e.grads.len() + c.len())
+            .sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        out.push(head);
         out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        for e in &self.entries {
-            let calls = serde_json::to_vec(&e.calls).map_err(|err| Error::InvalidSetting {
-                setting: "a logged metric".into(),
-                value: err.to_string(),
-                rule: "must serialize".into(),
-            })?;
-            for part in [
-                &e.position.to_le_bytes()[..],
-                &(e.grads.len() as u64).to_le_bytes(),
-            ] {
-                out.extend_from_slice(part);
-            }
+        for (e, calls) in self.entries.iter().zip(&calls) {
+            out.extend_from_slice(&e.position.to_le_bytes());
+            out.extend_from_slice(&(e.grads.len() as u64).to_le_bytes());
             out.extend_from_slice(&e.grads);
             out.extend_from_slice(&(calls.len() as u64).to_le_bytes());
-            out.extend_from_slice(&calls);
+            out.extend_from_slice(calls);
         }
         Ok(out)
     }
 
-    /// The inverse of [`Window::encode`]; `None` for malformed bytes.
-    fn decode(bytes: &[u8]) -> Option<Vec<Entry>> {
+    /// The inverse of [`Window::encode`] after the head byte; `None` for malformed
+    /// bytes.
+    fn decode<'a>(bytes: &'a [u8]) -> Option<Vec<Received<'a>>> {
         let mut pos = 0usize;
-        let mut take = |n: usize| -> Option<Vec<u8>> {
+        let mut take = |n: usize| -> Option<&'a [u8]> {
             let end = pos.checked_add(n).filter(|e| *e <= bytes.len())?;
-            let s = bytes[pos..end].to_vec();
+            let s = &bytes[pos..end];
             pos = end;
             Some(s)
         };
-        let u64_next = |take: &mut dyn FnMut(usize) -> Option<Vec<u8>>| -> Option<u64> {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&take(8)?);
-            Some(u64::from_le_bytes(a))
+        let u64_next = |take: &mut dyn FnMut(usize) -> Option<&'a [u8]>| -> Option<u64> {
+            Some(u64::from_le_bytes(take(8)?.try_into().ok()?))
         };
         let n = u64_next(&mut take)?;
         let mut out = Vec::new();
@@ -80,8 +95,8 @@ impl Window {
             let glen = usize::try_from(u64_next(&mut take)?).ok()?;
             let grads = take(glen)?;
             let clen = usize::try_from(u64_next(&mut take)?).ok()?;
-            let calls = serde_json::from_slice(&take(clen)?).ok()?;
-            out.push(Entry {
+            let calls = serde_json::from_slice(take(clen)?).ok()?;
+            out.push(Received {
                 position,
                 grads,
                 calls,
@@ -354,15 +369,16 @@ where
     /// replayed into the metrics.
     pub(super) fn dp_fold_window(&mut self, window: Window) -> Result<Option<Grads>> {
         let c = self.collective()?;
-        let mut mine = vec![u8::from(
+        let mine = window.encode(u8::from(
             self.interrupt
                 .iter()
                 .any(crate::trainer::builder::Interrupt::is_set),
-        )];
-        mine.extend_from_slice(&window.encode()?);
+        ))?;
+        drop(window);
         let what = format!("the gradients of step {}", self.state.global_step + 1);
         let all = c.all_gather_bytes(&what, &mine)?;
-        let mut entries: Vec<Entry> = Vec::new();
+        drop(mine);
+        let mut entries: Vec<Received<'_>> = Vec::new();
         let mut interrupted = false;
         for (r, bytes) in all.iter().enumerate() {
             interrupted |= bytes.first() == Some(&1);
@@ -379,7 +395,7 @@ where
         let device = self.module.params().device().clone();
         let mut acc: Option<Grads> = None;
         for e in entries {
-            let g = Grads::decode(&e.grads, &device)?;
+            let g = Grads::decode(e.grads, &device)?;
             match &mut acc {
                 Some(a) => a.accumulate(g)?,
                 None => acc = Some(g),
