@@ -72,6 +72,52 @@ where
     }
 }
 
+/// One head's `T × D` input inside a larger buffer: row `i` starts at
+/// `data[i * rs]`. Contiguous per-head tensors have `rs == D`; a head of the packed
+/// `[B, T, 3C]` projection is a column block with `rs == 3C`, read in place.
+#[derive(Clone, Copy)]
+struct HeadIn<'a> {
+    data: &'a [f32],
+    rs: usize,
+}
+
+impl<'a> HeadIn<'a> {
+    /// Head `h` of contiguous `[heads, T, D]` values (`td = T·D`).
+    fn of_contiguous(x: &'a [f32], h: usize, td: usize, d: usize) -> Self {
+        HeadIn {
+            data: &x[h * td..(h + 1) * td],
+            rs: d,
+        }
+    }
+
+    /// Rows `r0..r0 + rows`, `cols` wide.
+    fn rows(self, r0: usize, rows: usize, cols: usize) -> Mat<'a> {
+        rows_of(self.data, r0, rows, cols, self.rs)
+    }
+}
+
+/// Where one head's backward pass writes `dq`, `dk` and `dv` (each `T × D`).
+enum HeadGrads<'a> {
+    /// Three separate blocks, rows `rs` apart.
+    Split([&'a mut [f32]; 3], usize),
+    /// Three column blocks of one buffer with row stride `rs`, starting at `at`.
+    Packed {
+        data: &'a mut [f32],
+        rs: usize,
+        at: [usize; 3],
+    },
+}
+
+impl HeadGrads<'_> {
+    /// Block `i` (0 `dq`, 1 `dk`, 2 `dv`) from its row `r0` on, and its row stride.
+    fn rows(&mut self, i: usize, r0: usize) -> (&mut [f32], usize) {
+        match self {
+            HeadGrads::Split(parts, rs) => (&mut parts[i][r0 * *rs..], *rs),
+            HeadGrads::Packed { data, rs, at } => (&mut data[at[i] + r0 * *rs..], *rs),
+        }
+    }
+}
+
 /// Rows `r0..r0 + rows` of a `[_, cols]` row-major matrix (`cols` wide).
 fn rows_of(data: &[f32], r0: usize, rows: usize, cols: usize, stride: usize) -> Mat<'_> {
     Mat {
@@ -85,11 +131,9 @@ fn rows_of(data: &[f32], r0: usize, rows: usize, cols: usize, stride: usize) -> 
 
 /// One head's forward pass. `p` is `T×T` zeros, `o` is `T×D`.
 fn head_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (HeadIn<'_>, HeadIn<'_>, HeadIn<'_>),
     p: &mut [f32],
-    o: &mut [f32],
+    (o, ors): (&mut [f32], usize),
     t: usize,
     d: usize,
 ) -> candle_core::Result<()> {
@@ -101,8 +145,8 @@ fn head_forward(
         gemm_into(
             &mut p[r0 * t..],
             t,
-            rows_of(q, r0, rows, d, d),
-            rows_of(k, 0, r1, d, d).t(),
+            q.rows(r0, rows, d),
+            k.rows(0, r1, d).t(),
             false,
             scale,
             false,
@@ -129,10 +173,10 @@ fn head_forward(
             },
         );
         gemm_into(
-            &mut o[r0 * d..],
-            d,
+            &mut o[r0 * ors..],
+            ors,
             rows_of(p, r0, rows, r1, t),
-            rows_of(v, 0, r1, d, d),
+            v.rows(0, r1, d),
             false,
             1.0,
             false,
@@ -167,8 +211,8 @@ impl CustomOp3 for Attention {
         {
             use rayon::prelude::*;
             let body = |(h, (o, p)): (usize, (&mut [f32], &mut [f32]))| {
-                let r = h * td..(h + 1) * td;
-                if let Err(e) = head_forward(&q[r.clone()], &k[r.clone()], &v[r], p, o, t, d) {
+                let head = |x| HeadIn::of_contiguous(x, h, td, d);
+                if let Err(e) = head_forward((head(q), head(k), head(v)), p, (o, d), t, d) {
                     *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                 }
             };
@@ -239,10 +283,10 @@ struct AttentionGrad<'a> {
 
 /// One head's backward pass into `dq`, `dk`, `dv` (each `T×D`).
 fn head_backward(
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    (q, k, v): (HeadIn<'_>, HeadIn<'_>, HeadIn<'_>),
     p: &[f32],
-    g: &[f32],
-    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    g: HeadIn<'_>,
+    out: &mut HeadGrads<'_>,
     t: usize,
     d: usize,
 ) -> candle_core::Result<()> {
@@ -255,8 +299,8 @@ fn head_backward(
         gemm_into(
             &mut ds[r0 * t..],
             t,
-            rows_of(g, r0, rows, d, d),
-            rows_of(v, 0, r1, d, d).t(),
+            g.rows(r0, rows, d),
+            v.rows(0, r1, d).t(),
             false,
             1.0,
             false,
@@ -277,11 +321,12 @@ fn head_backward(
                 }
             },
         );
+        let (dq, rs) = out.rows(0, r0);
         gemm_into(
-            &mut dq[r0 * d..],
-            d,
+            dq,
+            rs,
             rows_of(&ds, r0, rows, r1, t),
-            rows_of(k, 0, r1, d, d),
+            k.rows(0, r1, d),
             false,
             1.0,
             false,
@@ -297,28 +342,14 @@ fn head_backward(
             rs: t,
             cs: 1,
         };
-        gemm_into(
-            &mut dk[c0 * d..],
-            d,
-            below.t(),
-            rows_of(q, c0, t - c0, d, d),
-            false,
-            1.0,
-            false,
-        )?;
+        let (dk, rs) = out.rows(1, c0);
+        gemm_into(dk, rs, below.t(), q.rows(c0, t - c0, d), false, 1.0, false)?;
         let below = Mat {
             data: &p[c0 * t + c0..],
             ..below
         };
-        gemm_into(
-            &mut dv[c0 * d..],
-            d,
-            below.t(),
-            rows_of(g, c0, t - c0, d, d),
-            false,
-            1.0,
-            false,
-        )?;
+        let (dv, rs) = out.rows(2, c0);
+        gemm_into(dv, rs, below.t(), g.rows(c0, t - c0, d), false, 1.0, false)?;
     }
     Ok(())
 }
@@ -351,12 +382,12 @@ impl CustomOp3 for AttentionGrad<'_> {
         let failed = std::sync::Mutex::new(None);
         let par = heads > 1 && parallel(heads * tt * d);
         for_heads(dq, dk, dv, td, par, |h, dq, dk, dv| {
-            let r = h * td..(h + 1) * td;
+            let head = |x| HeadIn::of_contiguous(x, h, td, d);
             let res = head_backward(
-                (&q[r.clone()], &k[r.clone()], &v[r.clone()]),
+                (head(q), head(k), head(v)),
                 &self.probs[h * tt..(h + 1) * tt],
-                &self.grad[r],
-                (dq, dk, dv),
+                head(self.grad),
+                &mut HeadGrads::Split([dq, dk, dv], d),
                 t,
                 d,
             );
@@ -388,21 +419,6 @@ fn packed_dims(l: &Layout, heads: usize) -> candle_core::Result<(usize, usize, u
     Ok((b, t, c3 / 3, c3 / 3 / heads))
 }
 
-/// Copies the `cols`-wide column block at `col` of `t` rows (row stride `ld`) of
-/// `src` into the contiguous `dst`.
-fn gather(src: &[f32], ld: usize, col: usize, cols: usize, dst: &mut [f32]) {
-    for (i, row) in dst.chunks_exact_mut(cols).enumerate() {
-        row.copy_from_slice(&src[i * ld + col..i * ld + col + cols]);
-    }
-}
-
-/// The inverse of [`gather`]: writes the contiguous `src` into the column block.
-fn scatter(src: &[f32], ld: usize, col: usize, cols: usize, dst: &mut [f32]) {
-    for (i, row) in src.chunks_exact(cols).enumerate() {
-        dst[i * ld + col..i * ld + col + cols].copy_from_slice(row);
-    }
-}
-
 /// Runs `f(batch, a_chunk, b_chunk)` over matching chunks of two buffers, across
 /// threads when `par`.
 fn for_batches<F>(a: &mut [f32], b: &mut [f32], (ca, cb): (usize, usize), par: bool, f: F)
@@ -425,10 +441,10 @@ where
 }
 
 /// The forward op of [`super::causal_self_attention`]: packed `qkv`
-/// `[B, T, 3·C]` → `[B, T, C]`. Each (batch, head) is gathered into contiguous
-/// buffers and run through the same [`head_forward`] as [`Attention`], so the
-/// values are those of splitting the heads first, bit for bit, without the split's
-/// and merge's copies and their backward passes.
+/// `[B, T, 3·C]` → `[B, T, C]`. Each (batch, head) is read in place, as a column
+/// block of the packed rows, and run through the same [`head_forward`] as
+/// [`Attention`], so the values are those of splitting the heads first, bit for
+/// bit, without the split's and merge's copies and their backward passes.
 pub(super) struct PackedAttention {
     /// Heads the width is split into.
     pub heads: usize,
@@ -458,19 +474,19 @@ impl CustomOp1 for PackedAttention {
             par,
             |bi, out, probs| {
                 let src = &x[bi * t * 3 * c..(bi + 1) * t * 3 * c];
-                let mut buf = vec![0.0f32; 4 * t * hd];
-                let (q, rest) = buf.split_at_mut(t * hd);
-                let (k, rest) = rest.split_at_mut(t * hd);
-                let (v, o) = rest.split_at_mut(t * hd);
+                // Each head read and written in place: column blocks of the packed
+                // rows (stride 3C) and of the output rows (stride C).
+                let at = |col: usize| HeadIn {
+                    data: &src[col..],
+                    rs: 3 * c,
+                };
                 for (head, p) in probs.chunks_mut((t * t).max(1)).enumerate() {
-                    gather(src, 3 * c, head * hd, hd, q);
-                    gather(src, 3 * c, c + head * hd, hd, k);
-                    gather(src, 3 * c, 2 * c + head * hd, hd, v);
-                    if let Err(e) = head_forward(q, k, v, p, o, t, hd) {
+                    let col = head * hd;
+                    let qkv = (at(col), at(c + col), at(2 * c + col));
+                    if let Err(e) = head_forward(qkv, p, (&mut out[col..], c), t, hd) {
                         *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                         return;
                     }
-                    scatter(o, c, head * hd, hd, out);
                 }
             },
         );
@@ -544,28 +560,35 @@ impl CustomOp1 for PackedAttentionGrad<'_> {
         for_chunks(&mut out, t * 3 * c, par, |bi, dst| {
             let src = &x[bi * t * 3 * c..(bi + 1) * t * 3 * c];
             let g_all = &self.grad[bi * t * c..(bi + 1) * t * c];
-            let mut buf = vec![0.0f32; 7 * t * hd];
-            let (q, rest) = buf.split_at_mut(t * hd);
-            let (k, rest) = rest.split_at_mut(t * hd);
-            let (v, rest) = rest.split_at_mut(t * hd);
-            let (g, rest) = rest.split_at_mut(t * hd);
-            let (dq, rest) = rest.split_at_mut(t * hd);
-            let (dk, dv) = rest.split_at_mut(t * hd);
+            // In place, as forward: the packed rows' column blocks (stride 3C).
+            let at = |col: usize| HeadIn {
+                data: &src[col..],
+                rs: 3 * c,
+            };
             for head in 0..h {
                 let cols = [head * hd, c + head * hd, 2 * c + head * hd];
-                gather(src, 3 * c, cols[0], hd, q);
-                gather(src, 3 * c, cols[1], hd, k);
-                gather(src, 3 * c, cols[2], hd, v);
-                gather(g_all, c, head * hd, hd, g);
+                let g = HeadIn {
+                    data: &g_all[head * hd..],
+                    rs: c,
+                };
                 let p = &self.probs[(bi * h + head) * t * t..(bi * h + head + 1) * t * t];
-                let res = head_backward((q, k, v), p, g, (dq, dk, dv), t, hd);
+                let mut out = HeadGrads::Packed {
+                    data: &mut *dst,
+                    rs: 3 * c,
+                    at: cols,
+                };
+                let res = head_backward(
+                    (at(cols[0]), at(cols[1]), at(cols[2])),
+                    p,
+                    g,
+                    &mut out,
+                    t,
+                    hd,
+                );
                 if let Err(e) = res {
                     *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     return;
                 }
-                scatter(dq, 3 * c, cols[0], hd, dst);
-                scatter(dk, 3 * c, cols[1], hd, dst);
-                scatter(dv, 3 * c, cols[2], hd, dst);
             }
         });
         if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {

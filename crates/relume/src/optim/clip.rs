@@ -39,10 +39,49 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64, norm_type: f64) -> Resul
     }
     let total = total_norm(grads, norm_type)?;
     let coef = (max_norm / (total + 1e-6)).min(1.0);
+    if coef == 1.0 {
+        // Multiplying by one changes no value: skip the pass over every gradient.
+        return Ok(total);
+    }
     for (_, g) in grads.iter_mut() {
         *g = g.affine(coef, 0.0)?;
     }
     Ok(total)
+}
+
+/// `Σ v²` in f64 over a contiguous f32 CPU tensor, read in place: eight partial
+/// sums (element `i` into sum `i % 8`, each in index order) added pairwise at the
+/// end, a fixed order that vectorises. `None` for other dtypes, devices and
+/// layouts, which take candle's ops.
+fn f32_sum_of_squares(g: &candle_core::Tensor) -> Option<f64> {
+    const LANES: usize = 8;
+    if g.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let (a, b) = layout.contiguous_offsets()?;
+    let v = cpu.as_slice::<f32>().ok()?.get(a..b)?;
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let x = f64::from(c[l]);
+            acc[l] += x * x;
+        }
+    }
+    for (s, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        let x = f64::from(x);
+        *s += x * x;
+    }
+    for w in [4, 2, 1] {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    Some(acc[0])
 }
 
 /// The joint `norm_type`-norm of all gradients (see [`clip_grad_norm`]).
@@ -67,6 +106,12 @@ pub fn total_norm(grads: &Grads, norm_type: f64) -> Result<f64> {
     }
     let mut acc = 0.0f64;
     for (_, g) in grads.iter() {
+        if norm_type == 2.0 {
+            if let Some(s) = f32_sum_of_squares(g) {
+                acc += s;
+                continue;
+            }
+        }
         let g = g.to_dtype(DType::F64)?;
         let s = if norm_type == 2.0 {
             g.sqr()?.sum_all()?.to_scalar::<f64>()?
@@ -123,6 +168,37 @@ mod tests {
         assert!((a[0] as f64 - 3.0 * coef).abs() < 1e-6);
         assert!((a[1] as f64 + 4.0 * coef).abs() < 1e-6);
         assert!((vals(&g, "b")[0] as f64 - 12.0 * coef).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_in_place_l2_sum_matches_candles_f64_ops_and_strided_gradients_fall_back() {
+        let v: Vec<f32> = (0..1001)
+            .map(|i| ((i * 29 % 97) as f32 - 48.0) * 0.013)
+            .collect();
+        let t = Tensor::from_vec(v, (7, 143), &Device::Cpu).unwrap();
+        let by_candle = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let fast = f32_sum_of_squares(&t).unwrap();
+        assert!(
+            (fast - by_candle(&t)).abs() <= 1e-12 * by_candle(&t),
+            "{fast}"
+        );
+        let strided = t.t().unwrap();
+        assert!(f32_sum_of_squares(&strided).is_none());
+        assert!(f32_sum_of_squares(&t.to_dtype(DType::F64).unwrap()).is_none());
+        let mut g = Grads::new();
+        g.insert("a", t.clone());
+        g.insert("b", strided);
+        let n = total_norm(&g, 2.0).unwrap();
+        assert!((n - (2.0 * by_candle(&t)).sqrt()).abs() < 1e-9, "{n}");
     }
 
     #[test]

@@ -127,10 +127,15 @@ impl Grads {
             }
             let count: usize = dims.iter().product();
             let raw = take(count.checked_mul(4).ok_or_else(bad)?)?;
-            let v: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let mut v = vec![0f32; count];
+            if cfg!(target_endian = "little") {
+                // One copy of the bytes, which are already the in-memory f32s.
+                bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(raw);
+            } else {
+                for (o, c) in v.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
             grads.insert(name, Tensor::from_vec(v, dims, device)?);
         }
         Ok(Grads { grads })
