@@ -8,7 +8,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::kernels::{exp, f32_slice, for_chunks, parallel, widest};
+use super::kernels::{exp, f32_slice, new_chunks, parallel, widest};
 use crate::error::Result;
 
 /// √(2/π), as candle writes it.
@@ -61,39 +61,57 @@ fn arg(x: f32) -> (f32, f32) {
     (two_u, d)
 }
 
-/// `y = gelu(x)`, elementwise (`y.len() == x.len()`), across threads for large inputs.
-pub(super) fn gelu_into(x: &[f32], y: &mut [f32]) {
-    for_chunks(y, CHUNK, parallel(x.len()), |i, out| {
-        let xs = &x[i * CHUNK..i * CHUNK + out.len()];
-        widest(
-            #[inline(always)]
-            || {
-                for (o, &v) in out.iter_mut().zip(xs) {
-                    let (two_u, _) = arg(v);
-                    // x·σ(2u); e^(−2u) = inf gives −0 for very negative x, as it should.
-                    *o = v / (1.0 + exp(-two_u));
-                }
-            },
-        )
-    });
+/// `gelu(x)`, elementwise, across threads for large inputs.
+pub(super) fn gelu_new(x: &[f32]) -> Vec<f32> {
+    // SAFETY: each chunk is zipped with the input range of its length, and every
+    // element of it is written.
+    unsafe {
+        new_chunks(x.len(), CHUNK, parallel(x.len()), |i, out| {
+            let xs = &x[i * CHUNK..i * CHUNK + out.len()];
+            widest(
+                #[inline(always)]
+                || {
+                    for (o, &v) in out.iter_mut().zip(xs) {
+                        o.write(gelu_at(v));
+                    }
+                },
+            )
+        })
+    }
 }
 
-/// `out = g · gelu'(x)`, elementwise, across threads for large inputs.
-pub(super) fn gelu_grad_into(x: &[f32], g: &[f32], out: &mut [f32]) {
-    for_chunks(out, CHUNK, parallel(x.len()), |i, out| {
-        let r = i * CHUNK..i * CHUNK + out.len();
-        widest(
-            #[inline(always)]
-            || {
-                for ((o, &v), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
-                    let (two_u, d) = arg(v);
-                    let s = 1.0 / (1.0 + exp(-two_u));
-                    // d/dx x·σ(2u) = σ + x·σ(1 − σ)·d(2u)/dx
-                    *o = g * (s + v * s * (1.0 - s) * d);
-                }
-            },
-        )
-    });
+/// `gelu(v)`: `v·σ(2u)`; e^(−2u) = inf gives −0 for very negative v, as it should.
+#[inline(always)]
+pub(super) fn gelu_at(v: f32) -> f32 {
+    let (two_u, _) = arg(v);
+    v / (1.0 + exp(-two_u))
+}
+
+/// `g · gelu'(x)`, elementwise, across threads for large inputs.
+pub(super) fn gelu_grad_new(x: &[f32], g: &[f32]) -> Vec<f32> {
+    // SAFETY: as in `gelu_new`; `g` is as long as `x` (checked by the callers, and
+    // a shorter one would only leave the zip short, which the assert excludes).
+    assert_eq!(
+        x.len(),
+        g.len(),
+        "gelu backward: input and gradient lengths"
+    );
+    unsafe {
+        new_chunks(x.len(), CHUNK, parallel(x.len()), |i, out| {
+            let r = i * CHUNK..i * CHUNK + out.len();
+            widest(
+                #[inline(always)]
+                || {
+                    for ((o, &v), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
+                        let (two_u, d) = arg(v);
+                        let s = 1.0 / (1.0 + exp(-two_u));
+                        // d/dx x·σ(2u) = σ + x·σ(1 − σ)·d(2u)/dx
+                        o.write(g * (s + v * s * (1.0 - s) * d));
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// The forward op: `x` → `gelu(x)`, any shape.
@@ -106,9 +124,7 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu input")?;
-        let mut y = vec![0.0f32; x.len()];
-        gelu_into(x, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_new(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -140,9 +156,7 @@ impl CustomOp2 for GeluGrad {
                 l1.dims()
             );
         }
-        let mut out = vec![0.0f32; x.len()];
-        gelu_grad_into(x, g, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(gelu_grad_new(x, g)), l1.shape().clone()))
     }
 }
 

@@ -4,6 +4,8 @@
 //! Every kernel validates its shapes and that each view lies inside its slice before
 //! touching memory, and reports a candle error (never a panic) otherwise.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape};
 
@@ -246,6 +248,37 @@ where
     } else {
         out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     }
+}
+
+/// A new vector of `n` values written chunk by chunk, `f(index, chunk)` over
+/// consecutive `chunk`-sized pieces (across threads when `par`), like
+/// [`for_chunks`] but without the zero fill of `vec![0.0; n]`, which costs a pass
+/// over memory as long as a kernel's own.
+///
+/// # Safety
+/// `f` must write every element of each chunk it is given.
+pub(crate) unsafe fn new_chunks<F>(n: usize, chunk: usize, par: bool, f: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if par {
+        spare
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        spare
+            .chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+    // SAFETY: the chunks cover 0..n, and the caller's `f` wrote all of each.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// Runs `f` compiled for the widest vectors this CPU has (AVX-512, else AVX2,

@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 
 use std::sync::OnceLock;
 
-use super::gelu::{gelu_grad_into, gelu_into};
+use super::gelu::{gelu_grad_new, gelu_new};
 use super::kernels::{
     dims2, f32_slice, matmul_into, matmul_new, rows_cols, widest, with_last, Mat,
 };
@@ -254,8 +254,7 @@ impl CustomOp3 for LinearOp {
                 }
             }
             Act::Gelu => {
-                let mut out = vec![0.0f32; y.len()];
-                gelu_into(&y, &mut out);
+                let out = gelu_new(&y);
                 if self.save {
                     // The op runs forward once; a second run would compute the same values.
                     let _ = self.pre.set(y);
@@ -324,9 +323,10 @@ impl CustomOp1 for GeluBackward<'_> {
                 self.pre.len()
             );
         }
-        let mut out = vec![0.0f32; g.len()];
-        gelu_grad_into(self.pre, g, &mut out);
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(gelu_grad_new(self.pre, g)),
+            l.shape().clone(),
+        ))
     }
 }
 

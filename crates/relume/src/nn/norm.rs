@@ -16,7 +16,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::kernels::{f32_slice, parallel, sum_by, sum_of, widest};
+use super::kernels::{f32_slice, new_chunks, parallel, sum_by, sum_of, widest};
 
 /// Layer normalisation over the last dimension, with learned scale and shift.
 #[derive(Clone, Debug)]
@@ -153,22 +153,25 @@ impl CustomOp3 for Norm {
         let x = f32_slice(s1, l1, "layer_norm input")?;
         let w = f32_slice(s2, l2, "layer_norm weight")?;
         let b = f32_slice(s3, l3, "layer_norm bias")?;
-        let mut y = vec![0.0f32; x.len()];
-        super::kernels::for_chunks(&mut y, BLOCK * c, parallel(x.len()), |i, out| {
-            let xs = &x[i * BLOCK * c..i * BLOCK * c + out.len()];
-            // One dispatch per block of rows, not per row.
-            widest(
-                #[inline(always)]
-                || {
-                    for (yr, xr) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                        let (mean, rstd) = stats(xr, self.eps);
-                        for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                            *o = (v - mean) * rstd * w + b;
+        // SAFETY: each chunk is whole rows (`BLOCK · c` values, the last one fewer
+        // but still whole rows), and every element of every row is written.
+        let y = unsafe {
+            new_chunks(x.len(), BLOCK * c, parallel(x.len()), |i, out| {
+                let xs = &x[i * BLOCK * c..i * BLOCK * c + out.len()];
+                // One dispatch per block of rows, not per row.
+                widest(
+                    #[inline(always)]
+                    || {
+                        for (yr, xr) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                            let (mean, rstd) = stats(xr, self.eps);
+                            for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                                o.write((v - mean) * rstd * w + b);
+                            }
                         }
-                    }
-                },
-            );
-        });
+                    },
+                );
+            })
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -127,14 +127,25 @@ impl Grads {
             }
             let count: usize = dims.iter().product();
             let raw = take(count.checked_mul(4).ok_or_else(bad)?)?;
-            let mut v = vec![0f32; count];
+            let mut v: Vec<f32> = Vec::with_capacity(count);
             if cfg!(target_endian = "little") {
                 // One copy of the bytes, which are already the in-memory f32s.
-                bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(raw);
-            } else {
-                for (o, c) in v.iter_mut().zip(raw.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                // SAFETY: `raw` holds exactly `count · 4` bytes and the capacity
+                // `count` f32s, which do not overlap; every bit pattern is an f32,
+                // so all `count` values are initialised by the copy.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        raw.as_ptr(),
+                        v.as_mut_ptr().cast::<u8>(),
+                        raw.len(),
+                    );
+                    v.set_len(count);
                 }
+            } else {
+                v.extend(
+                    raw.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
             }
             grads.insert(name, Tensor::from_vec(v, dims, device)?);
         }
