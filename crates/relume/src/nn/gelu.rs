@@ -80,6 +80,49 @@ pub(super) fn gelu_new(x: &[f32]) -> Vec<f32> {
     }
 }
 
+/// `pre[r] += b` for every row `r` (rows of `b.len()` values), and `gelu(pre)`:
+/// the bias of a linear layer and its GELU in one pass over the product.
+pub(super) fn gelu_bias_new(pre: &mut [f32], b: &[f32]) -> Vec<f32> {
+    if b.is_empty() {
+        // No columns: nothing to add (and rows of zero values would write nothing).
+        return pre.iter().map(|&v| gelu_at(v)).collect();
+    }
+    let n = b.len();
+    // Whole rows per chunk, so each chunk's bias offset is 0.
+    let rows = CHUNK.div_ceil(n).max(1);
+    let mut out = Vec::with_capacity(pre.len());
+    let spare = &mut out.spare_capacity_mut()[..pre.len()];
+    let body = |(p, o): (&mut [f32], &mut [std::mem::MaybeUninit<f32>])| {
+        widest(
+            #[inline(always)]
+            || {
+                for (pr, or) in p.chunks_mut(n).zip(o.chunks_mut(n)) {
+                    for ((v, o), &bj) in pr.iter_mut().zip(or.iter_mut()).zip(b) {
+                        *v += bj;
+                        o.write(gelu_at(*v));
+                    }
+                }
+            },
+        )
+    };
+    if parallel(pre.len()) {
+        use rayon::prelude::*;
+        pre.par_chunks_mut(rows * n)
+            .zip(spare.par_chunks_mut(rows * n))
+            .for_each(body);
+    } else {
+        pre.chunks_mut(rows * n)
+            .zip(spare.chunks_mut(rows * n))
+            .for_each(body);
+    }
+    // SAFETY: `spare` is cut into chunks of the same lengths as `pre`, and each
+    // pair into rows of the same lengths, at most `b.len()` values (the last row of
+    // a chunk may be shorter); zipped with `b`, every element of every row of
+    // `spare` is written.
+    unsafe { out.set_len(pre.len()) };
+    out
+}
+
 /// `gelu(v)`: `v·σ(2u)`; e^(−2u) = inf gives −0 for very negative v, as it should.
 #[inline(always)]
 pub(super) fn gelu_at(v: f32) -> f32 {

@@ -69,21 +69,6 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = a · b`, or `dst += a · b` when `accumulate`; `dst` is row-major
-/// `a.rows × b.cols`.
-pub(crate) fn matmul_into(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) -> Result<()> {
-    let (m, n) = (a.rows, b.cols);
-    if dst.len() != m * n {
-        bail!(
-            "relume matmul: destination holds {} values, {m}x{n} needs {}",
-            dst.len(),
-            m * n
-        );
-    }
-    let parallel = m * n * a.cols >= PARALLEL_MIN_MACS;
-    gemm_into(dst, n, a, b, accumulate, 1.0, parallel)
-}
-
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`, where `dst`
 /// is the `a.rows × b.cols` block at the start of `dst` with row stride `dst_rs`.
 /// `parallel` lets `gemm` use candle's thread count; callers that already split
@@ -528,13 +513,12 @@ mod tests {
             (Mat::row_major(&a, 5, 3).t(), bm),
             (am, Mat::row_major(&b, 4, 5).t()),
         ] {
-            let mut dst = vec![0.0; 12];
-            matmul_into(&mut dst, x, y, false).unwrap();
+            let dst = matmul_new(x, y).unwrap();
             for (g, w) in dst.iter().zip(naive(x, y)) {
                 assert!((g - w).abs() < 1e-5, "{g} vs {w}");
             }
             let mut acc = vec![1.0; 12];
-            matmul_into(&mut acc, x, y, true).unwrap();
+            gemm_into(&mut acc, 4, x, y, true, 1.0, false).unwrap();
             for (g, w) in acc.iter().zip(&dst) {
                 assert!((g - (w + 1.0)).abs() < 1e-5);
             }
@@ -618,12 +602,16 @@ mod tests {
         let a = vec![0.0f32; 6];
         let mut dst = vec![0.0f32; 4];
         let m = Mat::row_major(&a, 2, 3);
-        assert!(matmul_into(&mut dst, m, m, false).is_err(), "inner dims");
+        assert!(matmul_new(m, m).is_err(), "inner dims");
+        assert!(
+            gemm_into(&mut dst, 2, m, m, false, 1.0, false).is_err(),
+            "inner dims"
+        );
         let too_long = Mat::row_major(&a, 3, 3);
-        assert!(matmul_into(&mut dst, m, too_long, false).is_err(), "bounds");
+        assert!(matmul_new(m, too_long).is_err(), "bounds");
         let mut small = vec![0.0f32; 3];
         assert!(
-            matmul_into(&mut small, m, m.t(), false).is_err(),
+            gemm_into(&mut small, 2, m, m.t(), false, 1.0, false).is_err(),
             "dst size"
         );
     }

@@ -16,10 +16,8 @@ use candle_nn::VarBuilder;
 
 use std::sync::OnceLock;
 
-use super::gelu::{gelu_grad_new, gelu_new};
-use super::kernels::{
-    dims2, f32_slice, matmul_into, matmul_new, rows_cols, widest, with_last, Mat,
-};
+use super::gelu::{gelu_bias_new, gelu_grad_new};
+use super::kernels::{dims2, f32_slice, matmul_new, rows_cols, widest, with_last, Mat};
 use crate::error::Result;
 use crate::params::{Init, ParamStore};
 use crate::rng::Rng;
@@ -234,16 +232,14 @@ impl CustomOp3 for LinearOp {
         let x = f32_slice(s1, l1, "linear input")?;
         let w = f32_slice(s2, l2, "linear weight")?;
         let b = f32_slice(s3, l3, "linear bias")?;
-        let mut y = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            y.extend_from_slice(b);
+        // x·Wᵀ written by the product alone, then the bias added in the pass
+        // over the result that follows (copying bias rows in first and having the
+        // product accumulate onto them cost a pass of its own).
+        let mut y = matmul_new(Mat::row_major(x, m, k), Mat::row_major(w, n, k).t())?;
+        match self.act {
+            Act::Gelu => {}
+            _ => add_rows(&mut y, b),
         }
-        matmul_into(
-            &mut y,
-            Mat::row_major(x, m, k),
-            Mat::row_major(w, n, k).t(),
-            true,
-        )?;
         match self.act {
             Act::Identity => {}
             Act::Relu => {
@@ -254,7 +250,7 @@ impl CustomOp3 for LinearOp {
                 }
             }
             Act::Gelu => {
-                let out = gelu_new(&y);
+                let out = gelu_bias_new(&mut y, b);
                 if self.save {
                     // The op runs forward once; a second run would compute the same values.
                     let _ = self.pre.set(y);
@@ -302,6 +298,20 @@ impl CustomOp3 for LinearOp {
         };
         Ok((gx, gw, gb))
     }
+}
+
+/// `y[r] += b` for every row `r` of `y` (rows of `b.len()` values).
+fn add_rows(y: &mut [f32], b: &[f32]) {
+    widest(
+        #[inline(always)]
+        || {
+            for row in y.chunks_exact_mut(b.len().max(1)) {
+                for (v, &bj) in row.iter_mut().zip(b) {
+                    *v += bj;
+                }
+            }
+        },
+    );
 }
 
 /// GELU's backward inside the fused op: `g` → `g · gelu'(pre)`.
