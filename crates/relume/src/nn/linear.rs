@@ -17,7 +17,9 @@ use candle_nn::VarBuilder;
 use std::sync::OnceLock;
 
 use super::gelu::{gelu_bias_new, gelu_grad_new};
-use super::kernels::{dims2, f32_slice, matmul_new, rows_cols, widest, with_last, Mat};
+use super::kernels::{
+    dims2, f32_slice, for_chunks, matmul_new, parallel, rows_cols, widest, with_last, Mat,
+};
 use crate::error::Result;
 use crate::params::{Init, ParamStore};
 use crate::rng::Rng;
@@ -300,18 +302,24 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// `y[r] += b` for every row `r` of `y` (rows of `b.len()` values).
+/// `y[r] += b` for every row `r` of `y` (rows of `b.len()` values), across
+/// threads for large outputs.
 fn add_rows(y: &mut [f32], b: &[f32]) {
-    widest(
-        #[inline(always)]
-        || {
-            for row in y.chunks_exact_mut(b.len().max(1)) {
-                for (v, &bj) in row.iter_mut().zip(b) {
-                    *v += bj;
+    let n = b.len().max(1);
+    // Whole rows per chunk, so each chunk starts at column 0.
+    let chunk = (1 << 14) / n * n + n;
+    for_chunks(y, chunk, parallel(y.len()), |_, part| {
+        widest(
+            #[inline(always)]
+            || {
+                for row in part.chunks_exact_mut(n) {
+                    for (v, &bj) in row.iter_mut().zip(b) {
+                        *v += bj;
+                    }
                 }
-            }
-        },
-    );
+            },
+        )
+    });
 }
 
 /// GELU's backward inside the fused op: `g` → `g · gelu'(pre)`.
