@@ -8,7 +8,15 @@
 //! (default 10) after two warm-ups, and the composite/fused ratio.
 //!
 //! `cargo bench --bench kernels` (`RAYON_NUM_THREADS=1` for one thread, `BENCH_ONLY=name`
-//! for the cases whose name contains it).
+//! for the cases whose name contains it). Like the GPT job, it runs on mimalloc with
+//! freed memory kept mapped, and `relume::set_cpu_threads` (default: the available
+//! cores).
+
+// The GPT job's allocator and thread settings, so that the timings are the
+// kernels' and not glibc's page faults on every fresh tensor.
+#[path = "../examples/gpt_model.rs"]
+#[allow(dead_code)]
+mod gpt_model;
 
 use std::time::Instant;
 
@@ -44,6 +52,12 @@ fn time(inputs: &[Tensor], f: &Op, iters: usize) -> f64 {
 }
 
 fn main() {
+    gpt_model::keep_freed_memory();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        relume::set_cpu_threads(
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        );
+    }
     let iters: usize = std::env::var("BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
