@@ -69,6 +69,22 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// The operands of a product: matching inner dimensions, and each view inside its
+/// slice.
+fn check_operands(a: Mat<'_>, b: Mat<'_>) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        bail!(
+            "relume matmul: inner dimensions differ ({m}x{k} · {}x{n})",
+            b.rows
+        );
+    }
+    if !a.in_bounds() || !b.in_bounds() {
+        bail!("relume matmul: a strided view reaches past the end of its storage");
+    }
+    Ok(())
+}
+
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`, where `dst`
 /// is the `a.rows × b.cols` block at the start of `dst` with row stride `dst_rs`.
 /// `parallel` lets `gemm` use candle's thread count; callers that already split
@@ -83,12 +99,7 @@ pub(crate) fn gemm_into(
     parallel: bool,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k {
-        bail!(
-            "relume matmul: inner dimensions differ ({m}x{k} · {}x{n})",
-            b.rows
-        );
-    }
+    check_operands(a, b)?;
     let out = Mat {
         data: dst,
         rows: m,
@@ -101,9 +112,6 @@ pub(crate) fn gemm_into(
             "relume matmul: a {m}x{n} destination with row stride {dst_rs} does not fit in {} values",
             dst.len()
         );
-    }
-    if !a.in_bounds() || !b.in_bounds() {
-        bail!("relume matmul: a strided view reaches past the end of its storage");
     }
     if m == 0 || n == 0 {
         return Ok(());
@@ -127,15 +135,7 @@ pub(crate) fn gemm_into(
 /// zero fill first, which cost as much as a pass over the result.
 pub(crate) fn matmul_new(a: Mat<'_>, b: Mat<'_>) -> Result<Vec<f32>> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k {
-        bail!(
-            "relume matmul: inner dimensions differ ({m}x{k} · {}x{n})",
-            b.rows
-        );
-    }
-    if !a.in_bounds() || !b.in_bounds() {
-        bail!("relume matmul: a strided view reaches past the end of its storage");
-    }
+    check_operands(a, b)?;
     let Some(len) = m.checked_mul(n) else {
         bail!("relume matmul: a {m}x{n} result does not fit in memory");
     };
