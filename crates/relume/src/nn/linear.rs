@@ -536,6 +536,27 @@ mod tests {
     }
 
     #[test]
+    fn large_outputs_split_across_threads_match_candle() {
+        // 300 × 130 outputs: above the size at which the bias and GELU passes split
+        // across threads, in chunks of whole rows that do not divide 16384.
+        let (_s, l) = layer(16, 130);
+        let x = Rng::new(9, "x")
+            .uniform_tensor((300, 16), -1.0, 1.0, &Device::Cpu)
+            .unwrap();
+        let reference = x
+            .matmul(&l.weight().t().unwrap())
+            .unwrap()
+            .broadcast_add(l.bias())
+            .unwrap();
+        close(&l.forward(&x).unwrap(), &reference, 1e-5);
+        close(
+            &l.forward_gelu(&x).unwrap(),
+            &reference.gelu().unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
     fn other_dtypes_fall_back_to_candle() {
         let (_s, l) = layer(4, 7);
         let x = Tensor::ones((2, 4), DType::F64, &Device::Cpu).unwrap();
