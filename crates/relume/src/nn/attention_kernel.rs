@@ -249,21 +249,15 @@ impl CustomOp3 for Attention {
         let Some(probs) = self.probs.get() else {
             bail!("causal_attention: backward through an attention run without gradients");
         };
-        let grad = grad.contiguous()?;
-        let (guard, layout) = grad.storage_and_layout();
-        let Storage::Cpu(s) = &*guard else {
-            bail!("causal_attention: output gradient is not on the CPU");
-        };
-        let g = f32_slice(s, layout, "causal_attention output gradient")?;
-        if layout.dims() != q.dims() {
-            bail!(
-                "causal_attention: output gradient shape {:?}, q shape {:?}",
-                layout.dims(),
-                q.dims()
-            );
-        }
-        let all = q.apply_op3_no_bwd(k, v, &AttentionGrad { probs, grad: g })?;
-        drop(guard);
+        let all = with_cpu_grad(grad, "causal_attention", |g, dims| {
+            if dims != q.dims() {
+                bail!(
+                    "causal_attention: output gradient shape {dims:?}, q shape {:?}",
+                    q.dims()
+                );
+            }
+            q.apply_op3_no_bwd(k, v, &AttentionGrad { probs, grad: g })
+        })?;
         let n = q.elem_count();
         let part = |i: usize, t: &Tensor| {
             t.track_op()
@@ -272,6 +266,25 @@ impl CustomOp3 for Attention {
         };
         Ok((part(0, q)?, part(1, k)?, part(2, v)?))
     }
+}
+
+/// `f(values, dims)` on an output gradient's contiguous f32 CPU values (copied to
+/// contiguous first if needed), borrowed for the call; `op` names the attention op
+/// in the errors.
+fn with_cpu_grad<R>(
+    grad: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32], &[usize]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let grad = grad.contiguous()?;
+    let (guard, layout) = grad.storage_and_layout();
+    let Storage::Cpu(s) = &*guard else {
+        bail!("{op}: output gradient is not on the CPU");
+    };
+    f(
+        f32_slice(s, layout, &format!("{op} output gradient"))?,
+        layout.dims(),
+    )
 }
 
 /// The backward op: `(q, k, v)` with the saved probabilities and the output
@@ -509,27 +522,18 @@ impl CustomOp1 for PackedAttention {
         let Some(probs) = self.probs.get() else {
             bail!("causal_self_attention: backward through a run without gradients");
         };
-        let grad = grad.contiguous()?;
-        let (guard, layout) = grad.storage_and_layout();
-        let Storage::Cpu(s) = &*guard else {
-            bail!("causal_self_attention: output gradient is not on the CPU");
-        };
-        let g = f32_slice(s, layout, "causal_self_attention output gradient")?;
-        let d = qkv.dims();
-        if layout.dims().len() != 3 || layout.dims()[..2] != d[..2] || 3 * layout.dims()[2] != d[2]
-        {
-            bail!(
-                "causal_self_attention: output gradient shape {:?}, qkv shape {d:?}",
-                layout.dims()
-            );
-        }
-        let op = PackedAttentionGrad {
-            heads: self.heads,
-            probs,
-            grad: g,
-        };
-        let dqkv = qkv.apply_op1_no_bwd(&op)?;
-        drop(guard);
+        let dqkv = with_cpu_grad(grad, "causal_self_attention", |g, dims| {
+            let d = qkv.dims();
+            if dims.len() != 3 || dims[..2] != d[..2] || 3 * dims[2] != d[2] {
+                bail!("causal_self_attention: output gradient shape {dims:?}, qkv shape {d:?}");
+            }
+            let op = PackedAttentionGrad {
+                heads: self.heads,
+                probs,
+                grad: g,
+            };
+            qkv.apply_op1_no_bwd(&op)
+        })?;
         Ok(Some(dqkv))
     }
 }
